@@ -1,0 +1,465 @@
+"""Exact sliding-window (local) attention in O(n·w) time and O(n·d) memory.
+
+Query ``i`` attends key ``j`` iff ``i - window_size_left <= j <= i + window_size_right``
+(the convention of ``jax.nn.dot_product_attention(local_window_size=(left, right))`` and of
+FlashAttention's ``window_size``), the key is not masked out, and both lie in the same segment.
+
+How it works (the ``"xla"`` implementation):
+
+* The sequence is cut into query blocks of ``block`` positions, and the keys (padded with
+  ``left`` positions in front) into key blocks of the same length. Query block ``b`` can only see
+  key blocks ``b .. b + views - 1``, ``views = ceil((block + left + right) / block)``. For each
+  of these *views* one batched ``(block, d) x (d, block)`` matmul gives the scores, and a band
+  mask makes them exact. Work is O(n · (w + block) · d) instead of O(n² · d), and no key is
+  copied into per-block frames (the seed's per-query gather held O(n · w · d)).
+* Blocks are processed in chunks of ``blocks_per_chunk`` under ``lax.map``, so the live working
+  set is one chunk's scores however long the sequence is.
+* Softmax statistics are float32. Only the output and the per-query log-sum-exp are kept for
+  the backward pass (a ``jax.custom_vjp``), which recomputes the scores chunk by chunk
+  (FlashAttention's recipe). Memory is therefore O(n · d) plus one chunk.
+
+The views of one query block hold every key it can see, so its softmax is exact in one pass
+over them: the row maximum is taken over all views before exponentiating, which is what an
+online (running max and sum) softmax converges to, without the rescaling.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Scores per chunk (batch·heads × chunk queries × visible key blocks) that the automatic
+# chunk size aims for: 2**21 float32 = 8 MiB, which measured fastest on CPU (bench/attention.py)
+# and keeps the working set negligible on accelerators.
+_CHUNK_SCORES = 2**21
+
+
+class _Plan(NamedTuple):
+    """Static tiling of one call; hashable so it can be a ``custom_vjp`` non-diff argument."""
+
+    seq_len: int
+    left: int  # window sizes clamped to seq_len - 1 (a longer window sees nothing more)
+    right: int
+    rel_offset: int  # row of rel_pos_emb for j - i = -left (the clamp drops rows before it)
+    block: int
+    blocks_per_chunk: int
+    num_chunks: int
+    dropout_rate: float
+    precision: lax.PrecisionLike
+
+    @property
+    def views(self) -> int:
+        """Key blocks a query block can see."""
+        return -(-(self.block + self.left + self.right) // self.block)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks_per_chunk * self.num_chunks
+
+    @property
+    def padded_len(self) -> int:
+        return self.block * self.num_blocks
+
+    @property
+    def padded_keys(self) -> int:
+        return self.block * (self.num_blocks + self.views - 1)
+
+
+def _default_block(window: int) -> int:
+    """Half the window, as a power of two in [16, 128]: measured fastest on CPU for w = 257.
+
+    Larger blocks run faster matmuls but compute more masked-out scores
+    (a fraction ``block / (block + window)``)."""
+    return 1 << max(4, min(7, (window // 2).bit_length() - 1))
+
+
+def _make_plan(
+    batch: int,
+    seq_len: int,
+    window_size_left: int,
+    window_size_right: int,
+    block_size: int | None,
+    dropout_rate: float,
+    precision: lax.PrecisionLike,
+) -> _Plan:
+    left = min(window_size_left, seq_len - 1)
+    right = min(window_size_right, seq_len - 1)
+    block = min(block_size or _default_block(left + right + 1), _round_up(seq_len, 8))
+    num_blocks = -(-seq_len // block)
+    visible_keys = block * -(-(block + left + right) // block)
+    blocks_per_chunk = max(1, min(num_blocks, _CHUNK_SCORES // (batch * block * visible_keys)))
+    num_chunks = -(-num_blocks // blocks_per_chunk)
+    # Spread the blocks evenly over the chunks so that padding stays under one chunk.
+    blocks_per_chunk = -(-num_blocks // num_chunks)
+    return _Plan(
+        seq_len=seq_len,
+        left=left,
+        right=right,
+        rel_offset=window_size_left - left,
+        block=block,
+        blocks_per_chunk=blocks_per_chunk,
+        num_chunks=num_chunks,
+        dropout_rate=float(dropout_rate),
+        precision=precision,
+    )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def local_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    rel_pos_emb: jax.Array | None = None,
+    window_size_left: int = 128,
+    window_size_right: int = 128,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    implementation: str = "xla",
+    block_size: int | None = None,
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """Exact local (sliding-window) attention.
+
+    Query ``i`` attends key ``j`` iff ``i - window_size_left <= j <= i + window_size_right``,
+    ``mask[..., j]`` is true and ``segment_ids[..., i] == segment_ids[..., j]``. A causal
+    language model uses ``window_size_right=0``: each query sees itself and
+    ``window_size_left`` earlier keys. (The original ``local_attention_flax`` used the
+    half-open window ``[i - left, i + right - 1]``, so with ``window_size_right=0`` a query
+    could not see itself; here both ends are inclusive.)
+
+    Args:
+      q, k, v: ``(..., seq_len, head_dim)``, the same shape and a floating dtype (float32 or
+        bfloat16); leading axes are typically ``(batch, heads)``.
+      mask: optional key padding mask, bool, broadcastable to ``(..., seq_len)``; false keys
+        are never attended.
+      rel_pos_emb: optional learned relative position embeddings,
+        ``(window_size_left + window_size_right + 1, head_dim)`` or with leading axes that
+        broadcast against q's (e.g. ``(heads, 1 + left + right, head_dim)`` for
+        ``(batch, heads, ...)`` inputs). Row ``j - i + window_size_left`` is added to the key:
+        ``logit(i, j) = q_i · (k_j + rel_pos_emb[j - i + window_size_left]) / sqrt(head_dim)``.
+      window_size_left, window_size_right: non-negative ints (static). Windows longer than
+        the sequence are allowed.
+      dropout_rate: dropout on the attention weights; needs ``dropout_rng`` when positive.
+        The same key gives the same output (the mask depends on the key and the static tiling).
+      dropout_rng: a PRNG key.
+      segment_ids: optional int ids, broadcastable to ``(..., seq_len)``, for packed
+        documents: attention never crosses a segment boundary.
+      implementation: ``"xla"`` (the blocked algorithm of this module, any backend). The one
+        place where faster backends (cuDNN, Pallas, TPU splash attention) plug in.
+      block_size: query block length (static); by default chosen from the window.
+      precision: matmul precision, as for ``jnp.einsum``.
+
+    Returns:
+      ``(..., seq_len, head_dim)`` in q's dtype. Scores and softmax are computed in float32. A
+      query that sees no key (all masked) gets zeros.
+    """
+    _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                     dropout_rate, dropout_rng, segment_ids)
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not available; expected one of "
+            f"{sorted(_IMPLEMENTATIONS)}")
+    return _IMPLEMENTATIONS[implementation](
+        q, k, v, mask, rel_pos_emb, int(window_size_left), int(window_size_right),
+        dropout_rate, dropout_rng, segment_ids, block_size=block_size, precision=precision)
+
+
+def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                     dropout_rate, dropout_rng, segment_ids) -> None:
+    """One-line ValueErrors for shapes and values a caller can get wrong."""
+    if q.ndim < 2 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            "local_attention expects q, k, v of the same shape (..., seq_len, head_dim); got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"local_attention expects floating q, k, v; got dtype {q.dtype}")
+    for name, size in (("window_size_left", window_size_left),
+                       ("window_size_right", window_size_right)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"{name}={size!r}: expected a non-negative int")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate={dropout_rate!r}: expected a float in [0, 1)")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng (a PRNG key)")
+    lead, seq_len = q.shape[:-2], q.shape[-2]
+    for name, array in (("mask", mask), ("segment_ids", segment_ids)):
+        if array is not None and (
+                array.ndim == 0 or array.shape[-1] != seq_len
+                or not _broadcasts(array.shape[:-1], lead)):
+            raise ValueError(
+                f"{name} has shape {array.shape}; expected a shape broadcastable to "
+                f"{lead + (seq_len,)} (one entry per key)")
+    if rel_pos_emb is not None:
+        width = window_size_left + window_size_right + 1
+        if (rel_pos_emb.ndim < 2 or rel_pos_emb.shape[-2:] != (width, q.shape[-1])
+                or not _broadcasts(rel_pos_emb.shape[:-2], lead)):
+            raise ValueError(
+                f"rel_pos_emb has shape {rel_pos_emb.shape}; expected (..., {width}, "
+                f"{q.shape[-1]}) = (window_size_left + window_size_right + 1, head_dim)")
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1]))
+
+
+def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                         dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+    """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core."""
+    *lead, seq_len, head_dim = q.shape
+    batch = math.prod(lead)
+    plan = _make_plan(batch, seq_len, window_size_left, window_size_right, block_size,
+                      dropout_rate, precision)
+
+    def flat(x, trailing):
+        return jnp.broadcast_to(x, (*lead, *trailing)).reshape(batch, *trailing)
+
+    # Queries are padded at the end to whole chunks. Keys get `left` positions in front, so that
+    # query block b's window starts in key block b, and enough after for the last block's views.
+    # Padding keys are marked invalid.
+    q_pad = _pad_seq(flat(q * (head_dim ** -0.5), (seq_len, head_dim)), 0, plan.padded_len - seq_len)
+    key_pad = (plan.left, plan.padded_keys - plan.left - seq_len)
+    k_pad = _pad_seq(flat(k, (seq_len, head_dim)), *key_pad)
+    v_pad = _pad_seq(flat(v, (seq_len, head_dim)), *key_pad)
+    key_valid = jnp.ones((batch, seq_len), bool) if mask is None else flat(mask.astype(bool), (seq_len,))
+    key_valid = _pad_seq(key_valid, *key_pad)
+    segments = None
+    if segment_ids is not None:
+        ids = flat(segment_ids.astype(jnp.int32), (seq_len,))
+        segments = (_pad_seq(ids, 0, plan.padded_len - seq_len), _pad_seq(ids, *key_pad))
+    rel = None
+    if rel_pos_emb is not None:
+        width = plan.left + plan.right + 1
+        rel = flat(rel_pos_emb[..., plan.rel_offset:plan.rel_offset + width, :].astype(q.dtype),
+                   (width, head_dim))
+    blocks = functools.partial(_to_blocks, block=plan.block)
+    if segments is not None:
+        segments = tuple(map(blocks, segments))
+    out = _blocked_attention(plan, blocks(q_pad), blocks(k_pad), blocks(v_pad), blocks(key_valid),
+                             segments, rel, dropout_rng)
+    return out.reshape(batch, plan.padded_len, head_dim)[:, :seq_len].reshape(q.shape)
+
+
+def _pad_seq(x: jax.Array, before: int, after: int) -> jax.Array:
+    """Zero-pads axis 1 (the sequence axis of a flattened ``(batch, seq, ...)`` array)."""
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (before, after)
+    return jnp.pad(x, widths)
+
+
+def _to_blocks(x: jax.Array, block: int) -> jax.Array:
+    """``(batch, n, ...) -> (batch, n / block, block, ...)``."""
+    return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
+
+
+def _overlap_add(frames: jax.Array, stride: int) -> jax.Array:
+    """Sums overlapping frames: ``(batch, count, width, ...) -> (batch, (count-1)*stride + width, ...)``.
+
+    Frame ``i`` lands on rows ``[i * stride, i * stride + width)``. The backward pass uses it to
+    gather the key-block gradients of the chunks, whose key ranges overlap by ``views - 1``
+    blocks. Built from ``ceil(width / stride)`` shifted pads, so no scatter.
+    """
+    batch, count, width, *rest = frames.shape
+    pieces = -(-width // stride)
+    frames = jnp.pad(frames, [(0, 0), (0, 0), (0, pieces * stride - width)] + [(0, 0)] * len(rest))
+    frames = frames.reshape(batch, count, pieces, stride, *rest)
+    total = sum(
+        jnp.pad(frames[:, :, p], [(0, 0), (p, pieces - 1 - p)] + [(0, 0)] * (1 + len(rest)))
+        for p in range(pieces))
+    total = total.reshape(batch, (count + pieces - 1) * stride, *rest)
+    return total[:, :(count - 1) * stride + width]
+
+
+def _skew(rel_scores: jax.Array, span: int) -> jax.Array:
+    """``(..., block, W) -> (..., block, span)`` with ``out[a, s] = rel_scores[a, s - a]``.
+
+    Turns scores against relative offsets into scores against key positions by the
+    pad-and-reshape shift of Transformer-XL (no gather). Entries with ``s - a`` outside
+    ``[0, W)`` hold junk; the band mask removes them.
+    """
+    *lead, block, width = rel_scores.shape
+    padded = jnp.pad(rel_scores, [(0, 0)] * len(lead) + [(0, 0), (0, span + 1 - width)])
+    flat = padded.reshape(*lead, block * (span + 1))[..., :block * span]
+    return flat.reshape(*lead, block, span)
+
+
+def masked_softmax_parts(
+    scores: Sequence[jax.Array], visible: Sequence[jax.Array]
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """A softmax over the concatenated last axes of ``scores`` restricted to ``visible``.
+
+    Args:
+      scores: pieces ``(..., k_p)`` of one row of logits each, float32.
+      visible: bool masks broadcastable to the pieces.
+
+    Returns:
+      ``(exps, total, lse)``: the pieces' ``exp(score - row max)`` (zero where not visible),
+      their sum over the row ``(...)``, and the log-sum-exp ``(...)``. A row with nothing
+      visible has ``total == 0`` and ``lse == +inf``, so that ``exp(score - lse)`` recomputes
+      zeros, never NaN.
+    """
+    masked = [jnp.where(vis, s, -jnp.inf) for s, vis in zip(scores, visible)]
+    row_max = functools.reduce(jnp.maximum, [m.max(axis=-1) for m in masked])
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    exps = [jnp.exp(m - row_max[..., None]) for m in masked]
+    total = sum(e.sum(axis=-1) for e in exps)
+    lse = jnp.where(total > 0, row_max + jnp.log(total), jnp.inf)
+    return exps, total, lse
+
+
+class _Chunk(NamedTuple):
+    """The query blocks of one chunk and the key blocks they can see."""
+
+    q: jax.Array  # (B, G, block, d), scaled by 1/sqrt(d)
+    k: jax.Array  # (B, G + views - 1, block, d); view j of query block g is key block g + j
+    v: jax.Array  # (B, G + views - 1, block, d)
+    visible: list[jax.Array]  # per view, bool (B, G, block, block): band, key valid, segment
+
+
+def _chunk(plan: _Plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments) -> _Chunk:
+    count = plan.blocks_per_chunk
+    first = index * count
+
+    def rows(x, length):
+        return lax.dynamic_slice_in_dim(x, first, length, axis=1)
+
+    key_rows = functools.partial(rows, length=count + plan.views - 1)
+    valid = key_rows(key_valid)
+    query_pos, key_pos = jnp.arange(plan.block)[:, None], jnp.arange(plan.block)[None, :]
+    visible = []
+    for view in range(plan.views):
+        offset = view * plan.block + key_pos - query_pos  # = key - query + left
+        vis = (offset >= 0) & (offset <= plan.left + plan.right)
+        vis = vis & valid[:, view:view + count, None, :]
+        if segments is not None:
+            q_segments, k_segments = segments
+            vis = vis & (rows(q_segments, count)[..., :, None]
+                         == key_rows(k_segments)[:, view:view + count, None, :])
+        visible.append(vis)
+    return _Chunk(rows(q_blocks, count), key_rows(k_blocks), key_rows(v_blocks), visible)
+
+
+def _scores(plan: _Plan, q, k, rel) -> list[jax.Array]:
+    """Per view, float32 logits ``(B, G, block, block)`` of the chunk's queries and keys."""
+    count = q.shape[1]
+    scores = [
+        jnp.einsum("bgqd,bgkd->bgqk", q, k[:, view:view + count], precision=plan.precision,
+                   preferred_element_type=jnp.float32)
+        for view in range(plan.views)
+    ]
+    if rel is not None:
+        rel_scores = jnp.einsum("bgqd,brd->bgqr", q, rel, precision=plan.precision,
+                                preferred_element_type=jnp.float32)
+        skewed = _skew(rel_scores, plan.views * plan.block)
+        scores = [s + skewed[..., view * plan.block:(view + 1) * plan.block]
+                  for view, s in enumerate(scores)]
+    return scores
+
+
+def _values(plan: _Plan, weights, v) -> jax.Array:
+    """``sum_view weights[view] @ v_view``: float32 ``(B, G, block, d)``."""
+    count = weights[0].shape[1]
+    return sum(
+        jnp.einsum("bgqk,bgkd->bgqd", w.astype(v.dtype), v[:, view:view + count],
+                   precision=plan.precision, preferred_element_type=jnp.float32)
+        for view, w in enumerate(weights))
+
+
+def _dropout_keep(plan: _Plan, dropout_rng, index, shape) -> list[jax.Array] | None:
+    """Per view, the kept-weight multiplier (0 or 1/(1-rate)) of chunk ``index``."""
+    if plan.dropout_rate == 0.0:
+        return None
+    keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, index),
+                                1.0 - plan.dropout_rate, (plan.views, *shape))
+    return list(keep.astype(jnp.float32) / (1.0 - plan.dropout_rate))
+
+
+def _forward(plan: _Plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng):
+    """Returns the output ``(B, num_blocks, block, d)`` and the log-sum-exp ``(B, num_blocks, block)``."""
+
+    def chunk_forward(index):
+        chunk = _chunk(plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments)
+        exps, total, lse = masked_softmax_parts(_scores(plan, chunk.q, chunk.k, rel), chunk.visible)
+        keep = _dropout_keep(plan, dropout_rng, index, total.shape + (plan.block,))
+        if keep is not None:
+            exps = [e * m for e, m in zip(exps, keep)]
+        out = _values(plan, exps, chunk.v) / jnp.where(total > 0, total, 1.0)[..., None]
+        return out.astype(q_blocks.dtype), lse
+
+    out, lse = lax.map(chunk_forward, jnp.arange(plan.num_chunks))
+    return _unchunk(out), _unchunk(lse)
+
+
+def _unchunk(x: jax.Array) -> jax.Array:
+    """``(chunks, B, G, ...) -> (B, chunks * G, ...)``."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng):
+    return _forward(plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng)[0]
+
+
+def _blocked_attention_fwd(plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel,
+                           dropout_rng):
+    out, lse = _forward(plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng)
+    return out, (q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng, out, lse)
+
+
+def _blocked_attention_bwd(plan, residuals, d_out):
+    q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng, out, lse = residuals
+    # D_i = dO_i · O_i = sum_j P_ij dP_ij, the softmax-backward correction term.
+    correction = jnp.einsum("bnqd,bnqd->bnq", d_out, out, preferred_element_type=jnp.float32)
+    d_out = d_out.astype(jnp.float32)
+
+    def chunk_backward(index):
+        chunk = _chunk(plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments)
+
+        def rows(x):
+            return lax.dynamic_slice_in_dim(x, index * plan.blocks_per_chunk,
+                                            plan.blocks_per_chunk, axis=1)
+
+        # The matmuls' backward comes from jax.vjp of the forward's own functions; only the
+        # softmax backward is written out.
+        scores, scores_vjp = jax.vjp(functools.partial(_scores, plan), chunk.q, chunk.k, rel)
+        chunk_lse = rows(lse)[..., None]
+        probs = [jnp.where(vis, jnp.exp(s - chunk_lse), 0.0)
+                 for s, vis in zip(scores, chunk.visible)]
+        keep = _dropout_keep(plan, dropout_rng, index, chunk_lse.shape[:-1] + (plan.block,))
+        kept = probs if keep is None else [p * m for p, m in zip(probs, keep)]
+        _, values_vjp = jax.vjp(functools.partial(_values, plan), kept, chunk.v)
+        d_kept, d_v = values_vjp(rows(d_out))
+        d_probs = d_kept if keep is None else [d * m for d, m in zip(d_kept, keep)]
+        chunk_correction = rows(correction)[..., None]
+        d_scores = [p * (d - chunk_correction) for p, d in zip(probs, d_probs)]
+        d_q, d_k, d_rel = scores_vjp(d_scores)
+        return (d_q, d_k.astype(jnp.float32), d_v.astype(jnp.float32),
+                None if rel is None else d_rel.astype(jnp.float32))
+
+    d_q, d_k, d_v, d_rel = lax.map(chunk_backward, jnp.arange(plan.num_chunks))
+    # Chunk c read key blocks [c * G, c * G + G + views - 1).
+    d_k, d_v = (_overlap_add(jnp.moveaxis(d, 0, 1), plan.blocks_per_chunk) for d in (d_k, d_v))
+    if rel is not None:
+        d_rel = d_rel.sum(axis=0).astype(rel.dtype)
+    return (_unchunk(d_q).astype(q_blocks.dtype), d_k.astype(k_blocks.dtype),
+            d_v.astype(v_blocks.dtype), None, None, d_rel, None)
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+# The backends `local_attention(implementation=...)` can dispatch to.
+_IMPLEMENTATIONS = {"xla": _xla_local_attention}

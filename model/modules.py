@@ -1,0 +1,238 @@
+"""Flax linen modules around `local_attention`: drop-ins for Flax's attention modules.
+
+`MultiHeadLocalAttention` mirrors ``flax.linen.MultiHeadDotProductAttention`` (same attribute
+names, same ``query``/``key``/``value``/``out`` parameters) and `LocalSelfAttention` mirrors
+``flax.linen.SelfAttention``; both add ``window_size_left``, ``window_size_right`` and
+``use_rel_pos_emb``. With ``decode=True`` they keep a rolling cache of the last
+``window_size_left + 1`` keys and values, so generation memory does not grow with its length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.initializers import zeros_init
+from jax import lax
+
+from model.attention import local_attention, masked_softmax_parts
+
+Array = jax.Array
+Initializer = Any
+
+
+class MultiHeadLocalAttention(nn.Module):
+    """Multi-head local (sliding-window) attention with input and output projections.
+
+    Query ``i`` attends keys ``i - window_size_left ... i + window_size_right`` (inclusive).
+
+    Attributes:
+      num_heads: number of heads; ``qkv_features`` must be divisible by it.
+      window_size_left, window_size_right: the window (static ints >= 0). A causal layer uses
+        ``window_size_right=0``; decoding requires it.
+      use_rel_pos_emb: learn per-head relative position embeddings
+        ``rel_pos_emb (num_heads, window_size_left + window_size_right + 1, head_dim)``.
+      dtype: computation dtype (default: inferred from inputs and params).
+      param_dtype: parameter dtype.
+      qkv_features: total query/key/value width (default: the input width).
+      out_features: output width (default: the input width).
+      dropout_rate: dropout on the attention weights.
+      deterministic: disables dropout; may also be given to ``__call__``. When neither says,
+        dropout runs iff a key is available (``prng_key=``, ``dropout_rng=`` or a ``'dropout'``
+        rng stream).
+      precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: as in Flax.
+      decode: autoregressive decoding, one token per call with ``mutable=['cache']``.
+      block_size, implementation: passed to `local_attention`.
+    """
+
+    num_heads: int
+    window_size_left: int = 128
+    window_size_right: int = 128
+    use_rel_pos_emb: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    qkv_features: int | None = None
+    out_features: int | None = None
+    dropout_rate: float = 0.0
+    deterministic: bool | None = None
+    precision: lax.PrecisionLike = None
+    kernel_init: Initializer = nn.linear.default_kernel_init
+    out_kernel_init: Initializer | None = None
+    bias_init: Initializer = zeros_init()
+    out_bias_init: Initializer | None = None
+    use_bias: bool = True
+    decode: bool = False
+    block_size: int | None = None
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_k: Array | None = None,
+        inputs_v: Array | None = None,
+        *,
+        mask: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool | None = None,
+        dropout_rng: Array | None = None,
+        prng_key: Array | None = None,
+    ) -> Array:
+        """Attends ``inputs_q`` to ``inputs_k``/``inputs_v`` (default: self-attention).
+
+        Args:
+          inputs_q: ``(batch..., seq_len, features)``.
+          inputs_k, inputs_v: the same leading shape and length as ``inputs_q`` (local windows
+            align positions); ``inputs_v`` defaults to ``inputs_k``.
+          mask: optional key padding mask, bool ``(batch..., seq_len)``; false keys are ignored.
+          segment_ids: optional int ``(batch..., seq_len)`` for packed documents.
+          deterministic: disables dropout (overrides the attribute).
+          dropout_rng, prng_key: the dropout key (``prng_key`` is the name of the original
+            ``local_attention_flax``); the same key gives the same output.
+
+        Returns:
+          ``(batch..., seq_len, out_features)``.
+        """
+        if inputs_k is None:
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        features = inputs_q.shape[-1]
+        qkv_features = self.qkv_features or features
+        if qkv_features % self.num_heads:
+            raise ValueError(
+                f"qkv_features={qkv_features} must be divisible by num_heads={self.num_heads}")
+        head_dim = qkv_features // self.num_heads
+        dense = functools.partial(
+            nn.DenseGeneral, axis=-1, features=(self.num_heads, head_dim), dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
+            use_bias=self.use_bias, precision=self.precision)
+        # (batch..., seq_len, heads, head_dim)
+        query = dense(name="query")(inputs_q)
+        key = dense(name="key")(inputs_k)
+        value = dense(name="value")(inputs_v)
+        rel_pos_emb = None
+        if self.use_rel_pos_emb:
+            width = self.window_size_left + self.window_size_right + 1
+            rel_pos_emb = self.param("rel_pos_emb", nn.initializers.normal(stddev=0.02),
+                                     (self.num_heads, width, head_dim), self.param_dtype)
+            rel_pos_emb = rel_pos_emb.astype(query.dtype)
+
+        if self.decode and self.has_variable("cache", "cached_key"):
+            out = self._decode_step(query, key, value, rel_pos_emb, mask)
+        else:
+            if self.decode:
+                self._init_cache(key, value)
+            dropout_rate, dropout_rng = self._dropout(deterministic, dropout_rng, prng_key)
+            heads_first = functools.partial(jnp.swapaxes, axis1=-3, axis2=-2)
+            add_head_axis = lambda x: None if x is None else x[..., None, :]  # noqa: E731
+            out = heads_first(local_attention(
+                heads_first(query), heads_first(key), heads_first(value),
+                mask=add_head_axis(mask), rel_pos_emb=rel_pos_emb,
+                window_size_left=self.window_size_left, window_size_right=self.window_size_right,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                segment_ids=add_head_axis(segment_ids), implementation=self.implementation,
+                block_size=self.block_size, precision=self.precision))
+
+        return nn.DenseGeneral(
+            features=self.out_features or features, axis=(-2, -1),
+            kernel_init=self.out_kernel_init or self.kernel_init,
+            bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            name="out")(out)
+
+    def _dropout(self, deterministic, dropout_rng, prng_key) -> tuple[float, Array | None]:
+        """The dropout rate and key to use for this call (rate 0 when deterministic)."""
+        if self.dropout_rate == 0.0:
+            return 0.0, None
+        key = prng_key if prng_key is not None else dropout_rng
+        if deterministic is None:
+            deterministic = self.deterministic
+        if deterministic is None:
+            deterministic = key is None and not self.has_rng("dropout")
+        if deterministic:
+            return 0.0, None
+        return self.dropout_rate, key if key is not None else self.make_rng("dropout")
+
+    def _init_cache(self, key: Array, value: Array) -> None:
+        """Creates the rolling cache: the last ``window_size_left + 1`` keys and values."""
+        if self.window_size_right != 0:
+            raise ValueError(
+                f"decode=True needs a causal layer (window_size_right=0); got "
+                f"window_size_right={self.window_size_right}")
+        *batch, _, heads, head_dim = key.shape
+        slots = self.window_size_left + 1
+        self.variable("cache", "cached_key", jnp.zeros, (*batch, slots, heads, head_dim), key.dtype)
+        self.variable("cache", "cached_value", jnp.zeros, (*batch, slots, heads, head_dim),
+                      value.dtype)
+        self.variable("cache", "cached_mask", jnp.zeros, (*batch, slots), bool)
+        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+
+    def _decode_step(self, query, key, value, rel_pos_emb, mask) -> Array:
+        """One token: ``query/key/value (batch..., 1, heads, head_dim)`` -> same shape.
+
+        The token at position ``t`` is written to slot ``t % (window_size_left + 1)``, where it
+        overwrites the key that has just left the window.
+        """
+        cached_key = self.variable("cache", "cached_key")
+        cached_value = self.variable("cache", "cached_value")
+        cached_mask = self.variable("cache", "cached_mask")
+        cache_index = self.variable("cache", "cache_index")
+        *batch, slots, heads, head_dim = cached_key.value.shape
+        if query.shape != (*batch, 1, heads, head_dim):
+            raise ValueError(
+                f"decode=True takes one token per call: expected inputs of shape "
+                f"{tuple(batch) + (1,)} + (features,), got {query.shape[:-2]} + (features,)")
+        position = cache_index.value
+        slot = position % slots
+        token_mask = jnp.ones((*batch, 1), bool) if mask is None else mask.astype(bool)
+
+        def write(cache, new):
+            start = (0,) * len(batch) + (slot,) + (0,) * (cache.ndim - len(batch) - 1)
+            return lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+        cached_key.value = write(cached_key.value, key)
+        cached_value.value = write(cached_value.value, value)
+        cached_mask.value = write(cached_mask.value, token_mask.reshape(*batch, 1))
+        cache_index.value = position + 1
+
+        # Slot s holds position `position - age`, age = (position - s) mod slots; slots not yet
+        # written are still masked out.
+        age = (position - jnp.arange(slots)) % slots
+        visible = cached_mask.value[..., None, :]  # (batch..., 1, slots)
+        q = query[..., 0, :, :] * head_dim ** -0.5  # (batch..., heads, head_dim)
+        scores = jnp.einsum("...hd,...shd->...hs", q, cached_key.value,
+                            precision=self.precision, preferred_element_type=jnp.float32)
+        if rel_pos_emb is not None:
+            # Key position - query position + window_size_left = window_size_left - age.
+            rel = rel_pos_emb[:, self.window_size_left - age]  # (heads, slots, head_dim)
+            scores = scores + jnp.einsum("...hd,hsd->...hs", q, rel, precision=self.precision,
+                                         preferred_element_type=jnp.float32)
+        (exps,), total, _ = masked_softmax_parts([scores], [visible])
+        out = jnp.einsum("...hs,...shd->...hd", exps.astype(value.dtype), cached_value.value,
+                         precision=self.precision, preferred_element_type=jnp.float32)
+        out = out / jnp.where(total > 0, total, 1.0)[..., None]
+        return out[..., None, :, :].astype(query.dtype)
+
+
+class LocalSelfAttention(MultiHeadLocalAttention):
+    """Self-attention version of `MultiHeadLocalAttention` (as Flax's ``SelfAttention``)."""
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self,
+        inputs_q: Array,
+        mask: Array | None = None,
+        *,
+        segment_ids: Array | None = None,
+        deterministic: bool | None = None,
+        dropout_rng: Array | None = None,
+        prng_key: Array | None = None,
+    ) -> Array:
+        """``inputs_q (batch..., seq_len, features) -> (batch..., seq_len, out_features)``."""
+        return super().__call__(inputs_q, mask=mask, segment_ids=segment_ids,
+                                deterministic=deterministic, dropout_rng=dropout_rng,
+                                prng_key=prng_key)
