@@ -1,0 +1,114 @@
+"""`MultiHeadLocalAttention` / `LocalSelfAttention` against Flax's modules and themselves."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import LocalSelfAttention, MultiHeadLocalAttention
+
+
+def _inputs(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("left,right", [(5, 3), (7, 0), (100, 100)])
+def test_equals_flax_multi_head_attention_with_a_band_mask(left, right):
+    x = _inputs((2, 40, 16))
+    ours = MultiHeadLocalAttention(num_heads=4, qkv_features=32, window_size_left=left,
+                                   window_size_right=right)
+    flax_attention = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+    params = ours.init(jax.random.key(1), x)
+    # Same parameter tree as Flax's, so weights move between the two.
+    flax_params = flax_attention.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_params)
+    position = jnp.arange(40)
+    band = ((position[None, :] >= position[:, None] - left)
+            & (position[None, :] <= position[:, None] + right))
+    np.testing.assert_allclose(ours.apply(params, x),
+                               flax_attention.apply(params, x, mask=band[None, None]),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_self_attention_equals_multi_head_and_cross_inputs_are_used():
+    x, y = _inputs((2, 30, 8)), _inputs((2, 30, 8), seed=1)
+    self_attention = LocalSelfAttention(num_heads=2, window_size_left=4, window_size_right=4)
+    params = self_attention.init(jax.random.key(0), x)
+    multi_head = MultiHeadLocalAttention(num_heads=2, window_size_left=4, window_size_right=4)
+    np.testing.assert_array_equal(self_attention.apply(params, x), multi_head.apply(params, x))
+    assert not np.allclose(multi_head.apply(params, x, y), multi_head.apply(params, x))
+
+
+def test_key_padding_mask_hides_keys():
+    x = _inputs((1, 24, 8))
+    mask = jnp.arange(24)[None, :] % 3 != 0
+    attention = LocalSelfAttention(num_heads=2, window_size_left=6, window_size_right=6)
+    params = attention.init(jax.random.key(0), x)
+    # Changing masked positions changes no other position's output.
+    changed = x.at[:, ::3].set(_inputs((1, 8, 8), seed=4))
+    before, after = (attention.apply(params, inputs, mask=mask) for inputs in (x, changed))
+    np.testing.assert_allclose(before[:, mask[0]], after[:, mask[0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("use_rel_pos_emb", [False, True])
+def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb):
+    window, steps = 6, 23  # more than 3 windows: the rolling cache wraps around several times
+    x = _inputs((2, steps, 16))
+    attention = MultiHeadLocalAttention(num_heads=2, qkv_features=16, window_size_left=window,
+                                        window_size_right=0, use_rel_pos_emb=use_rel_pos_emb)
+    params = attention.init(jax.random.key(1), x)["params"]
+    if use_rel_pos_emb:  # the default init is small; make the embeddings matter
+        params["rel_pos_emb"] = _inputs(params["rel_pos_emb"].shape, seed=2)
+    full = attention.apply({"params": params}, x)
+
+    decoder = attention.clone(decode=True)
+    variables = decoder.init(jax.random.key(1), x[:, :1])
+    # Same parameters as without decode; the cache holds window + 1 positions, whatever the steps.
+    assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, params)
+    assert variables["cache"]["cached_key"].shape == (2, window + 1, 2, 8)
+    step = jax.jit(lambda cache, token: decoder.apply({"params": params, "cache": cache}, token,
+                                                      mutable=["cache"]))
+    cache, outputs = variables["cache"], []
+    for t in range(steps):
+        out, updated = step(cache, x[:, t:t + 1])
+        cache = updated["cache"]
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_needs_a_causal_window_and_one_token_per_call():
+    x = _inputs((1, 4, 8))
+    with pytest.raises(ValueError, match="window_size_right=0"):
+        MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=1,
+                                decode=True).init(jax.random.key(0), x)
+    decoder = MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=0,
+                                      decode=True)
+    variables = decoder.init(jax.random.key(0), x[:, :1])
+    with pytest.raises(ValueError, match="one token per call"):
+        decoder.apply(variables, x, mutable=["cache"])
+
+
+def test_dropout_keys_prng_key_dropout_rng_and_rngs_agree():
+    x = _inputs((2, 32, 16))
+    attention = LocalSelfAttention(num_heads=2, window_size_left=8, window_size_right=8,
+                                   dropout_rate=0.3)
+    key = jax.random.key(3)
+    params = attention.init(key, x, prng_key=key)
+    by_prng_key = attention.apply(params, x, prng_key=key)
+    np.testing.assert_array_equal(by_prng_key, attention.apply(params, x, prng_key=key))
+    np.testing.assert_array_equal(by_prng_key, attention.apply(params, x, dropout_rng=key))
+    assert not np.allclose(by_prng_key, attention.apply(params, x, prng_key=jax.random.key(4)))
+    by_rngs = attention.apply(params, x, rngs={"dropout": key})
+    np.testing.assert_array_equal(by_rngs, attention.apply(params, x, rngs={"dropout": key}))
+    assert not np.allclose(by_rngs, attention.apply(params, x, deterministic=True))
+    # No key and no rng stream: no dropout, as with deterministic=True.
+    np.testing.assert_array_equal(attention.apply(params, x),
+                                  attention.apply(params, x, deterministic=True))
+    with pytest.raises(Exception, match="dropout"):
+        attention.apply(params, x, deterministic=False)
+
+
+def test_heads_must_divide_features():
+    with pytest.raises(ValueError, match="divisible by num_heads=3"):
+        LocalSelfAttention(num_heads=3).init(jax.random.key(0), _inputs((1, 4, 8)))
