@@ -130,8 +130,11 @@ def _measure_in_subprocess(method, seq_len, args) -> dict:
         return {"method": method, "seq_len": seq_len, "failed": f"over {args.timeout} s"}
     if done.returncode != 0:
         text = done.stderr + done.stdout
+        # Allocation failures under the RLIMIT_DATA cap surface in several ways: XLA's own
+        # allocator, YNNPACK's matmul workspace, or Python.
         memory = any(s in text for s in ("RESOURCE_EXHAUSTED", "MemoryError", "bad_alloc",
-                                         "Out of memory", "out of memory"))
+                                         "Out of memory", "out of memory", "allocate of",
+                                         "YNNPACK operation failed"))
         if memory or done.returncode < 0:  # a signal: most likely the kernel's OOM killer
             return {"method": method, "seq_len": seq_len,
                     "failed": f"out of memory (> {args.memory_cap_gib} GiB)"}
