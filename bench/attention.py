@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per point")
-    parser.add_argument("--memory_cap_gib", type=float, default=16.0,
+    parser.add_argument("--memory_cap_gib", type=float, default=20.0,
                         help="address space allowed to one point's process")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point

@@ -156,8 +156,10 @@ def local_attention(
       dropout_rng: a PRNG key.
       segment_ids: optional int ids, broadcastable to ``(..., seq_len)``, for packed
         documents: attention never crosses a segment boundary.
-      implementation: ``"xla"`` (the blocked algorithm of this module, any backend). The one
-        place where faster backends (cuDNN, Pallas, TPU splash attention) plug in.
+      implementation: ``"xla"``, the blocked algorithm of this module (any backend), or
+        ``"dense"``, ``jax.nn.dot_product_attention`` over the full (n, n) scores (O(n²): a
+        baseline, without rel_pos_emb or dropout). The one place where faster backends (cuDNN,
+        Pallas, TPU splash attention) plug in.
       block_size: query block length (static); by default chosen from the window.
       precision: matmul precision, as for ``jnp.einsum``.
 
@@ -461,5 +463,35 @@ def _blocked_attention_bwd(plan, residuals, d_out):
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
+def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+    """``jax.nn.dot_product_attention`` with the same semantics, materialising (n, n) scores."""
+    del dropout_rng, block_size, precision
+    if rel_pos_emb is not None or dropout_rate > 0.0:
+        raise ValueError("implementation='dense' supports neither rel_pos_emb nor dropout; "
+                         "use implementation='xla'")
+    *lead, seq_len, head_dim = q.shape
+    # (..., n, d) -> (batch, n, heads=1, d), the layout of jax.nn.dot_product_attention.
+    as_bthd = lambda x: x.reshape(-1, seq_len, 1, head_dim)  # noqa: E731
+    if mask is None and segment_ids is None:
+        causal = window_size_right == 0 and window_size_left >= seq_len - 1
+        out = jax.nn.dot_product_attention(
+            as_bthd(q), as_bthd(k), as_bthd(v), is_causal=causal,
+            local_window_size=None if causal else (window_size_left, window_size_right))
+        return out.reshape(q.shape)
+    position = jnp.arange(seq_len)
+    visible = ((position[None, :] >= position[:, None] - window_size_left)
+               & (position[None, :] <= position[:, None] + window_size_right))
+    if mask is not None:
+        visible = visible & mask.astype(bool)[..., None, :]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[..., :, None] == segment_ids[..., None, :])
+    visible = jnp.broadcast_to(visible, (*lead, seq_len, seq_len)).reshape(-1, 1, seq_len, seq_len)
+    out = jax.nn.dot_product_attention(as_bthd(q), as_bthd(k), as_bthd(v), mask=visible)
+    # jax averages all values for a query that sees nothing; this module returns zeros.
+    out = jnp.where(visible.any(axis=-1)[:, 0, :, None, None], out, 0)
+    return out.reshape(q.shape)
+
+
 # The backends `local_attention(implementation=...)` can dispatch to.
-_IMPLEMENTATIONS = {"xla": _xla_local_attention}
+_IMPLEMENTATIONS = {"xla": _xla_local_attention, "dense": _dense_local_attention}

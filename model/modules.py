@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.initializers import zeros_init
 from jax import lax
 
@@ -35,6 +36,8 @@ class MultiHeadLocalAttention(nn.Module):
         ``window_size_right=0``; decoding requires it.
       use_rel_pos_emb: learn per-head relative position embeddings
         ``rel_pos_emb (num_heads, window_size_left + window_size_right + 1, head_dim)``.
+      rotary_base: when set, rotary position embeddings (RoPE, base ``rotary_base``) rotate
+        queries and keys by their positions.
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       qkv_features: total query/key/value width (default: the input width).
@@ -44,7 +47,9 @@ class MultiHeadLocalAttention(nn.Module):
         dropout runs iff a key is available (``prng_key=``, ``dropout_rng=`` or a ``'dropout'``
         rng stream).
       precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: as in Flax.
-      decode: autoregressive decoding, one token per call with ``mutable=['cache']``.
+      rel_pos_emb_init: initializer of ``rel_pos_emb``.
+      decode: autoregressive decoding with ``mutable=['cache']``: a call with several tokens
+        prefills a new sequence (its prompt); each call with one token continues it.
       block_size, implementation: passed to `local_attention`.
     """
 
@@ -52,6 +57,7 @@ class MultiHeadLocalAttention(nn.Module):
     window_size_left: int = 128
     window_size_right: int = 128
     use_rel_pos_emb: bool = False
+    rotary_base: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     qkv_features: int | None = None
@@ -64,6 +70,7 @@ class MultiHeadLocalAttention(nn.Module):
     bias_init: Initializer = zeros_init()
     out_bias_init: Initializer | None = None
     use_bias: bool = True
+    rel_pos_emb_init: Initializer = nn.initializers.normal(stddev=0.02)
     decode: bool = False
     block_size: int | None = None
     implementation: str = "xla"
@@ -77,6 +84,7 @@ class MultiHeadLocalAttention(nn.Module):
         *,
         mask: Array | None = None,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
         deterministic: bool | None = None,
         dropout_rng: Array | None = None,
         prng_key: Array | None = None,
@@ -89,6 +97,9 @@ class MultiHeadLocalAttention(nn.Module):
             align positions); ``inputs_v`` defaults to ``inputs_k``.
           mask: optional key padding mask, bool ``(batch..., seq_len)``; false keys are ignored.
           segment_ids: optional int ``(batch..., seq_len)`` for packed documents.
+          positions: int ``(batch..., seq_len)`` positions for rotary embeddings (default:
+            ``0 .. seq_len - 1``, or the cache position when decoding); packed documents
+            restart them per document.
           deterministic: disables dropout (overrides the attribute).
           dropout_rng, prng_key: the dropout key (``prng_key`` is the name of the original
             ``local_attention_flax``); the same key gives the same output.
@@ -117,15 +128,24 @@ class MultiHeadLocalAttention(nn.Module):
         rel_pos_emb = None
         if self.use_rel_pos_emb:
             width = self.window_size_left + self.window_size_right + 1
-            rel_pos_emb = self.param("rel_pos_emb", nn.initializers.normal(stddev=0.02),
+            rel_pos_emb = self.param("rel_pos_emb", self.rel_pos_emb_init,
                                      (self.num_heads, width, head_dim), self.param_dtype)
             rel_pos_emb = rel_pos_emb.astype(query.dtype)
 
-        if self.decode and self.has_variable("cache", "cached_key"):
-            out = self._decode_step(query, key, value, rel_pos_emb, mask)
+        # In decode mode `init` creates the cache; later calls use it.
+        cache_ready = self.decode and self.has_variable("cache", "cached_key")
+        cache = self._cache(key, value) if self.decode else None
+        if self.rotary_base is not None:
+            if positions is None:
+                positions = jnp.arange(inputs_q.shape[-2])
+                if cache_ready:
+                    positions = positions + cache["cache_index"].value
+            query, key = (apply_rotary(x, positions, self.rotary_base) for x in (query, key))
+        if cache_ready and query.shape[-3] == 1:
+            out = self._decode_step(cache, query, key, value, rel_pos_emb, mask)
         else:
-            if self.decode:
-                self._init_cache(key, value)
+            if cache_ready:
+                self._prefill_cache(cache, key, value, mask)
             dropout_rate, dropout_rng = self._dropout(deterministic, dropout_rng, prng_key)
             heads_first = functools.partial(jnp.swapaxes, axis1=-3, axis2=-2)
             add_head_axis = lambda x: None if x is None else x[..., None, :]  # noqa: E731
@@ -157,35 +177,62 @@ class MultiHeadLocalAttention(nn.Module):
             return 0.0, None
         return self.dropout_rate, key if key is not None else self.make_rng("dropout")
 
-    def _init_cache(self, key: Array, value: Array) -> None:
-        """Creates the rolling cache: the last ``window_size_left + 1`` keys and values."""
+    def _cache(self, key: Array, value: Array) -> dict[str, nn.Variable]:
+        """The rolling cache, created at ``init``: the last ``window_size_left + 1`` keys and
+        values ``(batch..., slots, heads, head_dim)``, which slots hold a (non-masked) token
+        ``(batch..., slots)``, and the next position."""
         if self.window_size_right != 0:
             raise ValueError(
                 f"decode=True needs a causal layer (window_size_right=0); got "
                 f"window_size_right={self.window_size_right}")
         *batch, _, heads, head_dim = key.shape
         slots = self.window_size_left + 1
-        self.variable("cache", "cached_key", jnp.zeros, (*batch, slots, heads, head_dim), key.dtype)
-        self.variable("cache", "cached_value", jnp.zeros, (*batch, slots, heads, head_dim),
-                      value.dtype)
-        self.variable("cache", "cached_mask", jnp.zeros, (*batch, slots), bool)
-        self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        shape = (*batch, slots, heads, head_dim)
+        return {
+            "cached_key": self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype),
+            "cached_value": self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype),
+            "cached_mask": self.variable("cache", "cached_mask", jnp.zeros, (*batch, slots), bool),
+            "cache_index": self.variable("cache", "cache_index",
+                                         lambda: jnp.array(0, jnp.int32)),
+        }
 
-    def _decode_step(self, query, key, value, rel_pos_emb, mask) -> Array:
+    def _prefill_cache(self, cache, key: Array, value: Array, mask: Array | None) -> None:
+        """Writes a prompt's last ``window_size_left + 1`` keys and values into an empty cache.
+
+        ``key``/``value``: ``(batch..., prompt_len, heads, head_dim)``. A prefill starts a new
+        sequence: whatever the cache held is replaced and the next position is ``prompt_len``.
+        """
+        *batch, slots, _, _ = cache["cached_key"].value.shape
+        length = key.shape[-3]
+        if tuple(key.shape[:-3]) != tuple(batch):
+            raise ValueError(f"prefill batch shape {key.shape[:-3]} does not match the cache's "
+                             f"{tuple(batch)}")
+        kept = min(length, slots)
+        # Position p lives in slot p % slots, as in `_decode_step`.
+        slot_of_kept = np.arange(length - kept, length) % slots
+        token_mask = jnp.ones((*batch, length), bool) if mask is None else mask.astype(bool)
+        axis = len(batch)
+        for name, new in (("cached_key", key), ("cached_value", value),
+                          ("cached_mask", token_mask)):
+            kept_rows = lax.slice_in_dim(new, length - kept, length, axis=axis)
+            empty = jnp.zeros_like(cache[name].value)
+            cache[name].value = empty.at[(slice(None),) * axis + (slot_of_kept,)].set(
+                kept_rows.astype(empty.dtype))
+        cache["cache_index"].value = jnp.array(length, jnp.int32)
+
+    def _decode_step(self, cache, query, key, value, rel_pos_emb, mask) -> Array:
         """One token: ``query/key/value (batch..., 1, heads, head_dim)`` -> same shape.
 
         The token at position ``t`` is written to slot ``t % (window_size_left + 1)``, where it
         overwrites the key that has just left the window.
         """
-        cached_key = self.variable("cache", "cached_key")
-        cached_value = self.variable("cache", "cached_value")
-        cached_mask = self.variable("cache", "cached_mask")
-        cache_index = self.variable("cache", "cache_index")
+        cached_key, cached_value = cache["cached_key"], cache["cached_value"]
+        cached_mask, cache_index = cache["cached_mask"], cache["cache_index"]
         *batch, slots, heads, head_dim = cached_key.value.shape
         if query.shape != (*batch, 1, heads, head_dim):
             raise ValueError(
-                f"decode=True takes one token per call: expected inputs of shape "
-                f"{tuple(batch) + (1,)} + (features,), got {query.shape[:-2]} + (features,)")
+                f"decode=True continues a sequence one token at a time: expected inputs of "
+                f"shape {tuple(batch) + (1,)} + (features,), got {query.shape[:-2]} + (features,)")
         position = cache_index.value
         slot = position % slots
         token_mask = jnp.ones((*batch, 1), bool) if mask is None else mask.astype(bool)
@@ -218,6 +265,29 @@ class MultiHeadLocalAttention(nn.Module):
         return out[..., None, :, :].astype(query.dtype)
 
 
+def apply_rotary(x: Array, positions: Array, base: float) -> Array:
+    """Rotary position embedding (RoPE, rotate-half form).
+
+    Args:
+      x: ``(batch..., seq_len, heads, head_dim)``, head_dim even.
+      positions: int, broadcastable to ``(batch..., seq_len)``.
+      base: the wavelength base (10000 in the RoPE paper).
+
+    Returns:
+      ``x`` with feature pairs ``(i, i + head_dim / 2)`` rotated by
+      ``position * base ** (-2 i / head_dim)``, in x's dtype (computed in float32).
+    """
+    half = x.shape[-1] // 2
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim; got {x.shape[-1]}")
+    inverse_wavelength = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = jnp.asarray(positions, jnp.float32)[..., None, None] * inverse_wavelength
+    sin, cos = jnp.sin(angle), jnp.cos(angle)  # (batch..., seq_len, 1, half)
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
 class LocalSelfAttention(MultiHeadLocalAttention):
     """Self-attention version of `MultiHeadLocalAttention` (as Flax's ``SelfAttention``)."""
 
@@ -228,11 +298,12 @@ class LocalSelfAttention(MultiHeadLocalAttention):
         mask: Array | None = None,
         *,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
         deterministic: bool | None = None,
         dropout_rng: Array | None = None,
         prng_key: Array | None = None,
     ) -> Array:
         """``inputs_q (batch..., seq_len, features) -> (batch..., seq_len, out_features)``."""
-        return super().__call__(inputs_q, mask=mask, segment_ids=segment_ids,
+        return super().__call__(inputs_q, mask=mask, segment_ids=segment_ids, positions=positions,
                                 deterministic=deterministic, dropout_rng=dropout_rng,
                                 prng_key=prng_key)

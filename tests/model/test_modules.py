@@ -51,12 +51,14 @@ def test_key_padding_mask_hides_keys():
     np.testing.assert_allclose(before[:, mask[0]], after[:, mask[0]], atol=1e-6)
 
 
-@pytest.mark.parametrize("use_rel_pos_emb", [False, True])
-def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb):
+@pytest.mark.parametrize("use_rel_pos_emb,rotary_base,prompt_len", [
+    (False, None, 1), (True, None, 4), (False, 10_000.0, 9), (True, 100.0, 17)])
+def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb, rotary_base, prompt_len):
     window, steps = 6, 23  # more than 3 windows: the rolling cache wraps around several times
     x = _inputs((2, steps, 16))
     attention = MultiHeadLocalAttention(num_heads=2, qkv_features=16, window_size_left=window,
-                                        window_size_right=0, use_rel_pos_emb=use_rel_pos_emb)
+                                        window_size_right=0, use_rel_pos_emb=use_rel_pos_emb,
+                                        rotary_base=rotary_base)
     params = attention.init(jax.random.key(1), x)["params"]
     if use_rel_pos_emb:  # the default init is small; make the embeddings matter
         params["rel_pos_emb"] = _inputs(params["rel_pos_emb"].shape, seed=2)
@@ -67,26 +69,34 @@ def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb):
     # Same parameters as without decode; the cache holds window + 1 positions, whatever the steps.
     assert jax.tree.map(jnp.shape, variables["params"]) == jax.tree.map(jnp.shape, params)
     assert variables["cache"]["cached_key"].shape == (2, window + 1, 2, 8)
-    step = jax.jit(lambda cache, token: decoder.apply({"params": params, "cache": cache}, token,
-                                                      mutable=["cache"]))
-    cache, outputs = variables["cache"], []
-    for t in range(steps):
+    step = jax.jit(lambda cache, tokens: decoder.apply({"params": params, "cache": cache}, tokens,
+                                                       mutable=["cache"]))
+    # The prompt is prefilled in one call, then one token per call.
+    out, updated = step(variables["cache"], x[:, :prompt_len])
+    cache, outputs = updated["cache"], [out]
+    for t in range(prompt_len, steps):
         out, updated = step(cache, x[:, t:t + 1])
         cache = updated["cache"]
         outputs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
-def test_decode_needs_a_causal_window_and_one_token_per_call():
-    x = _inputs((1, 4, 8))
+def test_decode_needs_a_causal_window_and_a_prompt_restarts_the_sequence():
+    x = _inputs((1, 9, 8))
     with pytest.raises(ValueError, match="window_size_right=0"):
         MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=1,
                                 decode=True).init(jax.random.key(0), x)
     decoder = MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=0,
                                       decode=True)
     variables = decoder.init(jax.random.key(0), x[:, :1])
-    with pytest.raises(ValueError, match="one token per call"):
-        decoder.apply(variables, x, mutable=["cache"])
+    _, first = decoder.apply(variables, x, mutable=["cache"])
+    _, stepped = decoder.apply(variables | first, x[:, :1], mutable=["cache"])
+    # A multi-token call prefills a new sequence, whatever the cache held.
+    _, again = decoder.apply(variables | stepped, x, mutable=["cache"])
+    for name in first["cache"]:
+        np.testing.assert_array_equal(first["cache"][name], again["cache"][name])
+    with pytest.raises(ValueError, match="prefill batch shape"):
+        decoder.apply(variables, jnp.concatenate([x, x]), mutable=["cache"])
 
 
 def test_dropout_keys_prng_key_dropout_rng_and_rngs_agree():
@@ -107,6 +117,20 @@ def test_dropout_keys_prng_key_dropout_rng_and_rngs_agree():
                                   attention.apply(params, x, deterministic=True))
     with pytest.raises(Exception, match="dropout"):
         attention.apply(params, x, deterministic=False)
+
+
+def test_rotary_embedding_rotates_pairs_and_keeps_relative_scores():
+    from model.modules import apply_rotary
+    x = _inputs((1, 5, 2, 8))
+    rotated = apply_rotary(x, jnp.arange(5), 10_000.0)
+    # A rotation: norms kept, position 0 unchanged.
+    np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(rotated[:, 0], x[:, 0], atol=1e-6)
+    # q·k depends only on the distance: shifting both positions by 7 changes no score.
+    shifted = apply_rotary(x, jnp.arange(5) + 7, 10_000.0)
+    scores = lambda y: jnp.einsum("bqhd,bkhd->bhqk", y, y)  # noqa: E731
+    np.testing.assert_allclose(scores(rotated), scores(shifted), atol=1e-4)
 
 
 def test_heads_must_divide_features():
