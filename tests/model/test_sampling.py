@@ -1,0 +1,98 @@
+"""Generation: decode caches against full forwards, greedy against argmax, sampling filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.sampling import generate, sample_logits
+from model.transformer import TransformerConfig, TransformerLM
+
+VOCAB = 64
+WINDOW = 4
+
+
+def _config(**overrides):
+    base = dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=2, mlp_dim=64,
+                window_size=WINDOW)
+    return TransformerConfig.from_config(base, **overrides)
+
+
+def _setup(config, batch=2, length=40):
+    tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, VOCAB)
+    params = TransformerLM(config).init(jax.random.key(1), tokens)["params"]
+    return tokens, params
+
+
+@pytest.mark.parametrize("position_embedding,scan_layers", [
+    ("rope", False), ("relative", True), ("none", False)])
+def test_decode_logits_equal_full_forward_far_past_the_window(position_embedding, scan_layers):
+    config = _config(position_embedding=position_embedding, scan_layers=scan_layers)
+    prompt_len, total = 3 * WINDOW + 3, 8 * WINDOW  # prompt and continuation both > 3 windows
+    tokens, params = _setup(config, length=total)
+    full = TransformerLM(config).apply({"params": params}, tokens)
+
+    decoder = TransformerLM(config, decode=True)
+    cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
+    step = jax.jit(lambda cache, t: decoder.apply({"params": params, "cache": cache}, t,
+                                                  mutable=["cache"]))
+    logits, updated = step(cache, tokens[:, :prompt_len])
+    decoded = [logits]
+    for t in range(prompt_len, total):
+        logits, updated = step(updated["cache"], tokens[:, t:t + 1])
+        decoded.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_argmax_of_repeated_full_forwards():
+    config = _config()
+    tokens, params = _setup(config, batch=2, length=3 * WINDOW + 1)
+    new = 3 * WINDOW + 2
+    generated, lengths = generate(params, tokens, jax.random.key(0), config=config,
+                                  max_new_tokens=new, temperature=0.0)
+    model = TransformerLM(config)
+    sequence = tokens
+    for _ in range(new):
+        next_token = jnp.argmax(model.apply({"params": params}, sequence)[:, -1], axis=-1)
+        sequence = jnp.concatenate([sequence, next_token[:, None]], axis=1)
+    np.testing.assert_array_equal(generated, sequence[:, tokens.shape[1]:])
+    np.testing.assert_array_equal(lengths, [new, new])
+
+
+def test_same_key_same_sample_and_filters_that_reduce_to_greedy():
+    config = _config()
+    tokens, params = _setup(config, length=6)
+    sample = lambda key, **kw: generate(params, tokens, key, config=config,  # noqa: E731
+                                        max_new_tokens=20, **kw)[0]
+    first = sample(jax.random.key(3), temperature=1.0)
+    np.testing.assert_array_equal(first, sample(jax.random.key(3), temperature=1.0))
+    assert not np.array_equal(first, sample(jax.random.key(4), temperature=1.0))
+    greedy = sample(jax.random.key(3), temperature=0.0)
+    np.testing.assert_array_equal(sample(jax.random.key(3), temperature=1.0, top_k=1), greedy)
+    np.testing.assert_array_equal(sample(jax.random.key(3), temperature=1.0, top_p=1e-6), greedy)
+
+
+def test_generation_stops_at_the_end_token():
+    config = _config()
+    tokens, params = _setup(config, length=6)
+    greedy, _ = generate(params, tokens, jax.random.key(0), config=config, max_new_tokens=10,
+                         temperature=0.0)
+    end_token = int(greedy[0, 3])  # row 0 produces it at step 3 at the latest
+    generated, lengths = generate(params, tokens, jax.random.key(0), config=config,
+                                  max_new_tokens=10, temperature=0.0, end_token=end_token)
+    first_end = int(np.argmax(np.asarray(greedy[0]) == end_token))
+    assert int(lengths[0]) == first_end + 1
+    np.testing.assert_array_equal(generated[0, :first_end + 1], greedy[0, :first_end + 1])
+    assert bool(jnp.all(generated[0, first_end + 1:] == end_token))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.05, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draw = jax.vmap(lambda key, **kw: sample_logits(logits, key, **kw)[0])
+    top_2 = jax.vmap(lambda key: sample_logits(logits, key, top_k=2)[0])(keys)
+    assert set(np.unique(top_2)) == {0, 1}
+    nucleus = jax.vmap(lambda key: sample_logits(logits, key, top_p=0.85)[0])(keys)
+    assert set(np.unique(nucleus)) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 <= 0.9
+    plain = draw(keys)
+    assert abs(float(jnp.mean(plain == 0)) - 0.5) < 0.04

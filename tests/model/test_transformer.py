@@ -1,0 +1,134 @@
+"""The causal LM: shapes, causality, receptive field, packing, layer variants, FLOP estimate."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.transformer import (TransformerConfig, TransformerLM, count_parameters,
+                               training_flops_per_token)
+
+VOCAB = 300
+
+
+def _config(**overrides) -> TransformerConfig:
+    base = dict(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+                window_size=4)
+    return TransformerConfig.from_config(base, **overrides)
+
+
+def _tokens(batch=2, length=40, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def _init(config, tokens):
+    return TransformerLM(config).init(jax.random.key(1), tokens)["params"]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(dtype="bfloat16", activation="gelu", norm="layernorm", tie_embeddings=False),
+    dict(position_embedding="relative"),
+    dict(position_embedding="none", scan_layers=True),
+])
+def test_shapes_dtypes_and_logical_axes(overrides):
+    config = _config(**overrides)
+    tokens = _tokens()
+    variables = TransformerLM(config).init(jax.random.key(1), tokens)
+    logits = TransformerLM(config).apply(variables, tokens)
+    assert logits.shape == (2, 40, VOCAB) and logits.dtype == jnp.float32
+    params = nn.unbox(variables["params"])
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # float32 master weights
+    # Every parameter carries logical axis names for sharding rules.
+    boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert boxed and all(isinstance(b, nn.LogicallyPartitioned) for b in boxed)
+    names = {name for b in boxed for name in b.names if name}
+    assert {"vocab", "embed", "heads", "kv", "mlp"} <= names
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "relative", "none"])
+def test_causal_and_receptive_field_is_layers_times_window(position_embedding):
+    config = _config(position_embedding=position_embedding, num_layers=3, window_size=4)
+    tokens = _tokens(batch=1, length=30)
+    model, params = TransformerLM(config), _init(config, tokens)
+    logits = jax.jit(lambda t: model.apply({"params": params}, t))
+    changed_at = 10
+    base, changed = logits(tokens), logits(tokens.at[0, changed_at].set(
+        (tokens[0, changed_at] + 1) % VOCAB))
+    differs = np.abs(np.asarray(base - changed)).max(axis=-1)[0] > 0
+    reach = changed_at + config.num_layers * config.window_size  # 3 layers × 4 positions
+    assert not differs[:changed_at].any()  # causal
+    assert differs[changed_at:reach + 1].all()
+    assert not differs[reach + 1:].any()  # receptive field ends exactly there
+
+
+def test_packed_documents_are_isolated():
+    config = _config()
+    first, second = _tokens(batch=1, length=17, seed=1), _tokens(batch=1, length=23, seed=2)
+    packed = jnp.concatenate([first, second], axis=1)
+    segment_ids = jnp.concatenate([jnp.ones((1, 17), int), 2 * jnp.ones((1, 23), int)], axis=1)
+    positions = jnp.concatenate([jnp.arange(17), jnp.arange(23)])[None]
+    model, params = TransformerLM(config), _init(config, packed)
+    packed_logits = model.apply({"params": params}, packed, segment_ids=segment_ids,
+                                positions=positions)
+    for document, rows in ((first, slice(0, 17)), (second, slice(17, 40))):
+        np.testing.assert_allclose(packed_logits[:, rows], model.apply({"params": params}, document),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_scan_and_remat_compute_the_same_function():
+    tokens = _tokens()
+    config = _config(dropout_rate=0.1, attention_dropout_rate=0.1)
+    params = _init(config, tokens)
+    rngs = {"dropout": jax.random.key(5)}
+
+    def loss(config, params):
+        return TransformerLM(config).apply({"params": params}, tokens, deterministic=False,
+                                           rngs=rngs).mean()
+
+    reference, reference_grad = jax.value_and_grad(functools.partial(loss, config))(params)
+    value, grad = jax.value_and_grad(functools.partial(loss, _config(
+        dropout_rate=0.1, attention_dropout_rate=0.1, remat=True)))(params)
+    np.testing.assert_allclose(value, reference, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(reference_grad)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    # scan_layers stacks the layers' parameters on a leading "layers" axis.
+    scanned_config = _config(scan_layers=True, remat=True)
+    unboxed = nn.unbox(params)
+    layers = [unboxed[f"layer_{i}"] for i in range(config.num_layers)]
+    scanned = {k: v for k, v in unboxed.items() if not k.startswith("layer_")}
+    scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    np.testing.assert_allclose(
+        TransformerLM(scanned_config).apply({"params": scanned}, tokens),
+        TransformerLM(config).apply({"params": unboxed}, tokens), atol=2e-5, rtol=2e-5)
+
+
+def test_parameter_count_and_flops_estimate_match_xla():
+    config = _config(num_layers=2, d_model=128, num_heads=4, mlp_dim=256, window_size=0,
+                     vocab_size=512)
+    tokens = _tokens(batch=1, length=64) % 512
+    model, params = TransformerLM(config), nn.unbox(_init(config, tokens))
+    per_layer = 4 * 128 * 128 + 3 * 128 * 256 + 2 * 128  # q k v out, swiglu, two RMSNorm scales
+    assert count_parameters(params) == 2 * per_layer + 512 * 128 + 128
+    step = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))
+    xla_flops = step.lower(params).compile().cost_analysis()["flops"]
+    estimate = training_flops_per_token(config, 64) * 64
+    # XLA also counts elementwise work and the blocked kernel's masked scores.
+    assert 0.9 < xla_flops / estimate < 1.35, (xla_flops, estimate)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_heads", 0, "model.num_heads=0: expected a positive int"),
+    ("d_model", 30, "model.d_model=30 is not divisible by model.num_heads=4"),
+    ("activation", "relu", "model.activation='relu': expected one of"),
+    ("window_size", -1, "model.window_size=-1"),
+    ("unknown_field", 1, "model.unknown_field: unknown model config field"),
+])
+def test_bad_config_values_raise_one_line_errors(field, value, message):
+    with pytest.raises(ValueError) as error:
+        _config(**{field: value})
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
