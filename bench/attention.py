@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
+                          measure_in_subprocess, peak_rss_bytes, xla_bytes)
 
 HEADS, HEAD_DIM = 4, 64
 METHODS = ("ours", "seed", "dense")
@@ -67,10 +69,6 @@ def _attention_fn(method: str, window: int):
         swap(q), swap(k), swap(v), local_window_size=(window, 0)))
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_point(method: str, seq_len: int, window: int, repeats: int, memory_cap: int) -> dict:
     """Times one (method, seq_len) forward+backward in this process; returns a result row.
 
@@ -85,61 +83,14 @@ def run_point(method: str, seq_len: int, window: int, repeats: int, memory_cap: 
     attention = _attention_fn(method, window)
     step = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v).sum(), argnums=(0, 1, 2)))
     compiled = step.lower(q, k, v).compile()
-    memory = compiled.memory_analysis()
-    xla_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                 + memory.output_size_in_bytes)
-    row = {"method": method, "seq_len": seq_len, "xla_bytes": xla_bytes}
-    if xla_bytes > memory_cap:
-        return row | {"failed": f"out of memory (needs {xla_bytes / 2**30:.0f} GiB)"}
+    row = {"method": method, "seq_len": seq_len, "xla_bytes": xla_bytes(compiled)}
+    if row["xla_bytes"] > memory_cap:
+        return row | {"failed": f"out of memory (needs {row['xla_bytes'] / 2**30:.0f} GiB)"}
     jax.block_until_ready((q, k, v))
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     jax.block_until_ready(compiled(q, k, v))  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        times.append(time.perf_counter() - start)
-    return row | {"seconds": min(times), "rss_bytes": _peak_rss_bytes() - baseline}
-
-
-def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
-    import jax
-
-    a = jax.random.normal(jax.random.key(0), (size, size))
-    matmul = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(matmul(a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def _measure_in_subprocess(method, seq_len, args) -> dict:
-    command = [sys.executable, __file__, "--point", method, "--sizes", str(seq_len),
-               "--window", str(args.window), "--repeats", str(args.repeats),
-               "--memory_cap_gib", str(args.memory_cap_gib)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")]))
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        return {"method": method, "seq_len": seq_len, "failed": f"over {args.timeout} s"}
-    if done.returncode != 0:
-        text = done.stderr + done.stdout
-        # Allocation failures under the RLIMIT_DATA cap surface in several ways: XLA's own
-        # allocator, YNNPACK's matmul workspace, or Python.
-        memory = any(s in text for s in ("RESOURCE_EXHAUSTED", "MemoryError", "bad_alloc",
-                                         "Out of memory", "out of memory", "allocate of",
-                                         "YNNPACK operation failed"))
-        if memory or done.returncode < 0:  # a signal: most likely the kernel's OOM killer
-            return {"method": method, "seq_len": seq_len,
-                    "failed": f"out of memory (> {args.memory_cap_gib} GiB)"}
-        raise RuntimeError(f"{method} at {seq_len} failed:\n{text[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    seconds = best_time(lambda: jax.block_until_ready(compiled(q, k, v)), repeats)
+    return row | {"seconds": seconds, "rss_bytes": peak_rss_bytes() - baseline}
 
 
 def main() -> None:
@@ -157,8 +108,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     if args.point:
-        cap = int(args.memory_cap_gib * 2**30)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+        cap = cap_memory(args.memory_cap_gib)
         print(json.dumps(run_point(args.point, sizes[0], args.window, args.repeats, cap)))
         return
 
@@ -168,7 +118,10 @@ def main() -> None:
     rows = []
     for seq_len in sizes:
         for method in args.methods.split(","):
-            row = _measure_in_subprocess(method, seq_len, args)
+            row = measure_in_subprocess(
+                __file__, ["--point", method, "--sizes", str(seq_len), "--window",
+                           str(args.window), "--repeats", str(args.repeats)],
+                {"method": method, "seq_len": seq_len}, args.timeout, args.memory_cap_gib)
             if "seconds" in row:
                 useful = 3 * 4 * seq_len * (args.window + 1) * HEAD_DIM * HEADS
                 row["gflops"] = useful / row["seconds"] / 1e9
