@@ -112,10 +112,11 @@ _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=
 
 
 def _norm(config: TransformerConfig, name: str) -> nn.Module:
-    norm_cls = nn.RMSNorm if config.norm == "rmsnorm" else nn.LayerNorm
-    return norm_cls(dtype=config.compute_dtype, scale_init=_init(nn.initializers.ones, "embed"),
-                    name=name, **({} if config.norm == "rmsnorm"
-                                  else {"bias_init": _init(nn.initializers.zeros, "embed")}))
+    scale_init = _init(nn.initializers.ones, "embed")
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dtype=config.compute_dtype, scale_init=scale_init, name=name)
+    return nn.LayerNorm(dtype=config.compute_dtype, scale_init=scale_init,
+                        bias_init=_init(nn.initializers.zeros, "embed"), name=name)
 
 
 class Mlp(nn.Module):
