@@ -48,7 +48,8 @@ class TransformerConfig:
     attention_dropout_rate: float = 0.0
     dtype: str = "float32"  # computation; parameters are float32
     tie_embeddings: bool = True
-    remat: bool = False  # recompute each block's activations in the backward pass
+    remat: bool = False  # recompute each block's activations in the backward pass; bounds
+    # memory with scan_layers (unrolled, XLA keeps most activations anyway)
     scan_layers: bool = False  # one scanned block: compile time independent of num_layers
     attention_implementation: str = "xla"  # see model.local_attention
 

@@ -1,0 +1,100 @@
+"""From a data config to batches: tokenizer, cached token splits, packed examples, iterators.
+
+Training batches come from a ``grain`` pipeline (shuffled per epoch with the seed, repeated
+forever, prefetched by background threads); its state is a small dict that the training loop
+saves in each checkpoint, and restoring it yields exactly the batch that would have come next.
+On several processes each one reads only its rows of the global batch: process ``p`` of ``P``
+gets rows ``[p * B / P, (p + 1) * B / P)``, so the union is the one-host batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from data import sources
+from data.packing import PackedExamples
+from data.token_cache import tokenized_split
+from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+
+TOKENIZERS = ("bytes", "sentencepiece")
+PACKING = ("documents", "stream")
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "local_attention_lm")
+
+
+def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+    """``data.tokenizer``: ``bytes``, or ``sentencepiece`` loaded from
+    ``data.sentencepiece_model`` or, where that is empty, from ``<workdir>/sentencepiece.model``,
+    trained there on the training split on first use."""
+    if config.tokenizer == "bytes":
+        return ByteTokenizer()
+    if config.tokenizer != "sentencepiece":
+        raise ValueError(f"data.tokenizer={config.tokenizer!r}: expected one of {list(TOKENIZERS)}")
+    model_path = config.sentencepiece_model
+    if not model_path:
+        if workdir is None:
+            raise ValueError("data.tokenizer='sentencepiece' needs data.sentencepiece_model or "
+                             "a workdir to train one in")
+        model_path = os.path.join(workdir, "sentencepiece.model")
+        if not os.path.exists(model_path):
+            train_sentencepiece(sources.read_documents(config, "train"), model_path,
+                                config.sentencepiece_vocab_size)
+    elif not os.path.exists(model_path):
+        raise ValueError(f"data.sentencepiece_model={model_path!r} does not exist")
+    return SentencePieceTokenizer(model_path)
+
+
+def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int) -> PackedExamples:
+    """The ``split`` ('train' or 'validation') packed into examples of ``seq_len`` tokens."""
+    if config.packing not in PACKING:
+        raise ValueError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
+    tokens = tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
+    return PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
+                          isolate_documents=config.packing == "documents")
+
+
+class TrainBatches:
+    """An endless, shuffled, checkpointable iterator of this process's part of each batch.
+
+    ``next()`` gives a dict of ``(global_batch_size / process_count, seq_len)`` numpy arrays
+    (see `PackedExamples`). ``state()`` is a JSON-serialisable dict; ``TrainBatches(...,
+    state=s)`` continues exactly after the batch at which ``s`` was taken.
+    """
+
+    def __init__(self, examples: PackedExamples, global_batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, prefetch: int = 2,
+                 state: dict | None = None):
+        if global_batch_size % process_count:
+            raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        local = global_batch_size // process_count
+        dataset = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+                   .batch(local, drop_remainder=True)
+                   .slice(slice(process_index, None, process_count)))
+        read_options = grain.ReadOptions(num_threads=max(1, prefetch),
+                                         prefetch_buffer_size=prefetch)
+        self._iterator = iter(dataset.to_iter_dataset(read_options))
+        if state is not None:
+            self._iterator.set_state(state)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def state(self) -> dict:
+        return dict(self._iterator.get_state())
+
+
+def validation_batches(examples: PackedExamples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, in order, ``batch_size`` at a time; the last batch is completed
+    with rows whose loss mask is 0 (so sums over the mask count each token once)."""
+    for start in range(0, len(examples), batch_size):
+        rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        while len(rows) < batch_size:
+            rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+        yield {k: np.stack([row[k] for row in rows]) for k in rows[0]}

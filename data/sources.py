@@ -1,0 +1,211 @@
+"""Where text comes from: documents of a split, by ``data.source``.
+
+* ``stdlib`` (default, offline): the running Python's standard library sources, without
+  its test suites; about 2% of files (by a hash of the path) form the validation split.
+* ``text``: local files, folders or globs (``data.paths``); one document per file, or per
+  ``data.document_separator`` line. ``data.validation_paths`` holds the validation text;
+  where empty, the hash split.
+* ``hf``: a HuggingFace ``datasets`` dataset (``data.hf_name``, or a local loader such as
+  ``json``/``text`` with ``data.paths`` as its files), streaming where asked.
+* ``tfds``: a TensorFlow Datasets dataset through ``tfds.data_source`` (no TensorFlow).
+
+Every bad value becomes a one-line ValueError naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+
+SOURCES = ("stdlib", "text", "hf", "tfds")
+SPLITS = ("train", "validation")
+_STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
+                        "__pycache__"}
+
+
+def in_validation(key: str, fraction: float) -> bool:
+    """The deterministic split: a document is held out by a hash of its key (its path)."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
+def source_identity(config, split: str) -> dict:
+    """What identifies a split's text, for the token cache key: a change means re-tokenizing."""
+    identity = {"source": config.source, "split": split,
+                "validation_fraction": config.validation_fraction}
+    if config.source == "stdlib":
+        identity["python"] = sys.version
+        identity["files"] = _files_signature(_stdlib_files())
+    elif config.source == "text":
+        identity["separator"] = config.document_separator
+        identity["files"] = _files_signature(_text_files(config.paths, "data.paths"))
+        if config.validation_paths:
+            identity["validation_files"] = _files_signature(
+                _text_files(config.validation_paths, "data.validation_paths"))
+    elif config.source == "hf":
+        identity |= {k: config[k] for k in ("hf_name", "hf_config", "hf_text_field",
+                                            "hf_train_split", "hf_validation_split")}
+        identity["paths"] = config.paths
+        identity["max_documents"] = config.max_documents
+    elif config.source == "tfds":
+        identity |= {k: config[k] for k in ("tfds_name", "tfds_text_field", "tfds_data_dir",
+                                            "tfds_train_split", "tfds_validation_split")}
+        identity["max_documents"] = config.max_documents
+    return identity
+
+
+def read_documents(config, split: str) -> Iterator[str]:
+    """The documents (str) of ``split`` ('train' or 'validation'), in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
+    if config.source not in SOURCES:
+        raise ValueError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
+    documents = {"stdlib": _stdlib_documents, "text": _text_documents, "hf": _hf_documents,
+                 "tfds": _tfds_documents}[config.source](config, split)
+    if config.max_documents:
+        documents = (d for _, d in zip(range(config.max_documents), documents))
+    return documents
+
+
+def _files_signature(files: list[tuple[str, str]]) -> str:
+    digest = hashlib.sha1()
+    for path, _ in files:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _stdlib_files() -> list[tuple[str, str]]:
+    """(path, path relative to the stdlib) of its ``*.py`` files, tests excluded, sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if d not in _STDLIB_SKIPPED_DIRS)
+        for name in sorted(names):
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                files.append((path, os.path.relpath(path, root)))
+    return files
+
+
+def _stdlib_documents(config, split: str) -> Iterator[str]:
+    for path, relative in _stdlib_files():
+        if in_validation(relative, config.validation_fraction) == (split == "validation"):
+            yield _read_text(path)
+
+
+def _text_files(paths, field: str) -> list[tuple[str, str]]:
+    """Files named by ``paths`` (a comma-separated string or a list of files, folders, globs)."""
+    if isinstance(paths, str):
+        paths = [p for p in paths.split(",") if p.strip()]
+    if not paths:
+        raise ValueError(f"{field} is empty: expected files, folders or globs of text")
+    files = []
+    for pattern in paths:
+        pattern = os.path.expanduser(pattern.strip())
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise ValueError(f"{field}: {pattern!r} matches no file or folder")
+        for match in matches:
+            if os.path.isdir(match):
+                for directory, subdirectories, names in os.walk(match):
+                    subdirectories.sort()
+                    files += [(os.path.join(directory, n),
+                               os.path.relpath(os.path.join(directory, n), match))
+                              for n in sorted(names)]
+            else:
+                files.append((match, os.path.basename(match)))
+    return files
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _text_documents(config, split: str) -> Iterator[str]:
+    held_out = bool(config.validation_paths)
+    if held_out:
+        field = "data.validation_paths" if split == "validation" else "data.paths"
+        files = _text_files(config[field.split(".")[1]], field)
+    else:
+        files = _text_files(config.paths, "data.paths")
+    for path, relative in files:
+        text = _read_text(path)
+        if config.document_separator:
+            documents = _split_documents(text, config.document_separator)
+            keys = [f"{relative}#{i}" for i in range(len(documents))]
+        else:
+            documents, keys = [text], [relative]
+        for key, document in zip(keys, documents):
+            if held_out or in_validation(key, config.validation_fraction) == (split == "validation"):
+                yield document
+
+
+def _split_documents(text: str, separator: str) -> list[str]:
+    """Splits on lines equal to ``separator``; empty documents are dropped."""
+    documents, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\r\n") == separator:
+            documents.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    documents.append("".join(current))
+    return [d for d in documents if d.strip()]
+
+
+def _hf_documents(config, split: str) -> Iterator[str]:
+    import datasets
+
+    if not config.hf_name:
+        raise ValueError("data.hf_name is empty: expected a HuggingFace dataset name or a "
+                         "loader such as 'json', 'text', 'parquet' with data.paths")
+    hf_split = config.hf_validation_split if split == "validation" else config.hf_train_split
+    data_files = None
+    if config.paths:
+        data_files = {hf_split: [path for path, _ in _text_files(config.paths, "data.paths")]}
+    try:
+        dataset = datasets.load_dataset(config.hf_name, config.hf_config or None, split=hf_split,
+                                        data_files=data_files, streaming=config.hf_streaming)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: {message}") from None
+    columns = dataset.column_names
+    if columns is not None and config.hf_text_field not in columns:
+        raise ValueError(f"data.hf_text_field={config.hf_text_field!r} is not a field of "
+                         f"{config.hf_name!r}; it has {sorted(columns)}")
+    for record in dataset:
+        yield record[config.hf_text_field]
+
+
+def _tfds_documents(config, split: str) -> Iterator[str]:
+    import tensorflow_datasets as tfds
+
+    if not config.tfds_name:
+        raise ValueError("data.tfds_name is empty: expected a TensorFlow Datasets name "
+                         "such as 'lm1b' or 'pg19'")
+    tfds_split = config.tfds_validation_split if split == "validation" else config.tfds_train_split
+    try:
+        source = tfds.data_source(config.tfds_name, split=tfds_split,
+                                  data_dir=config.tfds_data_dir or None)
+    except Exception as error:  # tfds raises many types for a name/split/data_dir it lacks
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"data.tfds_name={config.tfds_name!r} split {tfds_split!r}: "
+                         f"{message}") from None
+    for index in range(len(source)):
+        record = source[index]
+        if config.tfds_text_field not in record:
+            raise ValueError(f"data.tfds_text_field={config.tfds_text_field!r} is not a field "
+                             f"of {config.tfds_name!r}; it has {sorted(record)}")
+        text = record[config.tfds_text_field]
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)

@@ -1,0 +1,109 @@
+"""Tokenizers: UTF-8 bytes (the default) and SentencePiece.
+
+Both map text to int32 ids and back and reserve an end-of-document id (between packed
+documents) and a padding id (never predicted; the loss mask drops it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    vocab_size: int  # model vocabulary: every id is below it
+    end_of_document_id: int
+    pad_id: int
+    name: str  # identifies the tokenizer in cache keys
+
+    def encode(self, text: str) -> np.ndarray: ...  # int32 (n,)
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then end-of-document (256) and padding (257); the vocabulary is
+    padded to a multiple of 128 (384) so that the embedding and logits matmuls tile well."""
+
+    end_of_document_id = 256
+    pad_id = 257
+    vocab_size = _round_up(258, 128)
+    name = "bytes"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; its ``eos`` is the end of document, ``pad`` the padding."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece
+
+        try:
+            with open(model_path, "rb") as f:
+                proto = f.read()
+            self._processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"data.sentencepiece_model={model_path!r}: cannot load a "
+                             f"SentencePiece model ({error})") from None
+        self.end_of_document_id = self._processor.eos_id()
+        self.pad_id = self._processor.pad_id()
+        self.vocab_size = _round_up(self._processor.get_piece_size(), 128)
+        self.name = "sentencepiece-" + hashlib.sha1(proto).hexdigest()[:12]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._processor.encode(text), np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces = self._processor.get_piece_size()
+        return self._processor.decode([int(i) for i in ids if 0 <= i < pieces
+                                       and i not in (self.pad_id, self.end_of_document_id)])
+
+
+def train_sentencepiece(documents: Iterable[str], model_path: str, vocab_size: int,
+                        max_characters: int = 20_000_000) -> None:
+    """Trains a SentencePiece (unigram) model on ``documents`` and writes it to ``model_path``.
+
+    As Flax's lm1b example does: on the training split, on first use, with at most
+    ``max_characters`` of text. ids: pad 0, end of document 1, unknown 2 (no bos).
+    """
+    import sentencepiece
+
+    def limited():
+        seen = 0
+        for document in documents:
+            if seen >= max_characters:
+                return
+            seen += len(document)
+            yield document
+
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=limited(), model_writer=model, vocab_size=vocab_size,
+            model_type="unigram", character_coverage=1.0, byte_fallback=True,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, max_sentence_length=1 << 16,
+            split_by_whitespace=True, hard_vocab_limit=False, minloglevel=2,
+            num_threads=os.cpu_count() or 1)
+    except RuntimeError as error:  # e.g. a vocabulary smaller than the 256 byte pieces + chars
+        reason = str(error).split("] ")[-1].splitlines()[0]
+        raise ValueError(f"data.sentencepiece_vocab_size={vocab_size}: SentencePiece training "
+                         f"failed ({reason})") from None
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    temporary = model_path + ".tmp"
+    with open(temporary, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(temporary, model_path)  # never leave a half-written model behind

@@ -1,0 +1,46 @@
+"""Packing: shifted targets, document isolation, padding, too-small corpora."""
+
+import numpy as np
+import pytest
+
+from data import PackedExamples
+
+END, PAD = 9, 8
+
+
+def test_examples_cover_the_stream_with_shifted_targets_and_padding():
+    tokens = np.arange(1, 24) % 7  # 23 tokens, no end-of-document
+    examples = PackedExamples(tokens, seq_len=5, end_of_document_id=END, pad_id=PAD,
+                              isolate_documents=False)
+    assert len(examples) == 5  # 22 predictions / 5, rounded up
+    inputs = np.concatenate([examples[i]["inputs"] for i in range(5)])
+    targets = np.concatenate([examples[i]["targets"] for i in range(5)])
+    mask = np.concatenate([examples[i]["loss_mask"] for i in range(5)])
+    assert mask.sum() == tokens.size - 1
+    np.testing.assert_array_equal(inputs[mask > 0], tokens[:-1])
+    np.testing.assert_array_equal(targets[mask > 0], tokens[1:])
+    np.testing.assert_array_equal(targets[mask == 0], PAD)
+    assert "segment_ids" not in examples[0]
+
+
+def test_document_isolation_segments_and_positions():
+    tokens = np.array([1, 2, END, 3, 4, 5, END, 6, END, 7, 1, 2, 3])
+    examples = PackedExamples(tokens, seq_len=8, end_of_document_id=END, pad_id=PAD,
+                              isolate_documents=True)
+    first, second = examples[0], examples[1]
+    np.testing.assert_array_equal(first["inputs"], [1, 2, END, 3, 4, 5, END, 6])
+    np.testing.assert_array_equal(first["segment_ids"], [1, 1, 1, 2, 2, 2, 2, 3])
+    np.testing.assert_array_equal(first["positions"], [0, 1, 2, 0, 1, 2, 3, 0])
+    # Example 1 starts where example 0's targets end: at the END closing document 3.
+    np.testing.assert_array_equal(second["inputs"], [END, 7, 1, 2, 3, PAD, PAD, PAD])
+    np.testing.assert_array_equal(second["targets"], [7, 1, 2, 3, PAD, PAD, PAD, PAD])
+    np.testing.assert_array_equal(second["segment_ids"], [1, 2, 2, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(second["positions"], [0, 0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(second["loss_mask"], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_corpus_smaller_than_one_example_and_bad_seq_len():
+    with pytest.raises(ValueError, match="fewer than one example of seq_len \\+ 1 = 11"):
+        PackedExamples(np.arange(10), 10, END, PAD, True)
+    with pytest.raises(ValueError, match="seq_len=0: expected a positive int"):
+        PackedExamples(np.arange(10), 0, END, PAD, True)

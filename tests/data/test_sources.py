@@ -1,0 +1,89 @@
+"""Document sources: the stdlib default, local text, HuggingFace loaders, TFDS."""
+
+import json
+import os
+import sysconfig
+
+import pytest
+
+from data import sources
+
+
+def test_stdlib_source_is_offline_deterministic_and_split_by_path(data_config):
+    files = sources._stdlib_files()
+    relative = [r for _, r in files]
+    assert relative == sorted(relative, key=lambda r: relative.index(r))  # a fixed order
+    assert not any(part in ("test", "tests", "idle_test") for r in relative
+                   for part in r.split(os.sep)[:-1])
+    assert "os.py" in relative and "json/__init__.py".replace("/", os.sep) in relative
+    held_out = [r for r in relative if sources.in_validation(r, data_config.validation_fraction)]
+    assert 0.01 < len(held_out) / len(relative) < 0.04
+    validation = list(sources.read_documents(data_config, "validation"))
+    assert len(validation) == len(held_out)
+    root = sysconfig.get_paths()["stdlib"]
+    first = open(os.path.join(root, held_out[0]), encoding="utf-8").read()
+    assert validation[0] == first
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_text_files_folders_globs_separators_and_held_out_files(data_config, tmp_path):
+    _write(tmp_path / "a" / "one.txt", "first")
+    _write(tmp_path / "a" / "sub" / "two.txt", "second")
+    _write(tmp_path / "b.md", "third\n---\nfourth\n")
+    _write(tmp_path / "valid.txt", "held out")
+    data_config.source = "text"
+    data_config.paths = f"{tmp_path / 'a'},{tmp_path / '*.md'}"
+    data_config.validation_fraction = 0.0
+    assert list(sources.read_documents(data_config, "train")) == ["first", "second", "third\n---\nfourth\n"]
+    data_config.document_separator = "---"
+    assert list(sources.read_documents(data_config, "train"))[2:] == ["third\n", "fourth\n"]
+    data_config.validation_paths = str(tmp_path / "valid.txt")
+    assert list(sources.read_documents(data_config, "validation")) == ["held out"]
+    assert len(list(sources.read_documents(data_config, "train"))) == 4
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda c, p: c.update(source="text", paths=str(p / "missing.txt")), "matches no file"),
+    (lambda c, p: c.update(source="text", paths=""), "data.paths is empty"),
+    (lambda c, p: c.update(source="text", paths=str(p / "bad.bin")), "not UTF-8 text"),
+    (lambda c, p: c.update(source="s3"), "data.source='s3': expected one of"),
+    (lambda c, p: c.update(source="hf", hf_name=""), "data.hf_name is empty"),
+    (lambda c, p: c.update(source="tfds", tfds_name=""), "data.tfds_name is empty"),
+])
+def test_bad_sources_raise_one_line_errors(data_config, tmp_path, setup, message):
+    (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00bad")
+    setup(data_config, tmp_path)
+    with pytest.raises(ValueError, match=message) as error:
+        list(sources.read_documents(data_config, "train"))
+    assert "\n" not in str(error.value)
+
+
+def test_huggingface_local_json_loader(data_config, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i}", "id": i}) + "\n" for i in range(5)))
+    data_config.update(source="hf", hf_name="json", paths=str(path), hf_text_field="body",
+                       hf_train_split="train")
+    assert list(sources.read_documents(data_config, "train")) == [f"document {i}" for i in range(5)]
+    data_config.hf_streaming = True
+    assert len(list(sources.read_documents(data_config, "train"))) == 5
+    data_config.update(hf_text_field="text", hf_streaming=False)
+    with pytest.raises(ValueError, match="data.hf_text_field='text' is not a field"):
+        list(sources.read_documents(data_config, "train"))
+
+
+def test_tfds_source_with_mock_data(data_config):
+    import tensorflow_datasets as tfds
+
+    data_config.update(source="tfds", tfds_name="lm1b", tfds_validation_split="test",
+                       max_documents=7)
+    with tfds.testing.mock_data(num_examples=10):
+        documents = list(sources.read_documents(data_config, "validation"))
+        assert len(documents) == 7 and all(isinstance(d, str) and d for d in documents)
+        data_config.tfds_text_field = "body"
+        with pytest.raises(ValueError, match="data.tfds_text_field='body' is not a field"):
+            list(sources.read_documents(data_config, "train"))

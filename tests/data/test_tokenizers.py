@@ -1,0 +1,54 @@
+"""Byte and SentencePiece tokenizers."""
+
+import numpy as np
+import pytest
+
+from data import ByteTokenizer, make_tokenizer
+
+
+def test_bytes_round_trip_and_special_ids():
+    tokenizer = ByteTokenizer()
+    text = "héllo, wörld — ∑ 🙂\n"
+    ids = tokenizer.encode(text)
+    assert ids.dtype == np.int32 and ids.max() < 256
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.vocab_size == 384 and tokenizer.vocab_size % 128 == 0
+    assert {tokenizer.end_of_document_id, tokenizer.pad_id} == {256, 257}
+    assert tokenizer.decode([104, 105, 256, 257]) == "hi"
+
+
+def test_sentencepiece_trained_in_workdir_on_first_use_then_reused(data_config, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"doc{i}.txt").write_text(f"the quick brown fox {i} jumps over the lazy dog. " * 20)
+    data_config.source, data_config.paths = "text", str(corpus)
+    data_config.validation_fraction = 0.0
+    data_config.tokenizer, data_config.sentencepiece_vocab_size = "sentencepiece", 320
+    workdir = tmp_path / "run"
+    tokenizer = make_tokenizer(data_config, str(workdir))
+    assert (workdir / "sentencepiece.model").exists()
+    text = "the lazy fox jumps"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.vocab_size % 128 == 0 and tokenizer.vocab_size >= 256 + 3
+    again = make_tokenizer(data_config, str(workdir))  # loaded, not retrained
+    assert again.name == tokenizer.name
+    np.testing.assert_array_equal(again.encode(text), tokenizer.encode(text))
+    data_config.sentencepiece_model = str(workdir / "sentencepiece.model")
+    assert make_tokenizer(data_config).name == tokenizer.name
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("tokenizer", "wordpiece", "data.tokenizer='wordpiece': expected one of"),
+    ("sentencepiece_model", "/nonexistent/sp.model", "does not exist"),
+    ("sentencepiece_vocab_size", 50, "data.sentencepiece_vocab_size=50: SentencePiece training"),
+])
+def test_bad_tokenizer_settings(data_config, tmp_path, field, value, message):
+    (tmp_path / "doc.txt").write_text("some text to train on " * 50)
+    data_config.update(source="text", paths=str(tmp_path / "doc.txt"), validation_fraction=0.0)
+    if field != "tokenizer":
+        data_config.tokenizer = "sentencepiece"
+    data_config[field] = value
+    with pytest.raises(ValueError, match=message) as error:
+        make_tokenizer(data_config, str(tmp_path / "run"))
+    assert "\n" not in str(error.value)
