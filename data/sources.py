@@ -38,8 +38,8 @@ def source_identity(config, split: str) -> dict:
     identity = {"source": config.source, "split": split,
                 "validation_fraction": config.validation_fraction}
     if config.source == "stdlib":
-        identity["python"] = sys.version
-        identity["files"] = _files_signature(_stdlib_files())
+        # The standard library changes only with the Python installation.
+        identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
     elif config.source == "text":
         identity["separator"] = config.document_separator
         identity["files"] = _files_signature(_text_files(config.paths, "data.paths"))
