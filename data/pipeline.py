@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 import grain
+import jax
 import numpy as np
 
 from data import sources
@@ -60,13 +61,16 @@ class TrainBatches:
     """An endless, shuffled, checkpointable iterator of this process's part of each batch.
 
     ``next()`` gives a dict of ``(global_batch_size / process_count, seq_len)`` numpy arrays
-    (see `PackedExamples`). ``state()`` is a JSON-serialisable dict; ``TrainBatches(...,
+    (see `PackedExamples`); the process defaults to JAX's (``jax.process_index()`` of
+    ``jax.process_count()``). ``state()`` is a JSON-serialisable dict; ``TrainBatches(...,
     state=s)`` continues exactly after the batch at which ``s`` was taken.
     """
 
     def __init__(self, examples: PackedExamples, global_batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, prefetch: int = 2,
-                 state: dict | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 prefetch: int = 2, state: dict | None = None):
+        if process_index is None or process_count is None:
+            process_index, process_count = jax.process_index(), jax.process_count()
         if global_batch_size % process_count:
             raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
                              f"{process_count} processes")
