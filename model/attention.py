@@ -169,6 +169,9 @@ def local_attention(
     """
     _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                      dropout_rate, dropout_rng, segment_ids)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise ValueError(f"block_size={block_size!r}: expected a positive int or None")
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"implementation={implementation!r} is not available; expected one of "

@@ -172,6 +172,7 @@ def test_memory_is_linear_in_sequence_length():
     (dict(segment_ids=jnp.ones((5, 10), int)), "segment_ids has shape"),
     (dict(rel_pos_emb=jnp.ones((7, 8))), "rel_pos_emb has shape"),
     (dict(implementation="pallas"), "implementation='pallas'"),
+    (dict(block_size=0), "block_size=0"),
 ])
 def test_bad_arguments_raise_one_line_value_errors(bad, message):
     q, k, v = _qkv((2, 3, 10, 8))
