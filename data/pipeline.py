@@ -9,6 +9,7 @@ gets rows ``[p * B / P, (p + 1) * B / P)``, so the union is the one-host batch.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -40,9 +41,26 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
             raise ValueError("data.tokenizer='sentencepiece' needs data.sentencepiece_model or "
                              "a workdir to train one in")
         model_path = os.path.join(workdir, "sentencepiece.model")
+        # What the model was trained with is kept beside it, so that a run never silently
+        # continues with a tokenizer other than the one its config asks for.
+        settings = {"source": config.source, "paths": config.paths,
+                    "hf_name": config.hf_name, "tfds_name": config.tfds_name,
+                    "vocab_size": config.sentencepiece_vocab_size}
+        settings_path = os.path.join(workdir, "sentencepiece.json")
         if not os.path.exists(model_path):
             train_sentencepiece(sources.read_documents(config, "train"), model_path,
                                 config.sentencepiece_vocab_size)
+            with open(settings_path, "w") as f:
+                json.dump(settings, f)
+        elif os.path.exists(settings_path):
+            with open(settings_path) as f:
+                trained = json.load(f)
+            changed = sorted(k for k in settings if trained.get(k) != settings[k])
+            if changed:
+                raise ValueError(
+                    f"{model_path} was trained with {changed[0]}={trained.get(changed[0])!r}, "
+                    f"the config asks for {settings[changed[0]]!r}; use another workdir or "
+                    f"delete the model to retrain it")
     elif not os.path.exists(model_path):
         raise ValueError(f"data.sentencepiece_model={model_path!r} does not exist")
     return SentencePieceTokenizer(model_path)

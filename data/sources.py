@@ -36,7 +36,8 @@ def in_validation(key: str, fraction: float) -> bool:
 def source_identity(config, split: str) -> dict:
     """What identifies a split's text, for the token cache key: a change means re-tokenizing."""
     identity = {"source": config.source, "split": split,
-                "validation_fraction": config.validation_fraction}
+                "validation_fraction": config.validation_fraction,
+                "max_documents": config.max_documents}
     if config.source == "stdlib":
         # The standard library changes only with the Python installation.
         identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
@@ -50,11 +51,9 @@ def source_identity(config, split: str) -> dict:
         identity |= {k: config[k] for k in ("hf_name", "hf_config", "hf_text_field",
                                             "hf_train_split", "hf_validation_split")}
         identity["paths"] = config.paths
-        identity["max_documents"] = config.max_documents
     elif config.source == "tfds":
         identity |= {k: config[k] for k in ("tfds_name", "tfds_text_field", "tfds_data_dir",
                                             "tfds_train_split", "tfds_validation_split")}
-        identity["max_documents"] = config.max_documents
     return identity
 
 
@@ -111,12 +110,12 @@ def _text_files(paths, field: str) -> list[tuple[str, str]]:
         if not matches:
             raise ValueError(f"{field}: {pattern!r} matches no file or folder")
         for match in matches:
-            if os.path.isdir(match):
+            if os.path.isdir(match):  # every file below it, hidden ones (.git, ...) excepted
                 for directory, subdirectories, names in os.walk(match):
-                    subdirectories.sort()
+                    subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
                     files += [(os.path.join(directory, n),
                                os.path.relpath(os.path.join(directory, n), match))
-                              for n in sorted(names)]
+                              for n in sorted(names) if not n.startswith(".")]
             else:
                 files.append((match, os.path.basename(match)))
     return files

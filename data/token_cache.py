@@ -70,14 +70,18 @@ def _build(base: str, config, split: str, tokenizer: Tokenizer) -> None:
     end = np.array([tokenizer.end_of_document_id], dtype)
     checksum, count, documents = 0, 0, 0
     temporary = f"{base}.tokens.tmp{os.getpid()}"
-    with open(temporary, "wb") as out:
-        for document in sources.read_documents(config, split):
-            ids = np.concatenate([tokenizer.encode(document).astype(dtype), end])
-            raw = ids.tobytes()
-            out.write(raw)
-            checksum = zlib.crc32(raw, checksum)
-            count += ids.size
-            documents += 1
+    try:
+        with open(temporary, "wb") as out:
+            for document in sources.read_documents(config, split):
+                ids = np.concatenate([tokenizer.encode(document).astype(dtype), end])
+                raw = ids.tobytes()
+                out.write(raw)
+                checksum = zlib.crc32(raw, checksum)
+                count += ids.size
+                documents += 1
+    except BaseException:
+        os.remove(temporary)  # a bad source or an interruption leaves nothing behind
+        raise
     # Array first, metadata last: a crash in between leaves no metadata, so no stale match.
     os.replace(temporary, base + ".tokens")
     meta = {"num_tokens": count, "dtype": np.dtype(dtype).name, "checksum": checksum,

@@ -73,6 +73,9 @@ class SentencePieceTokenizer:
                                        and i not in (self.pad_id, self.end_of_document_id)])
 
 
+_MAX_SENTENCE = 1 << 14  # characters of one training line
+
+
 def train_sentencepiece(documents: Iterable[str], model_path: str, vocab_size: int,
                         max_characters: int = 20_000_000) -> None:
     """Trains a SentencePiece (unigram) model on ``documents`` and writes it to ``model_path``.
@@ -83,23 +86,27 @@ def train_sentencepiece(documents: Iterable[str], model_path: str, vocab_size: i
     import sentencepiece
 
     def limited():
+        # Lines, not whole documents: SentencePiece skips sentences over its maximum length,
+        # which would drop every book-length document.
         seen = 0
         for document in documents:
-            if seen >= max_characters:
-                return
-            seen += len(document)
-            yield document
+            for line in document.splitlines():
+                if seen >= max_characters:
+                    return
+                if line.strip():
+                    seen += len(line)
+                    yield line[:_MAX_SENTENCE]
 
     model = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=limited(), model_writer=model, vocab_size=vocab_size,
             model_type="unigram", character_coverage=1.0, byte_fallback=True,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, max_sentence_length=1 << 16,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, max_sentence_length=_MAX_SENTENCE,
             split_by_whitespace=True, hard_vocab_limit=False, minloglevel=2,
             num_threads=os.cpu_count() or 1)
     except RuntimeError as error:  # e.g. a vocabulary smaller than the 256 byte pieces + chars
-        reason = str(error).split("] ")[-1].splitlines()[0]
+        reason = (str(error).split("] ")[-1].splitlines() or [type(error).__name__])[0]
         raise ValueError(f"data.sentencepiece_vocab_size={vocab_size}: SentencePiece training "
                          f"failed ({reason})") from None
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)

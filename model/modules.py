@@ -135,13 +135,14 @@ class MultiHeadLocalAttention(nn.Module):
         # In decode mode `init` creates the cache; later calls use it.
         cache_ready = self.decode and self.has_variable("cache", "cached_key")
         cache = self._cache(key, value) if self.decode else None
+        decode_step = cache_ready and query.shape[-3] == 1  # else a prefill restarts at 0
         if self.rotary_base is not None:
             if positions is None:
                 positions = jnp.arange(inputs_q.shape[-2])
-                if cache_ready:
+                if decode_step:
                     positions = positions + cache["cache_index"].value
             query, key = (apply_rotary(x, positions, self.rotary_base) for x in (query, key))
-        if cache_ready and query.shape[-3] == 1:
+        if decode_step:
             out = self._decode_step(cache, query, key, value, rel_pos_emb, mask)
         else:
             if cache_ready:

@@ -36,6 +36,8 @@ def test_text_files_folders_globs_separators_and_held_out_files(data_config, tmp
     _write(tmp_path / "a" / "sub" / "two.txt", "second")
     _write(tmp_path / "b.md", "third\n---\nfourth\n")
     _write(tmp_path / "valid.txt", "held out")
+    _write(tmp_path / "a" / ".git" / "HEAD", "hidden folders and files are skipped")
+    _write(tmp_path / "a" / ".notes", "hidden")
     data_config.source = "text"
     data_config.paths = f"{tmp_path / 'a'},{tmp_path / '*.md'}"
     data_config.validation_fraction = 0.0

@@ -53,3 +53,16 @@ def test_empty_corpus_is_a_clear_error(data_config, tmp_path):
     config.validation_fraction = 0.0
     with pytest.raises(ValueError, match="split 'validation' has no text"):
         tokenized_split(config, "validation", ByteTokenizer(), config.cache_dir)
+
+
+def test_max_documents_is_part_of_the_key_and_failures_leave_no_files(data_config, tmp_path):
+    config = _text_config(data_config, tmp_path, ["one", "two", "three"])
+    tokenizer = ByteTokenizer()
+    config.max_documents = 1
+    assert tokenizer.decode(tokenized_split(config, "train", tokenizer, config.cache_dir)) == "one"
+    config.max_documents = 0
+    assert len(tokenized_split(config, "train", tokenizer, config.cache_dir)) == len("onetwothree") + 3
+    (tmp_path / "doc1.txt").write_bytes(b"\xff not utf-8")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        tokenized_split(config, "train", tokenizer, config.cache_dir)
+    assert not glob.glob(os.path.join(config.cache_dir, "*.tmp*"))

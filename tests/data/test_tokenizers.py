@@ -34,8 +34,20 @@ def test_sentencepiece_trained_in_workdir_on_first_use_then_reused(data_config, 
     again = make_tokenizer(data_config, str(workdir))  # loaded, not retrained
     assert again.name == tokenizer.name
     np.testing.assert_array_equal(again.encode(text), tokenizer.encode(text))
+    data_config.sentencepiece_vocab_size = 1000  # a changed setting is not silently ignored
+    with pytest.raises(ValueError, match="trained with vocab_size=320, the config asks for 1000"):
+        make_tokenizer(data_config, str(workdir))
     data_config.sentencepiece_model = str(workdir / "sentencepiece.model")
     assert make_tokenizer(data_config).name == tokenizer.name
+
+
+def test_sentencepiece_trains_on_book_length_documents(data_config, tmp_path):
+    book = "\n".join(f"line {i} of a long book with words like w{i % 97}" for i in range(3000))
+    (tmp_path / "book.txt").write_text(book)  # one ~120k-character document
+    data_config.update(source="text", paths=str(tmp_path / "book.txt"), validation_fraction=0.0,
+                       tokenizer="sentencepiece", sentencepiece_vocab_size=400)
+    tokenizer = make_tokenizer(data_config, str(tmp_path / "run"))
+    assert tokenizer.decode(tokenizer.encode("line 7 of a long book")) == "line 7 of a long book"
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -87,14 +87,14 @@ def test_decode_needs_a_causal_window_and_a_prompt_restarts_the_sequence():
         MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=1,
                                 decode=True).init(jax.random.key(0), x)
     decoder = MultiHeadLocalAttention(num_heads=2, window_size_left=3, window_size_right=0,
-                                      decode=True)
+                                      rotary_base=10_000.0, decode=True)
     variables = decoder.init(jax.random.key(0), x[:, :1])
     _, first = decoder.apply(variables, x, mutable=["cache"])
     _, stepped = decoder.apply(variables | first, x[:, :1], mutable=["cache"])
-    # A multi-token call prefills a new sequence, whatever the cache held.
+    # A multi-token call prefills a new sequence, whatever the cache held (rotary positions too).
     _, again = decoder.apply(variables | stepped, x, mutable=["cache"])
     for name in first["cache"]:
-        np.testing.assert_array_equal(first["cache"][name], again["cache"][name])
+        np.testing.assert_allclose(first["cache"][name], again["cache"][name], atol=1e-6)
     with pytest.raises(ValueError, match="prefill batch shape"):
         decoder.apply(variables, jnp.concatenate([x, x]), mutable=["cache"])
 
