@@ -12,8 +12,10 @@ a process of its own so that its peak memory is its own:
   (n, n) score matrix.
 
 A point whose step needs more memory than ``--memory_cap_gib`` (by XLA's own buffer
-assignment, known before it runs), or which runs out of memory or time, is reported as such. Useful FLOPs are 4·n·(w+1)·d per head forward, ×3 for forward+backward; their rate
-is compared with a large float32 matmul timed in the same run.
+assignment, known before it runs), or which runs out of memory or time, is reported as such.
+
+Useful FLOPs are 4·n·(w+1)·d per head forward, ×3 for forward+backward; their rate is
+compared with a large float32 matmul timed in the same run.
 """
 
 from __future__ import annotations

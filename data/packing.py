@@ -8,6 +8,8 @@ The last example is padded; its loss mask is 0 on padding.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -23,13 +25,13 @@ class PackedExamples:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, end_of_document_id: int, pad_id: int,
                  isolate_documents: bool):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
             raise ValueError(f"seq_len={seq_len!r}: expected a positive int")
         if tokens.size < seq_len + 1:
             raise ValueError(f"the corpus has {tokens.size} tokens, fewer than one example of "
                              f"seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more text")
         self.tokens = tokens
-        self.seq_len = seq_len
+        self.seq_len = int(seq_len)
         self.end_of_document_id = end_of_document_id
         self.pad_id = pad_id
         self.isolate_documents = isolate_documents

@@ -115,6 +115,8 @@ class TrainBatches:
 def validation_batches(examples: PackedExamples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in order, ``batch_size`` at a time; the last batch is completed
     with rows whose loss mask is 0 (so sums over the mask count each token once)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
     for start in range(0, len(examples), batch_size):
         rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
         while len(rows) < batch_size:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,8 +56,7 @@ class _Plan(NamedTuple):
 
     @property
     def views(self) -> int:
-        """Key blocks a query block can see."""
-        return -(-(self.block + self.left + self.right) // self.block)
+        return _views(self.block, self.left, self.right)
 
     @property
     def num_blocks(self) -> int:
@@ -69,6 +69,11 @@ class _Plan(NamedTuple):
     @property
     def padded_keys(self) -> int:
         return self.block * (self.num_blocks + self.views - 1)
+
+
+def _views(block: int, left: int, right: int) -> int:
+    """Key blocks a query block can see."""
+    return -(-(block + left + right) // block)
 
 
 def _default_block(window: int) -> int:
@@ -92,7 +97,7 @@ def _make_plan(
     right = min(window_size_right, seq_len - 1)
     block = min(block_size or _default_block(left + right + 1), _round_up(seq_len, 8))
     num_blocks = -(-seq_len // block)
-    visible_keys = block * -(-(block + left + right) // block)
+    visible_keys = block * _views(block, left, right)
     blocks_per_chunk = max(1, min(num_blocks, _CHUNK_SCORES // (batch * block * visible_keys)))
     num_chunks = -(-num_blocks // blocks_per_chunk)
     # Spread the blocks evenly over the chunks so that padding stays under one chunk.
@@ -169,8 +174,8 @@ def local_attention(
     """
     _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                      dropout_rate, dropout_rng, segment_ids)
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
+    if block_size is not None and (isinstance(block_size, bool) or block_size < 1
+                                   or not isinstance(block_size, numbers.Integral)):
         raise ValueError(f"block_size={block_size!r}: expected a positive int or None")
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
@@ -188,11 +193,13 @@ def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_r
         raise ValueError(
             "local_attention expects q, k, v of the same shape (..., seq_len, head_dim); got "
             f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if q.shape[-2] == 0:
+        raise ValueError(f"local_attention expects at least one position; got q {q.shape}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"local_attention expects floating q, k, v; got dtype {q.dtype}")
     for name, size in (("window_size_left", window_size_left),
                        ("window_size_right", window_size_right)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
             raise ValueError(f"{name}={size!r}: expected a non-negative int")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate={dropout_rate!r}: expected a float in [0, 1)")

@@ -24,6 +24,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, t
     then restricted to the ``top_k`` largest (0: no limit) and to the smallest set whose
     probability reaches ``top_p`` (nucleus sampling; 1.0: no limit).
     """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature!r}: expected >= 0 (0 is greedy)")
+    if not 0 <= top_k <= logits.shape[-1]:
+        raise ValueError(f"top_k={top_k!r}: expected 0 (no limit) up to the vocabulary size "
+                         f"{logits.shape[-1]}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p!r}: expected a probability in (0, 1]")
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -60,6 +67,9 @@ def generate(params, prompt: jax.Array, key: jax.Array, *, config: TransformerCo
       (rows that ended are padded with ``end_token``) and how many each row generated,
       ``end_token`` included.
     """
+    if max_new_tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and a prompt "
+                         f"of shape (batch, prompt_len >= 1) (got {prompt.shape})")
     decoder = TransformerLM(config, decode=True)
     batch = prompt.shape[0]
     cache_shapes = jax.eval_shape(decoder.init, jax.random.key(0), prompt[:, :1])["cache"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ POSITION_EMBEDDINGS = ("rope", "relative", "none")
 ACTIVATIONS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
+IMPLEMENTATIONS = ("xla", "dense")  # model.local_attention backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,40 +67,57 @@ class TransformerConfig:
         if unknown:
             raise ValueError(f"model.{unknown[0]}: unknown model config field; expected one of "
                              f"{sorted(known)}")
+        if "vocab_size" not in values:
+            raise ValueError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
         built = cls(**values)
         built.validate()
         return built
 
     @property
     def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
     def validate(self) -> None:
+        def is_int(value):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"model.{name}={value!r}: expected a positive int")
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) \
-                or self.window_size < 0:
+        if not is_int(self.window_size) or self.window_size < 0:
             raise ValueError(f"model.window_size={self.window_size!r}: expected an int >= 0")
+        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
+            raise ValueError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by "
                              f"model.num_heads={self.num_heads}; set model.head_dim")
         for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
-                              ("activation", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES)):
+                              ("activation", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
+                              ("attention_implementation", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of "
                                  f"{list(allowed)}")
         if self.position_embedding == "rope" and self.resolved_head_dim % 2:
             raise ValueError(f"model.position_embedding='rope' needs an even head dim; got "
                              f"{self.resolved_head_dim}")
+        if self.attention_implementation != "xla" and (
+                self.position_embedding == "relative" or self.attention_dropout_rate):
+            raise ValueError(f"model.attention_implementation={self.attention_implementation!r} "
+                             f"supports neither relative positions nor attention dropout")
+        for name in ("dropout_rate", "attention_dropout_rate", "rope_base"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"model.{name}={value!r}: expected a number")
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected a float in [0, 1)")
+        if self.rope_base <= 1:
+            raise ValueError(f"model.rope_base={self.rope_base!r}: expected a number > 1")
 
 
 def _init(initializer, *axes: str | None):

@@ -96,3 +96,17 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(np.unique(nucleus)) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 <= 0.9
     plain = draw(keys)
     assert abs(float(jnp.mean(plain == 0)) - 0.5) < 0.04
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_k=65), "top_k=65"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(max_new_tokens=0), "max_new_tokens >= 1"),
+])
+def test_bad_sampling_arguments_raise_one_line_errors(kwargs, message):
+    config = _config()
+    tokens, params = _setup(config, length=4)
+    with pytest.raises(ValueError, match=message):
+        generate(params, tokens, jax.random.key(0), config=config,
+                 **(dict(max_new_tokens=3) | kwargs))

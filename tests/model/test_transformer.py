@@ -127,8 +127,19 @@ def test_parameter_count_and_flops_estimate_match_xla():
     ("activation", "relu", "model.activation='relu': expected one of"),
     ("window_size", -1, "model.window_size=-1"),
     ("unknown_field", 1, "model.unknown_field: unknown model config field"),
+    ("head_dim", 0, "model.head_dim=0: expected a positive int or None"),
+    ("dropout_rate", "0.1", "model.dropout_rate='0.1': expected a number"),
+    ("attention_implementation", "flash", "model.attention_implementation='flash'"),
+    ("rope_base", 1.0, "model.rope_base=1.0"),
 ])
 def test_bad_config_values_raise_one_line_errors(field, value, message):
     with pytest.raises(ValueError) as error:
         _config(**{field: value})
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_missing_vocab_size_and_unsupported_combinations():
+    with pytest.raises(ValueError, match="model.vocab_size is missing"):
+        TransformerConfig.from_config(dict(num_layers=2))
+    with pytest.raises(ValueError, match="supports neither relative positions"):
+        _config(attention_implementation="dense", position_embedding="relative")
