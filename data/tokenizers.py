@@ -25,6 +25,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def byte_lengths(self) -> np.ndarray: ...  # int32 (vocab_size,): UTF-8 bytes of each id
+
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
@@ -44,6 +46,11 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def byte_lengths(self) -> np.ndarray:
+        """How many bytes of text each id stands for (for bits per byte): 1 for the bytes,
+        0 for the end of document and padding."""
+        return (np.arange(self.vocab_size) < 256).astype(np.int32)
 
 
 class SentencePieceTokenizer:
@@ -71,6 +78,19 @@ class SentencePieceTokenizer:
         pieces = self._processor.get_piece_size()
         return self._processor.decode([int(i) for i in ids if 0 <= i < pieces
                                        and i not in (self.pad_id, self.end_of_document_id)])
+
+    def byte_lengths(self) -> np.ndarray:
+        """How many bytes of text each id stands for (for bits per byte): a byte-fallback
+        piece is one byte, a word piece its UTF-8 length with "▁" as a space, control and
+        unknown ids 0."""
+        processor = self._processor
+        lengths = np.zeros(self.vocab_size, np.int32)
+        for i in range(processor.get_piece_size()):
+            if processor.is_byte(i):
+                lengths[i] = 1
+            elif not (processor.is_control(i) or processor.is_unknown(i)):
+                lengths[i] = len(processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return lengths
 
 
 _MAX_SENTENCE = 1 << 14  # characters of one training line

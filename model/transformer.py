@@ -120,9 +120,19 @@ class TransformerConfig:
             raise ValueError(f"model.rope_base={self.rope_base!r}: expected a number > 1")
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` that leaves out the sharding constraint on a value whose rank
+    is not that of its names. Flax's DenseGeneral initialises its kernel flat and reshapes
+    it afterwards, and it re-runs the initializer (abstractly) in every ``apply`` to check
+    shapes: with logical axis rules active, the constraint on the flat kernel would fail."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def _init(initializer, *axes: str | None):
     """An initializer whose parameter carries logical axis names."""
-    return nn.with_logical_partitioning(initializer, axes)
+    return lambda *args, **kwargs: _LogicallyPartitioned(initializer(*args, **kwargs), axes)
 
 
 _DENSE_INIT = nn.initializers.xavier_uniform()

@@ -1,0 +1,85 @@
+"""What ``python train.py`` runs: a 3.5M-parameter byte-level model, context 2048, on the
+embedded stdlib corpus; about 10 minutes on a 2-core CPU (see the README for the measured
+figures).
+
+Every other config starts from this one and changes what it needs, so this file lists every
+field that train.py, evaluate.py and generate.py read.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import data
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameters, dropout and the data order all follow from it
+
+    # Optimisation: AdamW, linear warmup then cosine decay, global-norm clipping.
+    config.num_train_steps = 360
+    config.batch_size = 2  # global: sequences per optimizer step, over all devices and hosts
+    config.seq_len = 2048  # training context
+    config.grad_accum_steps = 1  # the batch is split into this many micro-batches, scanned
+    config.learning_rate = 3e-3  # peak
+    config.warmup_steps = 30
+    config.min_learning_rate_ratio = 0.1  # the cosine decays to learning_rate * this
+    config.weight_decay = 0.1  # on matrices only (not norms)
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.95
+    config.grad_clip_norm = 1.0  # 0 disables clipping
+
+    # Checkpoints (<workdir>/checkpoints/<step>/), evaluation and logging.
+    config.checkpoint_every_steps = 100
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 100  # 0: only at the end
+    config.eval_batches = 8  # validation batches per periodic evaluation; 0: the whole split
+    config.log_every_steps = 10  # TensorBoard and metrics.jsonl
+    config.sample_prompt = "def "  # continued at each evaluation (TensorBoard text)
+    config.sample_tokens = 200
+    # Denominator of the MFU estimate, FLOP/s per device; 0: the device kind's bf16 peak where
+    # known (GPU, TPU), else a float32 matmul measured at startup (CPU).
+    config.peak_flops_per_device = 0.0
+
+    # The model (model.TransformerConfig's fields; vocab_size comes from the tokenizer).
+    config.model = ml_collections.ConfigDict()
+    config.model.num_layers = 4
+    config.model.d_model = 256
+    config.model.num_heads = 4
+    config.model.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
+    config.model.mlp_dim = 768
+    config.model.window_size = 256
+    config.model.position_embedding = "rope"
+    config.model.rope_base = 10_000.0
+    config.model.activation = "swiglu"
+    config.model.norm = "rmsnorm"
+    config.model.dropout_rate = 0.0
+    config.model.attention_dropout_rate = 0.0
+    config.model.dtype = "float32"  # bfloat16 on GPU/TPU; parameters stay float32
+    config.model.tie_embeddings = True
+    config.model.remat = False
+    config.model.scan_layers = False
+    config.model.attention_implementation = "xla"
+
+    config.data = data.get_config()
+
+    # Devices form a (data, fsdp, tensor) mesh; -1 is "the rest of the devices".
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    # Logical axis names (on every parameter and activation, see model/transformer.py) to mesh
+    # axes, MaxText's scheme. The first rule whose mesh axes are still free in an array wins,
+    # so activations (batch, length, embed) shard the batch over data and fsdp and leave embed
+    # whole, while parameters shard embed over fsdp (ZeRO-3) and heads/mlp/vocab over tensor.
+    config.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),
+        ("layers", None),
+    )
+    return config

@@ -1,0 +1,116 @@
+"""Evaluate a trained run: loss, perplexity and bits per byte over every token of a split.
+
+    python evaluate.py --workdir=runs/default [--seq_len=8192] [--split=validation]
+        [--max_tokens=N] [--output=eval.json] [--plot=loss_by_position.png]
+        [--config.data.KEY=VALUE ...]
+
+Restores the latest checkpoint (or ``--step``) with the config it was trained with; the
+``--config.data.*``, ``--config.mesh.*`` and ``--config.batch_size`` flags change that config
+(e.g. evaluate on other text). ``--seq_len`` may exceed the training context: each attention
+layer sees only its window, so longer contexts cost linearly and should not hurt.
+Prints and writes (``--output``) JSON with ``loss`` (nats/token), ``perplexity``,
+``bits_per_byte`` (tokenizer-independent) and ``num_tokens``; ``--plot`` draws the loss
+against the position in the context.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import train
+from configs import default
+from data import packed_examples, validation_batches
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("split", "validation", ["validation", "train"], "Which split to evaluate.")
+flags.DEFINE_integer("seq_len", 0, "Context length (default: the training seq_len).")
+flags.DEFINE_integer("max_tokens", 0, "Stop after about this many tokens (0: the whole split).")
+flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+flags.DEFINE_string("plot", None, "Write a PNG of loss against position in the context.")
+config_flags.DEFINE_config_dict("config", default.get_config(),
+                                "Overrides of the run's config: --config.data.*, "
+                                "--config.mesh.*, --config.batch_size.")
+
+_OVERRIDABLE = ("data.", "mesh.", "batch_size")
+
+
+def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_tokens: int = 0,
+             overrides: dict | None = None, step: int | None = None) -> dict:
+    """Evaluates the checkpoint of ``workdir``; returns `train.evaluate_batches`' results
+    plus ``seq_len``, ``step``, ``split`` (all plain Python or numpy values)."""
+    for key in overrides or {}:
+        if not key.startswith(_OVERRIDABLE):
+            raise ValueError(f"--config.{key}: evaluate.py takes only --config.data.*, "
+                             f"--config.mesh.* and --config.batch_size")
+    config, model_cfg, tokenizer, mesh, params, step = train.load_for_inference(
+        workdir, overrides, step)
+    seq_len = seq_len or config.seq_len
+    if seq_len < 1:
+        raise ValueError(f"--seq_len={seq_len}: expected a positive int")
+    train.check_batch_fits_mesh(config.batch_size, mesh)
+    examples = packed_examples(config.data, split, tokenizer, seq_len)
+    model = train.TransformerLM(model_cfg)
+    params_shardings = train.jax.tree.map(lambda x: x.sharding, params)
+    eval_step = train.make_eval_step(config, model, mesh, params_shardings, tokenizer)
+    result = train.evaluate_batches(eval_step, params,
+                                    validation_batches(examples, config.batch_size),
+                                    train.batch_sharding(mesh), config.batch_size, max_tokens)
+    return result | {"seq_len": seq_len, "step": step, "split": split}
+
+
+def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
+    """Mean loss against position in the context (log-spaced buckets) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses, counts = result["loss_by_position"], result["tokens_by_position"]
+    edges = np.unique(np.geomspace(1, len(losses), buckets + 1).astype(int))
+    centers, means = [], []
+    for lo, hi in zip(edges[:-1] - 1, edges[1:] - 1):
+        if counts[lo:hi].sum():
+            centers.append((lo + hi - 1) / 2)
+            means.append(losses[lo:hi].sum() / counts[lo:hi].sum())
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(centers, means, marker="o")
+    axes.set_xscale("symlog")
+    axes.set_xlabel("position in the context (tokens since the document or window start)")
+    axes.set_ylabel("loss (nats/token)")
+    axes.set_title(f"step {result['step']}, {result['split']}, context {result['seq_len']}: "
+                   f"mean {result['loss']:.3f}")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
+                          config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
+        if FLAGS.plot:
+            plot_loss_by_position(result, FLAGS.plot)
+    except ValueError as error:  # the user's input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
+                                      "seq_len", "step", "split")}
+    print(json.dumps(summary, indent=1))
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

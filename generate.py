@@ -1,0 +1,52 @@
+"""Sample text from a trained run.
+
+    python generate.py --workdir=runs/default [--prompt="def "] [--max_new_tokens=256]
+        [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--num_samples=1] [--seed=0]
+
+Restores the latest checkpoint (or ``--step``), prefills the prompt and samples with the
+rolling attention caches (model/sampling.py); stops a sample at the end-of-document token.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("prompt", None, "Text to continue (default: the config's sample_prompt).")
+flags.DEFINE_integer("max_new_tokens", 256, "Tokens to sample per sample.")
+flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
+flags.DEFINE_float("top_p", 0.95, "Nucleus sampling threshold (1: off).")
+flags.DEFINE_integer("num_samples", 1, "Independent samples.")
+flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same samples.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        if FLAGS.max_new_tokens < 1 or FLAGS.num_samples < 1:
+            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} and --num_samples="
+                             f"{FLAGS.num_samples}: expected positive ints")
+        config, model_cfg, tokenizer, _, params, step = train.load_for_inference(
+            FLAGS.workdir, step=FLAGS.step)
+        prompt = config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
+        for sample in range(FLAGS.num_samples):
+            text = train.sample_text(params, model_cfg, tokenizer, prompt, FLAGS.max_new_tokens,
+                                     seed=FLAGS.seed + sample, temperature=FLAGS.temperature,
+                                     top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+            print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {step}) ---\n{text}")
+    except ValueError as error:  # the user's input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

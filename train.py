@@ -1,0 +1,646 @@
+"""Train a local-attention language model.
+
+    python train.py [--config=configs/default.py] [--workdir=runs/default] [--config.KEY=VALUE ...]
+
+Running the same command again on the same workdir resumes from its latest checkpoint, exactly
+where the interrupted run was (on CPU the resumed run is bit-identical to an uninterrupted one).
+
+The path through this file: `train_and_evaluate` reads the config, builds the data
+(data/pipeline.py), the device mesh and the sharded `TrainState` (`create_train_state`: the
+logical axis names of model/transformer.py mapped to mesh axes by ``config.logical_axis_rules``),
+restores the latest checkpoint (checkpoints/), then runs the jitted `make_train_step` (model →
+model/attention.py's kernel) with periodic evaluation (`make_eval_step`), logging and
+asynchronous checkpoints. evaluate.py and generate.py reuse `load_for_inference`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from checkpoints import CheckpointError, Checkpoints
+from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
+from data.tokenizers import Tokenizer
+from model import TransformerConfig, TransformerLM, generate, training_flops_per_token
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
+# Fields that must not change when a run resumes: the checkpoint's arrays depend on them.
+_FIXED_ON_RESUME = ("model", "data.tokenizer", "data.sentencepiece_model",
+                    "data.sentencepiece_vocab_size")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the jitted step updates; saved whole in each checkpoint.
+
+    step: int32 scalar, optimizer steps taken. params: the model's float32 parameters.
+    opt_state: optax state (AdamW moments, shaped and sharded like params). rng: uint32 (2,)
+    base key; step ``s`` draws its dropout keys from ``fold_in(rng, s)``, so the randomness of
+    a step does not depend on how the run got there.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """One-line ValueErrors for bad training fields (model and data fields are checked where
+    they are used: TransformerConfig.from_config, data/)."""
+    def positive_int(name, minimum=1):
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+    for name in ("num_train_steps", "batch_size", "seq_len", "grad_accum_steps",
+                 "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+        positive_int(name)
+    for name in ("warmup_steps", "eval_every_steps", "eval_batches", "sample_tokens"):
+        positive_int(name, minimum=0)
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "min_learning_rate_ratio",
+                 "peak_flops_per_device"):
+        if not isinstance(config[name], (int, float)) or config[name] < 0:
+            raise ValueError(f"{name}={config[name]!r}: expected a number >= 0")
+    if config.learning_rate == 0:
+        raise ValueError("learning_rate=0: expected a positive number")
+    if config.warmup_steps >= config.num_train_steps:
+        raise ValueError(f"warmup_steps={config.warmup_steps}: expected fewer than "
+                         f"num_train_steps={config.num_train_steps}")
+    for name in ("adam_b1", "adam_b2"):
+        if not 0 <= config[name] < 1:
+            raise ValueError(f"{name}={config[name]!r}: expected a number in [0, 1)")
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
+                         f"grad_accum_steps={config.grad_accum_steps}")
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TransformerConfig:
+    """The `TransformerConfig` of ``config.model``, with the tokenizer's vocabulary."""
+    return TransformerConfig.from_config(config.model.to_dict(), vocab_size=tokenizer.vocab_size)
+
+
+def axis_rules(config: ml_collections.ConfigDict) -> tuple:
+    """``config.logical_axis_rules`` as Flax wants them (tuples; JSON round trips give lists)."""
+    rules = []
+    for rule in config.logical_axis_rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"logical_axis_rules: {rule!r} is not a (logical name, mesh axes) pair")
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        for axis in axes if isinstance(axes, tuple) else (axes,):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"logical_axis_rules: {name!r} -> {axis!r}: expected mesh axes "
+                                 f"from {list(MESH_AXES)}")
+        rules.append((name, axes))
+    return tuple(rules)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` over ``devices`` (default: all);
+    one size may be -1, meaning the devices the others leave."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [config.mesh[axis] for axis in MESH_AXES]
+    for axis, size in zip(MESH_AXES, sizes):
+        if not isinstance(size, int) or size == 0 or size < -1:
+            raise ValueError(f"mesh.{axis}={size!r}: expected a positive int or -1")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are "
+                             f"not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+                         f"there are {len(devices)}")
+    # Auto axes: XLA's partitioner places what the shardings and constraints leave open.
+    return jax.make_mesh(tuple(sizes), MESH_AXES, (jax.sharding.AxisType.Auto,) * len(sizes),
+                         devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a ``(batch, seq_len)`` array split over the data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch_fits_mesh(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
+    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    if batch_size % shards:
+        raise ValueError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
+
+
+# --- state, optimizer, steps ------------------------------------------------------------------
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to ``learning_rate * min_learning_rate_ratio``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=config.num_train_steps,
+        end_value=config.learning_rate * config.min_learning_rate_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; weight decay on kernels and embeddings only."""
+    def decayed(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: any(getattr(k, "key", None) in ("kernel", "embedding") for k in path),
+            params)
+
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+                        weight_decay=config.weight_decay, mask=decayed)
+    if not config.grad_clip_norm:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
+                       optimizer: optax.GradientTransformation, *, abstract: bool = False):
+    """``(state, state_shardings)``: a fresh `TrainState` laid out on ``mesh``.
+
+    Each parameter (and its AdamW moments) is sharded as its logical axis names map through
+    ``config.logical_axis_rules``; scalars are replicated. The random initialisation does not
+    depend on the mesh. With ``abstract=True`` the state is a tree of
+    ``jax.ShapeDtypeStruct`` with shardings (a restore target), and nothing is computed.
+    """
+    def initial_state(seed):
+        init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+        params = model.init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=dropout_key)
+
+    boxed = jax.eval_shape(initial_state, config.seed)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, axis_rules(config))
+    if abstract:
+        shapes = nn.unbox(boxed)
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                      sharding=sharding),
+                            shapes, shardings), shardings
+    init = jax.jit(lambda seed: nn.unbox(initial_state(seed)), static_argnums=0,
+                   out_shardings=shardings)
+    return init(config.seed), shardings
+
+
+def _token_losses(model: TransformerLM, params, batch: dict, deterministic: bool = True,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy of each target, ``(batch, seq_len)`` float32 (0 where loss_mask is 0)."""
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                         positions=batch.get("positions"), deterministic=deterministic, rngs=rngs)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return losses * batch["loss_mask"]
+
+
+def _with_rules(jitted: Callable, mesh: Mesh, rules: tuple) -> Callable:
+    """``jitted`` called (and so traced) with the mesh and logical axis rules in scope, so the
+    model's ``with_logical_constraint`` calls shard its activations."""
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(*args)
+    return call
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
+                    optimizer: optax.GradientTransformation, mesh: Mesh, state_shardings):
+    """The jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
+
+    ``batch``: dict of ``(batch_size, seq_len)`` int32 arrays (see data/packing.py), rows
+    sharded over data × fsdp. The loss is the mean over the batch's target tokens. With
+    ``grad_accum_steps = A`` the batch is scanned as A micro-batches whose gradients are summed
+    before one update: the same update as the whole batch at once, in 1/A of the activation
+    memory. ``metrics``: float32 scalars ``loss``, ``grad_norm`` (before clipping),
+    ``learning_rate``, ``tokens``.
+    """
+    accum = config.grad_accum_steps
+    schedule = learning_rate_schedule(config)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+    def loss_sum(params, batch, dropout_key):
+        losses = _token_losses(model, params, batch, deterministic=False, dropout_key=dropout_key)
+        return losses.sum(), batch["loss_mask"].sum()
+
+    def train_step(state: TrainState, batch: dict):
+        step_key = jax.random.fold_in(state.rng, state.step)
+        gradient = jax.value_and_grad(loss_sum, has_aux=True)
+        if accum == 1:
+            (total, tokens), grads = gradient(state.params, batch, step_key)
+        else:
+            # Micro-batch m holds rows m, m + A, ...: each device keeps its own rows.
+            micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+                x.reshape(-1, accum, x.shape[-1]).swapaxes(0, 1), micro_sharding), batch)
+
+            def accumulate(carry, inputs):
+                index, micro_batch = inputs
+                (total, tokens), grads = gradient(state.params, micro_batch,
+                                                  jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, (total, tokens, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                     jax.tree.map(jnp.zeros_like, state.params))
+            (total, tokens, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+        denominator = jnp.maximum(tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                                  params=optax.apply_updates(state.params, updates))
+        metrics = {"loss": total / denominator, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step), "tokens": tokens.astype(jnp.float32)}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return _with_rules(jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                               out_shardings=(state_shardings, replicated), donate_argnums=0),
+                       mesh, axis_rules(config))
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
+                   params_shardings, tokenizer: Tokenizer):
+    """The jitted ``(params, batch) -> sums``: float32 ``loss`` (nats), ``tokens``, ``bytes``
+    (of text the targets stand for), and ``(seq_len,)`` ``loss_by_position`` /
+    ``tokens_by_position`` (by each target's position in its document's context)."""
+    byte_lengths = jnp.asarray(tokenizer.byte_lengths())
+
+    def eval_step(params, batch):
+        losses = _token_losses(model, params, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        positions = batch.get("positions")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)
+        by_position = lambda x: jnp.zeros(mask.shape[1], jnp.float32).at[positions].add(x)  # noqa: E731
+        return {"loss": losses.sum(), "tokens": mask.sum(),
+                "bytes": (byte_lengths[batch["targets"]] * mask).sum(),
+                "loss_by_position": by_position(losses), "tokens_by_position": by_position(mask)}
+
+    return _with_rules(jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)),
+                               out_shardings=NamedSharding(mesh, PartitionSpec())),
+                       mesh, axis_rules(config))
+
+
+def to_global_batch(batch: dict, sharding: NamedSharding, rows: slice | None = None) -> dict:
+    """A dict of process-local numpy rows (``rows`` of ``batch``; default all) as global,
+    sharded jax arrays."""
+    return {k: jax.make_array_from_process_local_data(sharding, v if rows is None else v[rows])
+            for k, v in batch.items()}
+
+
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch (what `TrainBatches` gives it)."""
+    local = batch_size // jax.process_count()
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: NamedSharding,
+                     batch_size: int, max_tokens: int = 0) -> dict:
+    """Sums `make_eval_step` over ``batches`` (global batches, every process sees all rows);
+    stops once ``max_tokens`` (0: no limit) targets are counted. Returns numpy sums plus
+    ``loss`` (mean nats per token), ``perplexity``, ``bits_per_byte`` and ``num_tokens``."""
+    totals = None
+    rows = process_rows(batch_size)
+    for batch in batches:
+        sums = eval_step(params, to_global_batch(batch, sharding, rows))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if max_tokens and float(totals["tokens"]) >= max_tokens:
+            break
+    if totals is None:
+        raise ValueError("the evaluation data holds no batch")
+    totals = jax.tree.map(np.asarray, jax.device_get(totals))
+    tokens = max(float(totals["tokens"]), 1.0)
+    loss = float(totals["loss"]) / tokens
+    return totals | {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+                     "bits_per_byte": float(totals["loss"]) / math.log(2)
+                     / max(float(totals["bytes"]), 1.0),
+                     "num_tokens": int(totals["tokens"])}
+
+
+def sample_text(params, model_cfg: TransformerConfig, tokenizer: Tokenizer, prompt: str,
+                num_tokens: int, seed: int, temperature: float = 0.8, top_k: int = 0,
+                top_p: float = 0.95) -> str:
+    """``prompt`` continued by up to ``num_tokens`` sampled tokens (one row), as text."""
+    prompt_ids = tokenizer.encode(prompt)
+    if not len(prompt_ids):
+        prompt_ids = np.array([tokenizer.end_of_document_id], np.int32)
+    tokens, lengths = generate(params, jnp.asarray(prompt_ids)[None], jax.random.PRNGKey(seed),
+                               config=model_cfg, max_new_tokens=num_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p,
+                               end_token=tokenizer.end_of_document_id)
+    return prompt + tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]))
+
+
+def load_for_inference(workdir: str, overrides: dict | None = None, step: int | None = None):
+    """What evaluate.py and generate.py need from a run's checkpoint.
+
+    ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config. Returns
+    ``(config, model_config, tokenizer, mesh, params, step)`` with params laid out on the
+    mesh of ``config.mesh`` over this process's view of all devices.
+    """
+    checkpoints = Checkpoints(workdir, read_only=True)
+    step, config = checkpoints.restore_config(step)
+    for key, value in (overrides or {}).items():
+        parent, _, name = key.rpartition(".")
+        target = config
+        for part in filter(None, parent.split(".")):
+            target = target[part]
+        target[name] = value
+    tokenizer = make_tokenizer(config.data, workdir)
+    model_cfg = model_config(config, tokenizer)
+    mesh = make_mesh(config)
+    abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,
+                                     make_optimizer(config), abstract=True)
+    _, state, _ = checkpoints.restore(abstract, step)
+    checkpoints.close()
+    return config, model_cfg, tokenizer, mesh, state.params, step
+
+
+# --- the training loop ------------------------------------------------------------------------
+
+def peak_flops_per_device(config: ml_collections.ConfigDict) -> float:
+    """The MFU denominator: ``config.peak_flops_per_device``, else the device kind's dense
+    bf16 peak, else (CPU) a float32 matmul timed now."""
+    if config.peak_flops_per_device:
+        return float(config.peak_flops_per_device)
+    kind = jax.devices()[0].device_kind.lower()
+    for name, flops in (("h100", 989e12), ("h200", 989e12), ("b200", 2250e12), ("a100", 312e12),
+                        ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12),
+                        ("v5e", 197e12), ("v5p", 459e12), ("v4", 275e12)):
+        if name in kind:
+            return flops
+    x = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        matmul(x).block_until_ready()
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a request to save and stop after the current step (a second
+    signal of the same kind acts as usual)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class _MetricsLog:
+    """metrics.jsonl, TensorBoard events and the console, from process 0 only."""
+
+    def __init__(self, workdir: str, resume_step: int, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._writer = self._bar = None
+        if not self.enabled:
+            return
+        # Steps after the checkpoint we resume from were logged by the interrupted run and are
+        # about to be run again: drop them so that each step appears once.
+        if os.path.exists(self._path):
+            with open(self._path) as f:
+                kept = [line for line in f if line.strip()
+                        and json.loads(line).get("step", 0) <= resume_step]
+            with open(self._path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(workdir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=resume_step, unit="step",
+                             dynamic_ncols=True)
+
+    def write(self, step: int, scalars: dict, text: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+        for name, value in (text or {}).items():
+            self._writer.add_text(name, value, step)
+        with open(self._path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._writer.flush()
+
+    def progress(self, step: int, summary: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(summary, refresh=True)
+        else:
+            print(f"step {step}: {summary}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _check_resume_compatible(saved: ml_collections.ConfigDict,
+                             config: ml_collections.ConfigDict, directory: str) -> None:
+    for field in _FIXED_ON_RESUME:
+        part, _, name = field.partition(".")
+        old = saved.get(part, {}) if not name else saved.get(part, {}).get(name)
+        new = config[part] if not name else config[part][name]
+        old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
+        new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
+        if old != new:
+            if isinstance(old, dict):
+                key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+                field, old, new = f"{field}.{key}", old.get(key), new.get(key)
+            raise ValueError(f"{field}={new!r}, but the checkpoints in {directory} were trained "
+                             f"with {old!r}: use another workdir, or the same value to resume")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) in ``workdir`` until ``config.num_train_steps``; returns the final
+    evaluation (see `evaluate_batches`). Bad input raises a one-line ValueError."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+
+    # Data: the tokenizer decides the vocabulary; examples are cut to seq_len.
+    tokenizer = make_tokenizer(config.data, workdir)
+    model_cfg = model_config(config, tokenizer)
+    train_examples = packed_examples(config.data, "train", tokenizer, config.seq_len)
+    validation_examples = packed_examples(config.data, "validation", tokenizer, config.seq_len)
+
+    # Devices, the sharded state and the steps.
+    mesh = make_mesh(config)
+    check_batch_fits_mesh(config.batch_size // config.grad_accum_steps, mesh,
+                          "batch_size / grad_accum_steps")
+    model = TransformerLM(model_cfg)
+    optimizer = make_optimizer(config)
+    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+    data_state = None
+    if checkpoints.latest_step() is not None:
+        _, saved_config = checkpoints.restore_config()
+        _check_resume_compatible(saved_config, config, checkpoints.directory)
+        abstract, state_shardings = create_train_state(config, model, mesh, optimizer,
+                                                       abstract=True)
+        _, state, data_state = checkpoints.restore(abstract)
+    else:
+        state, state_shardings = create_train_state(config, model, mesh, optimizer)
+    start_step = int(state.step)
+    train_step = make_train_step(config, model, optimizer, mesh, state_shardings)
+    eval_step = make_eval_step(config, model, mesh, state_shardings.params, tokenizer)
+    sharding = batch_sharding(mesh)
+    batches = TrainBatches(train_examples, config.batch_size, config.seed,
+                           prefetch=config.data.prefetch, state=data_state)
+
+    flops_per_step = training_flops_per_token(model_cfg, config.seq_len) * config.batch_size \
+        * config.seq_len
+    peak_flops = peak_flops_per_device(config) * len(mesh.devices.flat)
+    log = _MetricsLog(workdir, start_step, config.num_train_steps)
+    log.message(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters on mesh "
+                f"{dict(mesh.shape)}; " + (f"resuming at step {start_step}" if start_step
+                                           else "starting") + f" in {workdir}")
+
+    def run_evaluation(step: int, max_batches: int) -> dict:
+        batches = validation_batches(validation_examples, config.batch_size)
+        if max_batches:
+            batches = (b for i, b in zip(range(max_batches), batches))
+        result = evaluate_batches(eval_step, state.params, batches, sharding, config.batch_size)
+        text = {}
+        if config.sample_tokens:
+            text["sample"] = sample_text(state.params, model_cfg, tokenizer, config.sample_prompt,
+                                         config.sample_tokens, seed=config.seed + step)
+        log.write(step, {f"eval/{k}": result[k] for k in ("loss", "perplexity",
+                                                           "bits_per_byte")}, text)
+        log.message(f"step {step}: eval loss {result['loss']:.4f}, perplexity "
+                    f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte")
+        return result
+
+    def save(step: int) -> None:
+        if checkpoints.latest_step() != step:
+            checkpoints.save(step, state, batches.state(), config)
+
+    window = {"steps": 0, "compute": 0.0, "total": 0.0, "tokens": 0.0}
+    final = None
+    with _StopSignal() as stop:
+        try:
+            for step in range(start_step + 1, config.num_train_steps + 1):
+                started = time.perf_counter()
+                batch = to_global_batch(next(batches), sharding)
+                computing = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                computed = time.perf_counter()
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    last = checkpoints.latest_step()
+                    raise ValueError(
+                        f"non-finite loss ({metrics['loss']}) or gradient norm "
+                        f"({metrics['grad_norm']}) at step {step}: stopped; the last good "
+                        f"checkpoint ({'none' if last is None else f'step {last}'}) is kept "
+                        f"in {checkpoints.directory}; lower learning_rate or grad_clip_norm")
+                saved_seconds = None
+                if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                    save_started = time.perf_counter()
+                    save(step)
+                    saved_seconds = time.perf_counter() - save_started
+
+                window["steps"] += 1
+                window["compute"] += computed - computing
+                window["tokens"] += metrics["tokens"]
+                window["total"] += time.perf_counter() - started
+                if step % config.log_every_steps == 0 or saved_seconds is not None:
+                    seconds_per_step = window["total"] / window["steps"]
+                    scalars = metrics | {
+                        "tokens_per_second": window["tokens"] / window["total"],
+                        "mfu": flops_per_step / seconds_per_step / peak_flops,
+                        "seconds_per_step": seconds_per_step,
+                        # Host time outside the jitted step (data, logging, checkpoint calls).
+                        "overhead_fraction": 1.0 - window["compute"] / window["total"]}
+                    if saved_seconds is not None:
+                        scalars["checkpoint_save_seconds"] = saved_seconds
+                    log.write(step, scalars)
+                    log.progress(step, f"loss {metrics['loss']:.4f} "
+                                 f"{scalars['tokens_per_second']:,.0f} tok/s "
+                                 f"MFU {scalars['mfu']:.1%}")
+                    window = dict.fromkeys(window, 0)
+                if (config.eval_every_steps and step % config.eval_every_steps == 0
+                        and step != config.num_train_steps):
+                    run_evaluation(step, config.eval_batches)
+                if stop.received is not None:
+                    save(step)
+                    checkpoints.wait()
+                    log.message(f"{signal.Signals(stop.received).name}: saved the checkpoint "
+                                f"of step {step} in {checkpoints.directory}; run the same "
+                                f"command to resume")
+                    return {"stopped_at": step}
+            final = run_evaluation(int(state.step), config.eval_batches)
+        finally:
+            checkpoints.wait()
+            checkpoints.close()
+            log.close()
+    return final
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
+    if jax_distributed_requested():
+        jax.distributed.initialize()
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ValueError as error:  # the user's input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def jax_distributed_requested() -> bool:
+    """Whether this process is one of several (a coordinator address, or a SLURM, Open MPI or
+    multi-host TPU launch); then `jax.distributed.initialize` finds its peers."""
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+if __name__ == "__main__":
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+        "Training config file (a path, optionally with ':ARG' for its get_config).",
+        lock_config=True)
+    flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and TensorBoard logs.")
+    app.run(main)
