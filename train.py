@@ -237,7 +237,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
 
     def loss_sum(params, batch, dropout_key):
         losses = _token_losses(model, params, batch, deterministic=False, dropout_key=dropout_key)
-        return losses.sum(), batch["loss_mask"].sum()
+        return losses.sum(), batch["loss_mask"].sum(dtype=jnp.float32)
 
     def train_step(state: TrainState, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
@@ -255,16 +255,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
                                                   jax.random.fold_in(step_key, index))
                 return jax.tree.map(jnp.add, carry, (total, tokens, grads)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                      jax.tree.map(jnp.zeros_like, state.params))
             (total, tokens, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-        denominator = jnp.maximum(tokens, 1).astype(jnp.float32)
+        denominator = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, opt_state=opt_state,
                                   params=optax.apply_updates(state.params, updates))
-        metrics = {"loss": total / denominator, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state.step), "tokens": tokens.astype(jnp.float32)}
+        metrics = {"loss": total / denominator, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state.step), "tokens": tokens}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())

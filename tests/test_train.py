@@ -1,0 +1,294 @@
+"""train.py: the tiny config learns; resume after SIGKILL is bit-identical; SIGTERM saves; the
+sharded step equals the 1-device step on several meshes; bad input is one line."""
+
+import glob
+import os
+import random
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+import train
+from checkpoints import Checkpoints
+from tests.training import config_flags, restore_params, script, tiny_config, train_metrics
+
+
+def test_tiny_config_trains_and_its_loss_falls(tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_config(tmp_path / "cache", num_train_steps=30)
+    result = train.train_and_evaluate(config, str(workdir))
+
+    metrics = train_metrics(workdir)
+    assert sorted(metrics) == list(range(1, 31))
+    first = np.mean([metrics[s]["loss"] for s in (1, 2, 3)])
+    last = np.mean([metrics[s]["loss"] for s in (28, 29, 30)])
+    assert last < first - 1.5, (first, last)  # from ~ln(384) = 5.95 towards ~3
+    assert result["loss"] < 4.0 and result["bits_per_byte"] < 6.0
+    # keep_checkpoints = 3 of the saves every 5 steps; TensorBoard events beside them.
+    assert Checkpoints(str(workdir), read_only=True).all_steps() == [20, 25, 30]
+    assert glob.glob(str(workdir / "events.out.tfevents.*"))
+    for key in ("tokens_per_second", "mfu", "learning_rate", "grad_norm", "overhead_fraction"):
+        assert np.isfinite(metrics[30][key])
+    assert "checkpoint_save_seconds" in metrics[30]
+
+
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    config = tiny_config(tmp_path / "cache", num_train_steps=16, checkpoint_every_steps=4,
+                         eval_every_steps=0, **{"model.dropout_rate": 0.1})
+    flags = ["--config=configs/tiny.py"] + config_flags(config)
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    done = script("train.py", *flags, f"--workdir={uninterrupted}")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    kill_after = random.Random(os.getpid()).randint(5, 13)
+    process = script("train.py", *flags, f"--workdir={interrupted}", popen=True)
+    metrics = interrupted / "metrics.jsonl"
+    while process.poll() is None:
+        if metrics.exists() and max(train_metrics(interrupted), default=0) >= kill_after:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = script("train.py", *flags, f"--workdir={interrupted}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step" in resumed.stdout + resumed.stderr
+
+    expected, got = train_metrics(uninterrupted), train_metrics(interrupted)
+    assert sorted(got) == sorted(expected) == list(range(1, 17))
+    for step in expected:
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert got[step][key] == expected[step][key], (step, key)
+    for a, b in zip(jax.tree.leaves(restore_params(uninterrupted)),
+                    jax.tree.leaves(restore_params(interrupted)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    config = tiny_config(tmp_path / "cache", num_train_steps=10_000,
+                         checkpoint_every_steps=10_000, eval_every_steps=0)
+    workdir = tmp_path / "run"
+    process = script("train.py", "--config=configs/tiny.py", *config_flags(config),
+                     f"--workdir={workdir}", popen=True)
+    while process.poll() is None and max(train_metrics(workdir) if (workdir / "metrics.jsonl")
+                                         .exists() else [0]) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    steps = Checkpoints(str(workdir), read_only=True).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3
+    assert f"SIGTERM: saved the checkpoint of step {steps[0]}" in out + err
+
+
+# --- the sharded step ------------------------------------------------------------------------
+
+def _sharding_config(cache_dir, **overrides):
+    # Sizes divisible by every mesh axis below (heads 4, embed 64, mlp 128, vocab 384).
+    return tiny_config(cache_dir, **{"model.d_model": 64, "model.num_heads": 4,
+                                     "model.mlp_dim": 128, "model.dropout_rate": 0.1,
+                                     **overrides})
+
+
+def _run_steps(config, mesh_shape, batches, devices=None):
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
+    mesh = train.make_mesh(config, devices)
+    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
+                                                                    vocab_size=384))
+    optimizer = train.make_optimizer(config)
+    state, shardings = train.create_train_state(config, model, mesh, optimizer)
+    step = train.make_train_step(config, model, optimizer, mesh, shardings)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, train.to_global_batch(batch, train.batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    from data import TrainBatches, make_tokenizer, packed_examples
+
+    config = tiny_config(tmp_path_factory.mktemp("cache"))
+    examples = packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
+    iterator = TrainBatches(examples, config.batch_size, seed=0, process_index=0, process_count=1)
+    return [next(iterator) for _ in range(3)]
+
+
+@pytest.fixture(scope="module")
+def one_device_run(batches, tmp_path_factory):
+    config = _sharding_config(tmp_path_factory.mktemp("cache"))
+    state, losses = _run_steps(config, (1, 1, 1), batches, jax.devices()[:1])
+    return jax.tree.map(np.asarray, state.params), losses
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)])
+def test_sharded_step_matches_one_device(mesh_shape, batches, one_device_run, tmp_path):
+    assert len(jax.devices()) == 8
+    state, losses = _run_steps(_sharding_config(tmp_path), mesh_shape, batches)
+    expected_params, expected_losses = one_device_run
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+
+    # The parameters and AdamW moments are sharded as configs/default.py's rules say.
+    data, fsdp, tensor = mesh_shape
+    embedding = state.params["embed"]["embedding"]  # (vocab, embed)
+    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp)
+    query = state.params["layer_0"]["attention"]["query"]["kernel"]  # (embed, heads, kv)
+    assert query.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert query.addressable_shards[0].data.shape == (64 // fsdp, 4 // tensor, 16)
+    down = state.params["layer_0"]["mlp"]["down"]["kernel"]  # (mlp, embed)
+    assert down.sharding.spec == PartitionSpec("tensor", "fsdp")
+    adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
+    assert adam.mu["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+
+
+def test_gradient_accumulation_matches_the_whole_batch(batches, tmp_path):
+    # Without dropout: its draws differ per micro-batch.
+    whole = _sharding_config(tmp_path, **{"model.dropout_rate": 0.0})
+    accumulated = _sharding_config(tmp_path, grad_accum_steps=4, **{"model.dropout_rate": 0.0})
+    state_a, losses_a = _run_steps(whole, (1, 1, 1), batches, jax.devices()[:1])
+    state_b, losses_b = _run_steps(accumulated, (2, 1, 1), batches, jax.devices()[:2])
+    np.testing.assert_allclose(losses_b, losses_a, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
+    config = _sharding_config(tmp_path / "cache")
+    state, _ = _run_steps(config, (2, 4, 1), batches[:1])
+    checkpoints = Checkpoints(str(tmp_path / "run"))
+    checkpoints.save(1, state, {"next_index": 8}, config)
+    checkpoints.wait()
+
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4
+    mesh = train.make_mesh(config)
+    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
+                                                                    vocab_size=384))
+    abstract, _ = train.create_train_state(config, model, mesh, train.make_optimizer(config),
+                                           abstract=True)
+    step, restored, data_state = checkpoints.restore(abstract)
+    assert step == 1 and data_state == {"next_index": 8}
+    embedding = restored.params["embed"]["embedding"]
+    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 4}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path / "cache", learning_rate=1e30, warmup_steps=0,
+                         grad_clip_norm=0.0, checkpoint_every_steps=1, eval_every_steps=0)
+    with pytest.raises(ValueError, match="non-finite loss .* the last good checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    steps = Checkpoints(str(tmp_path / "run"), read_only=True).all_steps()
+    assert steps  # the steps before the blow-up
+    params = restore_params(tmp_path / "run")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+# --- bad input: one line, non-zero exit, nothing lost ---------------------------------------
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.batch_size=0", "error: batch_size=0: expected an int >= 1"),
+    ("--config.mesh.tensor=3", "error: mesh {'data': -1, 'fsdp': 1, 'tensor': 3}: 8 devices are "
+                               "not divisible by 3"),
+    ("--config.model.num_heads=3", "error: model.d_model=32 is not divisible by "
+                                   "model.num_heads=3; set model.head_dim"),
+    ("--config.data.source=text", "error: data.paths"),
+    ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
+])
+def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
+    done = script("train.py", "--config=configs/tiny.py", flag, f"--workdir={tmp_path}/run",
+                  f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_an_empty_data_file_is_a_one_line_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    done = script("train.py", "--config=configs/tiny.py", "--config.data.source=text",
+                  f"--config.data.paths={empty}", f"--workdir={tmp_path}/run",
+                  f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    train.train_and_evaluate(tiny_config(root / "cache", num_train_steps=10, eval_every_steps=0),
+                             str(root / "run"))
+    return root
+
+
+def _snapshot(folder):
+    return {p: os.path.getsize(p) for p in glob.glob(f"{folder}/**", recursive=True)
+            if os.path.isfile(p)}
+
+
+def test_resuming_with_another_model_is_a_one_line_error_and_keeps_the_checkpoints(
+        trained_workdir):
+    before = _snapshot(trained_workdir / "run" / "checkpoints")
+    done = script("train.py", "--config=configs/tiny.py", "--config.model.d_model=64",
+                  f"--workdir={trained_workdir}/run",
+                  f"--config.data.cache_dir={trained_workdir}/cache")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: model.d_model=64, but the checkpoints in {trained_workdir}/run/checkpoints were "
+        f"trained with 32: use another workdir, or the same value to resume")
+    assert _snapshot(trained_workdir / "run" / "checkpoints") == before
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_workdir, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir / "run", workdir)
+    latest = max(Checkpoints(str(workdir), read_only=True).all_steps())
+    victims = sorted(glob.glob(f"{workdir}/checkpoints/{latest}/state/**/*", recursive=True))
+    victims = [p for p in victims if os.path.isfile(p) and os.path.getsize(p) > 100]
+    with open(victims[0], "r+b") as f:
+        f.write(b"\0" * 100)
+    before = _snapshot(workdir / "checkpoints")
+    for name in ("train.py", "evaluate.py"):
+        args = ["--config=configs/tiny.py"] if name == "train.py" else []
+        done = script(name, *args, f"--workdir={workdir}",
+                      f"--config.data.cache_dir={trained_workdir}/cache")
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: the checkpoint {workdir}/checkpoints/{latest} cannot be "
+                               f"restored"), last
+        assert _snapshot(workdir / "checkpoints") == before
+
+
+def test_make_mesh_and_batch_checks():
+    config = tiny_config("unused")
+    assert train.make_mesh(config).shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    config.mesh.data, config.mesh.fsdp = 2, -1
+    assert train.make_mesh(config).shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    config.mesh.tensor = -1
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        train.make_mesh(config)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
+    with pytest.raises(ValueError, match="needs 4 devices; there are 8"):
+        train.make_mesh(config)
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by mesh data × fsdp = 4"):
+        train.check_batch_fits_mesh(6, train.make_mesh(config, jax.devices()[:4]))
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    config = tiny_config("unused", num_train_steps=100, warmup_steps=10, learning_rate=1.0,
+                         min_learning_rate_ratio=0.1)
+    schedule = train.learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(100)) == pytest.approx(0.1)
+    assert float(schedule(50)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 40 / 90)))

@@ -1,0 +1,72 @@
+"""Helpers for the tests of train.py, evaluate.py and generate.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(cache_dir, **overrides):
+    """configs/tiny.py with its token cache in ``cache_dir`` and ``overrides`` (dotted keys)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.cache_dir = str(cache_dir)
+    for key, value in overrides.items():
+        parent, _, name = key.rpartition(".")
+        (config[parent] if parent else config)[name] = value
+    return config
+
+
+def config_flags(config) -> list[str]:
+    """The --config.* flags that turn configs/tiny.py into ``config`` (leaves only)."""
+    from configs import tiny
+
+    base = _flatten(tiny.get_config().to_dict())
+    return [f"--config.{k}={v}" for k, v in _flatten(config.to_dict()).items()
+            if base.get(k) != v]
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat |= _flatten(v, f"{prefix}{k}.")
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Runs ``python <name> args`` from the repository root (``popen=True``: starts it)."""
+    command = [sys.executable, os.path.join(ROOT, name), *args]
+    if kwargs.pop("popen", False):
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def train_metrics(workdir) -> dict[int, dict]:
+    """metrics.jsonl's training lines by step."""
+    rows = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                rows[row["step"]] = row
+    return rows
+
+
+def restore_params(workdir, step=None):
+    """The parameters (numpy) of ``workdir``'s checkpoint (latest where step is None)."""
+    import train
+
+    *_, params, _ = train.load_for_inference(str(workdir), step=step)
+    return jax.tree.map(np.asarray, params)
