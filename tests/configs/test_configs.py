@@ -1,0 +1,38 @@
+"""Every config under configs/ builds a valid model, mesh and optimizer."""
+
+import glob
+import os
+
+import pytest
+
+import train
+from model import TransformerConfig, training_flops_per_token
+from tests.training import ROOT
+
+
+def _configs():
+    from ml_collections import config_flags  # noqa: F401  (the loader train.py uses)
+    from configs import default, long_context_cpu, pg19, tiny
+
+    yield "default", default.get_config()
+    yield "tiny", tiny.get_config()
+    yield "long_context_cpu", long_context_cpu.get_config()
+    for context in ("32768", "65536", "131072"):
+        yield f"pg19:{context}", pg19.get_config(context)
+
+
+def test_every_config_file_is_covered():
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+    assert files - {"__init__", "data"} == {name.split(":")[0] for name, _ in _configs()}
+
+
+@pytest.mark.parametrize("name, config", list(_configs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_config_is_valid(name, config):
+    train.validate_config(config)
+    model = TransformerConfig.from_config(config.model.to_dict(), vocab_size=384)
+    assert train.axis_rules(config)
+    assert config.seq_len >= 2048 or name == "tiny"
+    assert training_flops_per_token(model, config.seq_len) > 0
+    config.mesh.data = config.mesh.fsdp = 1
+    config.mesh.tensor = -1
+    assert train.make_mesh(config).shape["tensor"] == 8
