@@ -217,6 +217,12 @@ def _with_rules(jitted: Callable, mesh: Mesh, rules: tuple) -> Callable:
     def call(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)
+
+    def lower(*args):  # for ahead-of-time compilation (memory analysis in bench/)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(*args)
+
+    call.lower = lower
     return call
 
 

@@ -3,8 +3,8 @@ and generation speed with the rolling caches.
 
     python bench/model.py [--contexts 1024,4096,16384,65536] [--generate 1024,16384]
 
-Training: batch 1 × context, float32, rematerialised blocks, AdamW, forward+backward+update in
-one jitted step; the same model with dense causal attention (``jax.nn.dot_product_attention``,
+Training: batch 1 × context, float32, rematerialised blocks, train.py's step (AdamW with
+clipping, forward+backward+update in one jitted step); the same model with dense causal attention (``jax.nn.dot_product_attention``,
 ``is_causal``) is measured in the same run. Generation: a 16-token prompt, then N sampled
 tokens in one jitted ``while_loop``. Each point runs in its own process under a memory cap;
 memory is what XLA's buffer assignment needs for the step. The FLOP rate uses
@@ -41,42 +41,40 @@ def _config(attention: str, context: int):
 
 def run_train_point(attention: str, context: int, memory_cap: int) -> dict:
     import jax
-    import optax
+    import jax.numpy as jnp
 
+    import train
+    from configs import default
     from model import TransformerLM, count_parameters, training_flops_per_token
 
-    config = _config(attention, context)
-    model = TransformerLM(config)
-    params = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
-    params = params["params"]
-    optimizer = optax.adamw(1e-3)
-    tokens = jax.random.randint(jax.random.key(1), (1, context + 1), 0, config.vocab_size)
-
-    def loss_fn(params, tokens):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    def train_step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    model_config = _config(attention, context)
+    model = TransformerLM(model_config)
+    # train.py's step on one device: AdamW with clipping, as `python train.py` runs it.
+    config = default.get_config()
+    mesh = train.make_mesh(config, jax.devices()[:1])
+    optimizer = train.make_optimizer(config)
+    state, shardings = train.create_train_state(config, model, mesh, optimizer)
+    tokens = jax.random.randint(jax.random.key(1), (1, context + 1), 0, model_config.vocab_size)
+    batch = train.to_global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                   "loss_mask": jnp.ones((1, context), jnp.int32)},
+                                  train.batch_sharding(mesh))
+    step = train.make_train_step(config, model, optimizer, mesh, shardings)
+    compiled = step.lower(state, batch).compile()
     row = {"kind": "train", "attention": attention, "context": context,
-           "parameters": count_parameters(params), "xla_bytes": xla_bytes(compiled)}
+           "parameters": count_parameters(state.params), "xla_bytes": xla_bytes(compiled)}
     if row["xla_bytes"] > memory_cap:
         return row | {"failed": f"out of memory (needs {row['xla_bytes'] / 2**30:.0f} GiB)"}
-    state = [params, opt_state]
+    states = [state]
 
     def one_step():
-        state[0], state[1], loss = compiled(state[0], state[1], tokens)
-        jax.block_until_ready(loss)
+        states[0], metrics = compiled(states[0], batch)
+        jax.block_until_ready(metrics)
 
     one_step()  # warm up
     seconds = best_time(one_step, repeats=3 if context <= 4096 else 1)
     return row | {"seconds": seconds, "tokens_per_second": context / seconds,
-                  "flops_per_second": training_flops_per_token(config, context) * context / seconds}
+                  "flops_per_second": training_flops_per_token(model_config, context) * context
+                  / seconds}
 
 
 def run_generate_point(new_tokens: int) -> dict:
