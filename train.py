@@ -89,6 +89,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("adam_b1", "adam_b2"):
         if not 0 <= config[name] < 1:
             raise ValueError(f"{name}={config[name]!r}: expected a number in [0, 1)")
+    if config.model.attention_implementation == "cudnn" and config.data.packing == "documents":
+        raise ValueError("model.attention_implementation='cudnn' cannot keep packed documents "
+                         "apart: set data.packing='stream', or use 'xla'")
     if config.batch_size % config.grad_accum_steps:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by "
                          f"grad_accum_steps={config.grad_accum_steps}")

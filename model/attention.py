@@ -161,10 +161,12 @@ def local_attention(
       dropout_rng: a PRNG key.
       segment_ids: optional int ids, broadcastable to ``(..., seq_len)``, for packed
         documents: attention never crosses a segment boundary.
-      implementation: ``"xla"``, the blocked algorithm of this module (any backend), or
+      implementation: ``"xla"``, the blocked algorithm of this module (any backend);
         ``"dense"``, ``jax.nn.dot_product_attention`` over the full (n, n) scores (O(n²): a
-        baseline, without rel_pos_emb or dropout). The one place where faster backends (cuDNN,
-        Pallas, TPU splash attention) plug in.
+        baseline, without rel_pos_emb or dropout); or ``"cudnn"``, cuDNN's fused
+        sliding-window flash attention (NVIDIA GPUs, bfloat16/float16, causal windows, without
+        mask, segment_ids, rel_pos_emb or dropout). The one place where other backends
+        (Pallas, TPU splash attention) plug in.
       block_size: query block length (static); by default chosen from the window.
       precision: matmul precision, as for ``jnp.einsum``.
 
@@ -503,5 +505,37 @@ def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     return out.reshape(q.shape)
 
 
+def _cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+    """cuDNN's fused flash attention with its sliding-window mask (NVIDIA GPUs). It skips the
+    key blocks outside the window, so time and memory stay linear in the sequence length; on
+    an H100 it runs about 20× faster than the blocked kernel (see the README)."""
+    del dropout_rng, block_size, precision
+    unsupported = [name for name, value in (("mask", mask), ("segment_ids", segment_ids),
+                                            ("rel_pos_emb", rel_pos_emb)) if value is not None]
+    if dropout_rate > 0.0:
+        unsupported.append("dropout")
+    if window_size_right:
+        unsupported.append(f"window_size_right={window_size_right}")
+    if unsupported:
+        raise ValueError(f"implementation='cudnn' computes causal windows (window_size_right=0) "
+                         f"without masks, segments, relative positions or dropout; got "
+                         f"{', '.join(unsupported)}: use implementation='xla'")
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the default backend is "
+                         f"{jax.default_backend()!r}: use implementation='xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
+    *lead, seq_len, head_dim = q.shape
+    heads = lead[-1] if lead else 1
+    # (..., heads, n, d) -> (batch, n, heads, d), the layout of jax.nn.dot_product_attention.
+    to_bnhd = lambda x: jnp.swapaxes(x.reshape(-1, heads, seq_len, head_dim), 1, 2)  # noqa: E731
+    out = jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
+                                       local_window_size=(window_size_left, 0),
+                                       implementation="cudnn")
+    return jnp.swapaxes(out, 1, 2).reshape(q.shape)
+
+
 # The backends `local_attention(implementation=...)` can dispatch to.
-_IMPLEMENTATIONS = {"xla": _xla_local_attention, "dense": _dense_local_attention}
+_IMPLEMENTATIONS = {"xla": _xla_local_attention, "dense": _dense_local_attention,
+                    "cudnn": _cudnn_local_attention}

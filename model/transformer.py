@@ -25,7 +25,7 @@ POSITION_EMBEDDINGS = ("rope", "relative", "none")
 ACTIVATIONS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
-IMPLEMENTATIONS = ("xla", "dense")  # model.local_attention backends
+IMPLEMENTATIONS = ("xla", "dense", "cudnn")  # model.local_attention backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,9 @@ class TransformerConfig:
                 self.position_embedding == "relative" or self.attention_dropout_rate):
             raise ValueError(f"model.attention_implementation={self.attention_implementation!r} "
                              f"supports neither relative positions nor attention dropout")
+        if self.attention_implementation == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(f"model.attention_implementation='cudnn' needs "
+                             f"model.dtype='bfloat16'; got {self.dtype!r}")
         for name in ("dropout_rate", "attention_dropout_rate", "rope_base"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):

@@ -199,3 +199,36 @@ def test_dense_implementation_matches_the_blocked_one(with_masks):
                                local_attention(q, k, v, **kwargs), atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="implementation='dense' supports neither"):
         local_attention(q, k, v, implementation="dense", rel_pos_emb=jnp.ones((16, 8)), **kwargs)
+
+
+def test_cudnn_implementation_rejects_what_it_cannot_compute():
+    q, k, v = _qkv((1, 2, 64, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="implementation='cudnn' computes causal windows .* "
+                                         "segment_ids, window_size_right=3"):
+        local_attention(q, k, v, window_size_left=8, window_size_right=3,
+                        segment_ids=jnp.zeros((1, 1, 64), jnp.int32), implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="implementation='cudnn' needs an NVIDIA GPU"):
+            local_attention(q, k, v, window_size_left=8, window_size_right=0,
+                            implementation="cudnn")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+def test_cudnn_implementation_matches_the_blocked_one_on_gpu():
+    q, k, v = _qkv((2, 4, 1000, 64), jnp.bfloat16)
+    kwargs = dict(window_size_left=100, window_size_right=0)
+
+    def loss(implementation):
+        return lambda q, k, v: (local_attention(q, k, v, implementation=implementation, **kwargs)
+                                .astype(jnp.float32) ** 2).sum()
+
+    for implementation in ("cudnn", "xla"):
+        jax.block_until_ready(local_attention(q, k, v, implementation=implementation, **kwargs))
+    np.testing.assert_allclose(
+        local_attention(q, k, v, implementation="cudnn", **kwargs).astype(np.float32),
+        local_attention(q, k, v, **kwargs).astype(np.float32), atol=2e-2, rtol=2e-2)
+    for got, expected in zip(jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v),
+                             jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+        scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32),
+                                   atol=3e-2 * scale)
