@@ -16,6 +16,7 @@ against the position in the context.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -34,9 +35,12 @@ flags.DEFINE_integer("seq_len", 0, "Context length (default: the training seq_le
 flags.DEFINE_integer("max_tokens", 0, "Stop after about this many tokens (0: the whole split).")
 flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("plot", None, "Write a PNG of loss against position in the context.")
-config_flags.DEFINE_config_dict("config", default.get_config(),
-                                "Overrides of the run's config: --config.data.*, "
-                                "--config.mesh.*, --config.batch_size.")
+try:  # config_flags applies --config.* overrides already here
+    config_flags.DEFINE_config_dict("config", default.get_config(),
+                                    "Overrides of the run's config: --config.data.*, "
+                                    "--config.mesh.*, --config.batch_size.")
+except (KeyError, AttributeError) as error:
+    train.exit_with_error(train.unknown_config_field(error, sys.argv))
 
 _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 
@@ -45,6 +49,8 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
              overrides: dict | None = None, step: int | None = None) -> dict:
     """Evaluates the checkpoint of ``workdir``; returns `train.evaluate_batches`' results
     plus ``seq_len``, ``step``, ``split`` (all plain Python or numpy values)."""
+    if max_tokens < 0:
+        raise ValueError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
     for key in overrides or {}:
         if not key.startswith(_OVERRIDABLE):
             raise ValueError(f"--config.{key}: evaluate.py takes only --config.data.*, "
@@ -54,14 +60,15 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
     seq_len = seq_len or config.seq_len
     if seq_len < 1:
         raise ValueError(f"--seq_len={seq_len}: expected a positive int")
-    train.check_batch_fits_mesh(config.batch_size, mesh)
+    # The training micro-batch: what fit in memory there.
+    batch_size = config.batch_size // config.grad_accum_steps
+    train.check_batch_fits_mesh(batch_size, mesh, "batch_size / grad_accum_steps")
     examples = packed_examples(config.data, split, tokenizer, seq_len)
     model = train.TransformerLM(model_cfg)
     params_shardings = train.jax.tree.map(lambda x: x.sharding, params)
     eval_step = train.make_eval_step(config, model, mesh, params_shardings, tokenizer)
-    result = train.evaluate_batches(eval_step, params,
-                                    validation_batches(examples, config.batch_size),
-                                    train.batch_sharding(mesh), config.batch_size, max_tokens)
+    result = train.evaluate_batches(eval_step, params, validation_batches(examples, batch_size),
+                                    train.batch_sharding(mesh), batch_size, max_tokens)
     return result | {"seq_len": seq_len, "step": step, "split": split}
 
 
@@ -73,9 +80,10 @@ def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
     import matplotlib.pyplot as plt
 
     losses, counts = result["loss_by_position"], result["tokens_by_position"]
-    edges = np.unique(np.geomspace(1, len(losses), buckets + 1).astype(int))
+    # Positions [0, 1), [1, 2), ... growing geometrically up to [.., len).
+    edges = np.unique(np.concatenate([[0], np.geomspace(1, len(losses), buckets).astype(int)]))
     centers, means = [], []
-    for lo, hi in zip(edges[:-1] - 1, edges[1:] - 1):
+    for lo, hi in zip(edges[:-1], edges[1:]):
         if counts[lo:hi].sum():
             centers.append((lo + hi - 1) / 2)
             means.append(losses[lo:hi].sum() / counts[lo:hi].sum())
@@ -97,13 +105,17 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
+        for flag in ("output", "plot"):
+            folder = os.path.dirname(os.path.abspath(FLAGS[flag].value or "."))
+            if FLAGS[flag].value and not os.path.isdir(folder):
+                raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
+                                 f"exist")
         result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
                           config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
         if FLAGS.plot:
             plot_loss_by_position(result, FLAGS.plot)
     except ValueError as error:  # the user's input: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        train.exit_with_error(error)
     summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
                                       "seq_len", "step", "split")}
     print(json.dumps(summary, indent=1))
@@ -113,4 +125,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.parse_flags)

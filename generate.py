@@ -1,6 +1,6 @@
 """Sample text from a trained run.
 
-    python generate.py --workdir=runs/default [--prompt="def "] [--max_new_tokens=256]
+    python generate.py --workdir=runs/default [--step=N] [--prompt="def "] [--max_new_tokens=256]
         [--temperature=0.8] [--top_k=0] [--top_p=0.95] [--num_samples=1] [--seed=0]
 
 Restores the latest checkpoint (or ``--step``), prefills the prompt and samples with the
@@ -9,7 +9,6 @@ rolling attention caches (model/sampling.py); stops a sample at the end-of-docum
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 
@@ -44,9 +43,8 @@ def main(argv) -> None:
                                      top_k=FLAGS.top_k, top_p=FLAGS.top_p)
             print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {step}) ---\n{text}")
     except ValueError as error:  # the user's input: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        train.exit_with_error(error)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=train.parse_flags)

@@ -34,16 +34,20 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from checkpoints import CheckpointError, Checkpoints
+from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
 from data.tokenizers import Tokenizer
 from model import TransformerConfig, TransformerLM, generate, training_flops_per_token
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
-# Fields that must not change when a run resumes: the checkpoint's arrays depend on them.
+# Fields that must not change when a run resumes: the checkpoint's arrays depend on them
+# (model, tokenizer), or the saved data iterator position does (the examples and their order).
 _FIXED_ON_RESUME = ("model", "data.tokenizer", "data.sentencepiece_model",
-                    "data.sentencepiece_vocab_size")
+                    "data.sentencepiece_vocab_size", "seed", "seq_len", "batch_size",
+                    "data.source", "data.paths", "data.hf_name", "data.hf_config",
+                    "data.tfds_name", "data.packing", "data.max_documents",
+                    "data.validation_fraction")
 
 
 @flax.struct.dataclass
@@ -172,9 +176,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                         weight_decay=config.weight_decay, mask=decayed)
-    if not config.grad_clip_norm:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    # Always the same chain (an infinite norm when clipping is off), so the optimizer state,
+    # and so a checkpoint, does not depend on grad_clip_norm.
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm or float("inf")), adamw)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
@@ -358,25 +362,34 @@ def sample_text(params, model_cfg: TransformerConfig, tokenizer: Tokenizer, prom
 def load_for_inference(workdir: str, overrides: dict | None = None, step: int | None = None):
     """What evaluate.py and generate.py need from a run's checkpoint.
 
-    ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config. Returns
-    ``(config, model_config, tokenizer, mesh, params, step)`` with params laid out on the
-    mesh of ``config.mesh`` over this process's view of all devices.
+    ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config; the mesh is
+    data-parallel over all devices unless ``mesh.*`` overrides say otherwise (the training
+    mesh may need more devices than this machine has). Returns ``(config, model_config,
+    tokenizer, mesh, params, step)`` with params laid out on that mesh.
     """
+    overrides = dict(overrides or {})
+    fixed = [key for key in overrides if key.startswith(_FIXED_ON_RESUME[:4])]
+    if fixed:
+        raise ValueError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "
+                         f"cannot change after training")
     checkpoints = Checkpoints(workdir, read_only=True)
-    step, config = checkpoints.restore_config(step)
-    for key, value in (overrides or {}).items():
-        parent, _, name = key.rpartition(".")
-        target = config
-        for part in filter(None, parent.split(".")):
-            target = target[part]
-        target[name] = value
-    tokenizer = make_tokenizer(config.data, workdir)
-    model_cfg = model_config(config, tokenizer)
-    mesh = make_mesh(config)
-    abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,
-                                     make_optimizer(config), abstract=True)
-    _, state, _ = checkpoints.restore(abstract, step)
-    checkpoints.close()
+    try:
+        step, config = checkpoints.restore_config(step)
+        overrides = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1} | overrides
+        for key, value in overrides.items():
+            parent, _, name = key.rpartition(".")
+            target = config
+            for part in filter(None, parent.split(".")):
+                target = target[part]
+            target[name] = value
+        tokenizer = make_tokenizer(config.data, workdir)
+        model_cfg = model_config(config, tokenizer)
+        mesh = make_mesh(config)
+        abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,
+                                         make_optimizer(config), abstract=True)
+        _, state, _ = checkpoints.restore(abstract, step)
+    finally:
+        checkpoints.close()
     return config, model_cfg, tokenizer, mesh, state.params, step
 
 
@@ -420,9 +433,28 @@ class _StopSignal:
         self.received = signum
         signal.signal(signum, self._previous[signum])
 
+    def requested(self) -> bool:
+        """Whether any process received a signal (all processes must stop at the same step,
+        since the checkpoint is saved by all of them together)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        from jax.experimental import multihost_utils
+        signals = multihost_utils.process_allgather(np.array(self.received or 0))
+        if self.received is None and signals.max():
+            self.received = int(signals.max())
+        return self.received is not None
+
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line cut short by a killed run."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _MetricsLog:
@@ -438,8 +470,7 @@ class _MetricsLog:
         # about to be run again: drop them so that each step appears once.
         if os.path.exists(self._path):
             with open(self._path) as f:
-                kept = [line for line in f if line.strip()
-                        and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if _logged_step(line) <= resume_step]
             with open(self._path, "w") as f:
                 f.writelines(kept)
         from tensorboardX import SummaryWriter
@@ -484,7 +515,7 @@ def _check_resume_compatible(saved: ml_collections.ConfigDict,
                              config: ml_collections.ConfigDict, directory: str) -> None:
     for field in _FIXED_ON_RESUME:
         part, _, name = field.partition(".")
-        old = saved.get(part, {}) if not name else saved.get(part, {}).get(name)
+        old = saved.get(part) if not name else saved.get(part, {}).get(name)
         new = config[part] if not name else config[part][name]
         old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
         new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
@@ -498,10 +529,24 @@ def _check_resume_compatible(saved: ml_collections.ConfigDict,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in ``workdir`` until ``config.num_train_steps``; returns the final
-    evaluation (see `evaluate_batches`). Bad input raises a one-line ValueError."""
+    evaluation (see `evaluate_batches`), or ``{"stopped_at": step}`` after SIGTERM/SIGINT.
+    Bad input raises a one-line ValueError."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with _StopSignal() as stop:
+        checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+        try:
+            # Before anything is built in the workdir: a resumed run must match its checkpoints.
+            if checkpoints.latest_step() is not None:
+                _, saved_config = checkpoints.restore_config()
+                _check_resume_compatible(saved_config, config, checkpoints.directory)
+            return _train(config, workdir, checkpoints, stop)
+        finally:
+            checkpoints.wait()
+            checkpoints.close()
 
+
+def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) -> dict:
     # Data: the tokenizer decides the vocabulary; examples are cut to seq_len.
     tokenizer = make_tokenizer(config.data, workdir)
     model_cfg = model_config(config, tokenizer)
@@ -510,20 +555,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Devices, the sharded state and the steps.
     mesh = make_mesh(config)
-    check_batch_fits_mesh(config.batch_size // config.grad_accum_steps, mesh,
-                          "batch_size / grad_accum_steps")
+    micro_batch = config.batch_size // config.grad_accum_steps
+    check_batch_fits_mesh(micro_batch, mesh, "batch_size / grad_accum_steps")
     model = TransformerLM(model_cfg)
     optimizer = make_optimizer(config)
-    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+    abstract, state_shardings = create_train_state(config, model, mesh, optimizer, abstract=True)
     data_state = None
     if checkpoints.latest_step() is not None:
-        _, saved_config = checkpoints.restore_config()
-        _check_resume_compatible(saved_config, config, checkpoints.directory)
-        abstract, state_shardings = create_train_state(config, model, mesh, optimizer,
-                                                       abstract=True)
         _, state, data_state = checkpoints.restore(abstract)
     else:
-        state, state_shardings = create_train_state(config, model, mesh, optimizer)
+        state, _ = create_train_state(config, model, mesh, optimizer)
     start_step = int(state.step)
     train_step = make_train_step(config, model, optimizer, mesh, state_shardings)
     eval_step = make_eval_step(config, model, mesh, state_shardings.params, tokenizer)
@@ -539,17 +580,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"{dict(mesh.shape)}; " + (f"resuming at step {start_step}" if start_step
                                            else "starting") + f" in {workdir}")
 
-    def run_evaluation(step: int, max_batches: int) -> dict:
-        batches = validation_batches(validation_examples, config.batch_size)
+    def run_evaluation(step: int, max_batches: int, write: bool = True) -> dict:
+        # In micro-batches: the activations (and logits) of a whole batch may not fit at once.
+        batches = validation_batches(validation_examples, micro_batch)
         if max_batches:
-            batches = (b for i, b in zip(range(max_batches), batches))
-        result = evaluate_batches(eval_step, state.params, batches, sharding, config.batch_size)
-        text = {}
-        if config.sample_tokens:
-            text["sample"] = sample_text(state.params, model_cfg, tokenizer, config.sample_prompt,
-                                         config.sample_tokens, seed=config.seed + step)
-        log.write(step, {f"eval/{k}": result[k] for k in ("loss", "perplexity",
-                                                           "bits_per_byte")}, text)
+            batches = (b for _, b in zip(range(max_batches * config.grad_accum_steps), batches))
+        result = evaluate_batches(eval_step, state.params, batches, sharding, micro_batch)
+        if write:
+            text = {}
+            if config.sample_tokens:
+                text["sample"] = sample_text(state.params, model_cfg, tokenizer,
+                                             config.sample_prompt, config.sample_tokens,
+                                             seed=config.seed + step)
+            log.write(step, {f"eval/{k}": result[k] for k in ("loss", "perplexity",
+                                                               "bits_per_byte")}, text)
         log.message(f"step {step}: eval loss {result['loss']:.4f}, perplexity "
                     f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte")
         return result
@@ -559,77 +603,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoints.save(step, state, batches.state(), config)
 
     window = {"steps": 0, "compute": 0.0, "total": 0.0, "tokens": 0.0}
-    final = None
-    with _StopSignal() as stop:
-        try:
-            for step in range(start_step + 1, config.num_train_steps + 1):
-                started = time.perf_counter()
-                batch = to_global_batch(next(batches), sharding)
-                computing = time.perf_counter()
-                state, metrics = train_step(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                computed = time.perf_counter()
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    last = checkpoints.latest_step()
-                    raise ValueError(
-                        f"non-finite loss ({metrics['loss']}) or gradient norm "
-                        f"({metrics['grad_norm']}) at step {step}: stopped; the last good "
-                        f"checkpoint ({'none' if last is None else f'step {last}'}) is kept "
-                        f"in {checkpoints.directory}; lower learning_rate or grad_clip_norm")
-                saved_seconds = None
-                if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-                    save_started = time.perf_counter()
-                    save(step)
-                    saved_seconds = time.perf_counter() - save_started
+    try:
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            started = time.perf_counter()
+            batch = to_global_batch(next(batches), sharding)
+            computing = time.perf_counter()
+            state, metrics = train_step(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            computed = time.perf_counter()
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                last = checkpoints.latest_step()
+                raise ValueError(
+                    f"non-finite loss ({metrics['loss']}) or gradient norm "
+                    f"({metrics['grad_norm']}) at step {step}: stopped; the last good "
+                    f"checkpoint ({'none' if last is None else f'step {last}'}) is kept "
+                    f"in {checkpoints.directory}; lower learning_rate or grad_clip_norm")
+            # The evaluation of a step is logged before its checkpoint exists, so a run killed
+            # in between repeats both on resume instead of losing the evaluation.
+            if (config.eval_every_steps and step % config.eval_every_steps == 0
+                    and step != config.num_train_steps):
+                evaluated = time.perf_counter()
+                run_evaluation(step, config.eval_batches)
+                started += time.perf_counter() - evaluated  # evaluation is not step overhead
+            saved_seconds = None
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                save_started = time.perf_counter()
+                save(step)
+                saved_seconds = time.perf_counter() - save_started
 
-                window["steps"] += 1
-                window["compute"] += computed - computing
-                window["tokens"] += metrics["tokens"]
-                window["total"] += time.perf_counter() - started
-                if step % config.log_every_steps == 0 or saved_seconds is not None:
-                    seconds_per_step = window["total"] / window["steps"]
-                    scalars = metrics | {
-                        "tokens_per_second": window["tokens"] / window["total"],
-                        "mfu": flops_per_step / seconds_per_step / peak_flops,
-                        "seconds_per_step": seconds_per_step,
-                        # Host time outside the jitted step (data, logging, checkpoint calls).
-                        "overhead_fraction": 1.0 - window["compute"] / window["total"]}
-                    if saved_seconds is not None:
-                        scalars["checkpoint_save_seconds"] = saved_seconds
-                    log.write(step, scalars)
-                    log.progress(step, f"loss {metrics['loss']:.4f} "
-                                 f"{scalars['tokens_per_second']:,.0f} tok/s "
-                                 f"MFU {scalars['mfu']:.1%}")
-                    window = dict.fromkeys(window, 0)
-                if (config.eval_every_steps and step % config.eval_every_steps == 0
-                        and step != config.num_train_steps):
-                    run_evaluation(step, config.eval_batches)
-                if stop.received is not None:
-                    save(step)
-                    checkpoints.wait()
-                    log.message(f"{signal.Signals(stop.received).name}: saved the checkpoint "
-                                f"of step {step} in {checkpoints.directory}; run the same "
-                                f"command to resume")
-                    return {"stopped_at": step}
-            final = run_evaluation(int(state.step), config.eval_batches)
-        finally:
-            checkpoints.wait()
-            checkpoints.close()
-            log.close()
-    return final
+            window["steps"] += 1
+            window["compute"] += computed - computing
+            window["tokens"] += metrics["tokens"]
+            iteration_end = time.perf_counter()
+            if step % config.log_every_steps == 0 or saved_seconds is not None:
+                elapsed = window["total"] + iteration_end - started
+                seconds_per_step = elapsed / window["steps"]
+                scalars = metrics | {
+                    "tokens_per_second": window["tokens"] / elapsed,
+                    "mfu": flops_per_step / seconds_per_step / peak_flops,
+                    "seconds_per_step": seconds_per_step,
+                    # Host time outside the jitted step: data, checkpoint calls, logging.
+                    "overhead_fraction": 1.0 - window["compute"] / elapsed}
+                if saved_seconds is not None:
+                    scalars["checkpoint_save_seconds"] = saved_seconds
+                log.write(step, scalars)
+                log.progress(step, f"loss {metrics['loss']:.4f} "
+                             f"{scalars['tokens_per_second']:,.0f} tok/s "
+                             f"MFU {scalars['mfu']:.1%}")
+                window = dict.fromkeys(window, 0)
+                window["total"] = time.perf_counter() - iteration_end  # counted in the next window
+            else:
+                window["total"] += iteration_end - started
+            if stop.requested():
+                save(step)
+                checkpoints.wait()
+                log.message(f"{signal.Signals(stop.received).name}: saved the checkpoint of "
+                            f"step {step} in {checkpoints.directory}; run the same command to "
+                            f"resume")
+                return {"stopped_at": step}
+        # A finished run run again evaluates without logging the evaluation a second time.
+        return run_evaluation(int(state.step), config.eval_batches,
+                              write=start_step < config.num_train_steps)
+    finally:
+        log.close()
 
 
 def main(argv) -> None:
+    from absl import app, flags, logging
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
     if jax_distributed_requested():
         jax.distributed.initialize()
     try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except ValueError as error:  # the user's input: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(error)
+
+
+def exit_with_error(error: Exception) -> None:
+    """Prints ``error: ...`` (one line) and exits 1, for the user's mistakes. Exits at once:
+    after a failed restore, orbax's abandoned reads would print tracebacks at shutdown (the
+    checkpoint manager is already closed, nothing is left to write)."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def unknown_config_field(error: Exception, argv: list[str]) -> ValueError:
+    """The one-line error for a ``--config.KEY`` that the config does not have."""
+    name = str(error.args[0] if error.args else error).strip("'\"")
+    flags_given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    return ValueError(f"unknown config field {name!r} in {', '.join(flags_given)}: see "
+                      f"configs/default.py for the fields")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for train.py, evaluate.py and generate.py, with a bad
+    ``--config.KEY=VALUE`` (an unknown field, a value of the wrong type) as one line."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as error:  # a --config.KEY that the config lacks
+        exit_with_error(unknown_config_field(error, argv))
+    except (flags.Error, TypeError, ValueError) as error:
+        exit_with_error(ValueError((str(error).strip().splitlines() or [repr(error)])[0]))
 
 
 def jax_distributed_requested() -> bool:
@@ -643,13 +724,12 @@ def jax_distributed_requested() -> bool:
 
 
 if __name__ == "__main__":
-    from absl import app, flags, logging
+    from absl import app, flags
     from ml_collections import config_flags
 
-    FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
         "Training config file (a path, optionally with ':ARG' for its get_config).",
         lock_config=True)
     flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and TensorBoard logs.")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -6,7 +6,9 @@
   from its sharded arrays and restored onto whatever shardings the caller asks for, so a run
   saved on one mesh resumes on another (orbax reshards);
 * ``data``: the training iterator's state (`data.TrainBatches.state()`), JSON;
-* ``config``: the training config that produced it, JSON.
+* ``config``: the training config that produced it, JSON;
+* ``checksums``: a checksum of each array of ``state`` (JSON), checked on restore, so that a
+  damaged file is an error rather than silently wrong weights.
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and the
 files are written in a background thread. A step's folder appears only when its save is
@@ -16,11 +18,30 @@ complete, so a run killed mid-save leaves the previous checkpoints as they were.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "checksums")
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _leaf_checksums(leaves: list) -> list:
+    """The wrapping uint32 sum of each array's bits: exact, so the same whatever the sharding."""
+    def checksum(x):
+        bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+    return [checksum(x) for x in leaves]
+
+
+def checksums(state) -> list[int]:
+    """One checksum per array of ``state`` (a pytree of 1-, 2- or 4-byte arrays)."""
+    return [int(c) for c in jax.device_get(_leaf_checksums(jax.tree.leaves(state)))]
 
 
 class CheckpointError(ValueError):
@@ -61,7 +82,8 @@ class Checkpoints:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config.to_dict())))
+            config=ocp.args.JsonSave(config.to_dict()),
+            checksums=ocp.args.JsonSave({"state": checksums(state)})))
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""
@@ -95,14 +117,23 @@ class Checkpoints:
         """
         step = self._step_or_latest(step)
         restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
-                                 data=ocp.args.JsonRestore())
+                                 data=ocp.args.JsonRestore(), checksums=ocp.args.JsonRestore())
+        if checksums(restored.state) != restored.checksums["state"]:
+            raise CheckpointError(
+                f"the checkpoint {os.path.join(self.directory, str(step))} is corrupt: its "
+                f"arrays do not match the checksums saved with them; it was left as it is: "
+                f"move it out of {self.directory} to use the one before it")
         return step, restored.state, dict(restored.data)
 
     def _restore(self, step: int, **items):
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax and tensorstore raise many types for a bad file
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            # The other reads of the failed restore end later, on a closed event loop, and
+            # would each print a traceback; the user gets this one line instead.
+            sys.unraisablehook = threading.excepthook = lambda *args: None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = reason.split(" See full TensorStore details")[0][:300]
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
                 f"({type(error).__name__}: {reason}); it was left as it is: move it out of "

@@ -203,6 +203,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
+    ("--config.model.foo=1", "error: unknown config field 'foo' in --config.model.foo"),
+    ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
     done = script("train.py", "--config=configs/tiny.py", flag, f"--workdir={tmp_path}/run",
@@ -248,6 +250,15 @@ def test_resuming_with_another_model_is_a_one_line_error_and_keeps_the_checkpoin
     assert _snapshot(trained_workdir / "run" / "checkpoints") == before
 
 
+def test_resuming_with_another_batch_size_is_a_one_line_error(trained_workdir):
+    done = script("train.py", "--config=configs/tiny.py", "--config.batch_size=16",
+                  f"--workdir={trained_workdir}/run",
+                  f"--config.data.cache_dir={trained_workdir}/cache")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: batch_size=16, but the checkpoints in")
+
+
 def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_workdir, tmp_path):
     import shutil
 
@@ -264,6 +275,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_work
         done = script(name, *args, f"--workdir={workdir}",
                       f"--config.data.cache_dir={trained_workdir}/cache")
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stdout and "Event loop" not in done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: the checkpoint {workdir}/checkpoints/{latest} cannot be "
                                f"restored"), last

@@ -1,0 +1,51 @@
+"""checkpoints/: a checkpoint whose arrays changed on disk without breaking their format is an
+error, not silently different weights; nothing is deleted."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints import CheckpointError, Checkpoints, checksums
+from configs import tiny
+
+
+def _state():
+    return {"params": jnp.arange(12, dtype=jnp.float32).reshape(3, 4),
+            "step": jnp.array(7, jnp.int32), "half": jnp.ones((5,), jnp.bfloat16)}
+
+
+def test_round_trip_and_a_tampered_checksum_is_reported(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path))
+    checkpoints.save(7, _state(), {"next_index": 3}, tiny.get_config())
+    checkpoints.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            _state())
+    step, state, data = checkpoints.restore(abstract)
+    assert step == 7 and data == {"next_index": 3}
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(_state())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Arrays that still decode but differ from what was saved (the checksum stands in for them).
+    path = tmp_path / "checkpoints" / "7" / "checksums" / "metadata"
+    saved = json.loads(path.read_text())
+    saved["state"][0] += 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=f"the checkpoint {tmp_path}/checkpoints/7 is "
+                                              f"corrupt: its arrays do not match"):
+        checkpoints.restore(abstract)
+    assert os.path.isdir(tmp_path / "checkpoints" / "7")
+    checkpoints.close()
+
+
+def test_checksums_do_not_depend_on_the_sharding():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 3
+    mesh = jax.make_mesh((8,), ("a",))
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("a")))
+    assert checksums([x]) == checksums([sharded])
+    assert checksums([x]) != checksums([x.at[3, 3].add(1e-6)])
