@@ -47,8 +47,13 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     kill_after = random.Random(os.getpid()).randint(5, 13)
     process = script("train.py", *flags, f"--workdir={interrupted}", popen=True)
     metrics = interrupted / "metrics.jsonl"
+    def checkpointed():  # a complete checkpoint (orbax renames a finished save to its step)
+        folder = interrupted / "checkpoints"
+        return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
     while process.poll() is None:
-        if metrics.exists() and max(train_metrics(interrupted), default=0) >= kill_after:
+        if (metrics.exists() and max(train_metrics(interrupted), default=0) >= kill_after
+                and checkpointed()):
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
