@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +27,7 @@ from ml_collections import config_flags
 import train
 from configs import default
 from data import packed_examples, validation_batches
+from model import TransformerLM
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -64,8 +66,8 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
     batch_size = config.batch_size // config.grad_accum_steps
     train.check_batch_fits_mesh(batch_size, mesh, "batch_size / grad_accum_steps")
     examples = packed_examples(config.data, split, tokenizer, seq_len)
-    model = train.TransformerLM(model_cfg)
-    params_shardings = train.jax.tree.map(lambda x: x.sharding, params)
+    model = TransformerLM(model_cfg)
+    params_shardings = jax.tree.map(lambda x: x.sharding, params)
     eval_step = train.make_eval_step(config, model, mesh, params_shardings, tokenizer)
     result = train.evaluate_batches(eval_step, params, validation_batches(examples, batch_size),
                                     train.batch_sharding(mesh), batch_size, max_tokens)

@@ -37,7 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
 from data.tokenizers import Tokenizer
-from model import TransformerConfig, TransformerLM, generate, training_flops_per_token
+from model import (TransformerConfig, TransformerLM, count_parameters, generate,
+                   training_flops_per_token)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
@@ -576,7 +577,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
         * config.seq_len
     peak_flops = peak_flops_per_device(config) * len(mesh.devices.flat)
     log = _MetricsLog(workdir, start_step, config.num_train_steps)
-    log.message(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters on mesh "
+    log.message(f"{count_parameters(state.params):,} parameters on mesh "
                 f"{dict(mesh.shape)}; " + (f"resuming at step {start_step}" if start_step
                                            else "starting") + f" in {workdir}")
 
