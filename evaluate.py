@@ -70,7 +70,8 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
     params_shardings = jax.tree.map(lambda x: x.sharding, params)
     eval_step = train.make_eval_step(config, model, mesh, params_shardings, tokenizer)
     result = train.evaluate_batches(eval_step, params, validation_batches(examples, batch_size),
-                                    train.batch_sharding(mesh), batch_size, max_tokens)
+                                    train.batch_sharding(mesh), batch_size, max_tokens,
+                                    document_bound=model_cfg.document_bound())
     return result | {"seq_len": seq_len, "step": step, "split": split}
 
 

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
+from data.packing import documents_per_row
 from data.tokenizers import Tokenizer
 from model import (TransformerConfig, TransformerLM, count_parameters, generate,
                    training_flops_per_token)
@@ -49,6 +50,8 @@ _FIXED_ON_RESUME = ("model", "data.tokenizer", "data.sentencepiece_model",
                     "data.source", "data.paths", "data.hf_name", "data.hf_config",
                     "data.tfds_name", "data.packing", "data.max_documents",
                     "data.validation_fraction")
+# model.* fields that change neither the parameters nor the data: free to change on resume.
+_MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row")
 
 
 @flax.struct.dataclass
@@ -94,9 +97,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("adam_b1", "adam_b2"):
         if not 0 <= config[name] < 1:
             raise ValueError(f"{name}={config[name]!r}: expected a number in [0, 1)")
-    if config.model.attention_implementation == "cudnn" and config.data.packing == "documents":
-        raise ValueError("model.attention_implementation='cudnn' cannot keep packed documents "
-                         "apart: set data.packing='stream', or use 'xla'")
     if config.batch_size % config.grad_accum_steps:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by "
                          f"grad_accum_steps={config.grad_accum_steps}")
@@ -310,6 +310,17 @@ def make_eval_step(config: ml_collections.ConfigDict, model: TransformerLM, mesh
                        mesh, axis_rules(config))
 
 
+def check_documents_per_row(batch: dict, bound: int) -> None:
+    """A one-line error where a row of ``batch`` (numpy) holds more than ``bound`` documents
+    (0: no bound), the room that cuDNN's packed layout was compiled with."""
+    if bound and "segment_ids" in batch:
+        most = int(documents_per_row(batch["segment_ids"]).max())
+        if most > bound:
+            raise ValueError(f"a batch row holds {most} documents, more than "
+                             f"model.max_documents_per_row={bound} (cuDNN's packed layout has "
+                             f"that many slots): raise it (it may change on resume)")
+
+
 def to_global_batch(batch: dict, sharding: NamedSharding, rows: slice | None = None) -> dict:
     """A dict of process-local numpy rows (``rows`` of ``batch``; default all) as global,
     sharded jax arrays."""
@@ -324,13 +335,15 @@ def process_rows(batch_size: int) -> slice:
 
 
 def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: NamedSharding,
-                     batch_size: int, max_tokens: int = 0) -> dict:
+                     batch_size: int, max_tokens: int = 0, document_bound: int = 0) -> dict:
     """Sums `make_eval_step` over ``batches`` (global batches, every process sees all rows);
-    stops once ``max_tokens`` (0: no limit) targets are counted. Returns numpy sums plus
-    ``loss`` (mean nats per token), ``perplexity``, ``bits_per_byte`` and ``num_tokens``."""
+    stops once ``max_tokens`` (0: no limit) targets are counted. ``document_bound``: see
+    `check_documents_per_row`. Returns numpy sums plus ``loss`` (mean nats per token),
+    ``perplexity``, ``bits_per_byte`` and ``num_tokens``."""
     totals = None
     rows = process_rows(batch_size)
     for batch in batches:
+        check_documents_per_row(batch, document_bound)
         sums = eval_step(params, to_global_batch(batch, sharding, rows))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if max_tokens and float(totals["tokens"]) >= max_tokens:
@@ -520,6 +533,9 @@ def _check_resume_compatible(saved: ml_collections.ConfigDict,
         new = config[part] if not name else config[part][name]
         old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
         new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
+        if field == "model":
+            old, new = ({k: v for k, v in fields.items() if k not in _MODEL_FIELDS_FREE_ON_RESUME}
+                        for fields in (old or {}, new))
         if old != new:
             if isinstance(old, dict):
                 key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
@@ -586,7 +602,8 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
         batches = validation_batches(validation_examples, micro_batch)
         if max_batches:
             batches = (b for _, b in zip(range(max_batches * config.grad_accum_steps), batches))
-        result = evaluate_batches(eval_step, state.params, batches, sharding, micro_batch)
+        result = evaluate_batches(eval_step, state.params, batches, sharding, micro_batch,
+                                  document_bound=model_cfg.document_bound())
         if write:
             text = {}
             if config.sample_tokens:
@@ -607,7 +624,9 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     try:
         for step in range(start_step + 1, config.num_train_steps + 1):
             started = time.perf_counter()
-            batch = to_global_batch(next(batches), sharding)
+            batch = next(batches)
+            check_documents_per_row(batch, model_cfg.document_bound())
+            batch = to_global_batch(batch, sharding)
             computing = time.perf_counter()
             state, metrics = train_step(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,21 +1,29 @@
 """Forward+backward time and peak memory of local attention: ours against the alternatives.
 
     python bench/attention.py [--sizes 1024,4096,16384,65536] [--window 256]
+        [--heads 4] [--head_dims 64] [--dtype float32] [--documents 0,8192] [--methods ...]
 
-Causal (window_size_right = 0), 4 heads, head_dim 64, batch 1, float32. Compared, each point in
-a process of its own so that its peak memory is its own:
+Causal (window_size_right = 0), batch 1; by default 4 heads, head_dim 64, float32 (on a GPU:
+16 heads, head_dims 64 and 128, bfloat16, with and without 8k-token documents). Compared, each
+point in a process of its own so that its peak memory is its own:
 
-* ``ours``: `model.local_attention` (blocked, custom VJP);
+* ``auto``: `model.local_attention` as called by default (the fastest exact kernel for the
+  backend: ``xla`` on CPUs, ``cudnn`` on NVIDIA GPUs, ``splash`` on TPUs);
+* ``xla``, ``cudnn``, ``splash``: our implementations by name (``--documents`` gives them
+  segment ids of documents of that many tokens);
 * ``seed``: the per-query ``vmap`` algorithm of the original ``local_attention_flax``
   (re-implemented here: each query gathers its window of keys, O(n·w·d) memory);
 * ``dense``: ``jax.nn.dot_product_attention(local_window_size=...)``, which masks a full
-  (n, n) score matrix.
+  (n, n) score matrix;
+* ``causal_cudnn``: full causal attention on cuDNN (``jax.nn``), the reference rate of a
+  kernel without a window (its useful FLOPs count every causal pair).
 
 A point whose step needs more memory than ``--memory_cap_gib`` (by XLA's own buffer
 assignment, known before it runs), or which runs out of memory or time, is reported as such.
 
-Useful FLOPs are 4·n·(w+1)·d per head forward, ×3 for forward+backward; their rate is
-compared with a large float32 matmul timed in the same run.
+Useful FLOPs are 3.5 × 4 · head_dim · heads · (visible query-key pairs) for forward+backward
+(FlashAttention's convention); their rate is compared with a large float32 matmul timed in the
+same run on a CPU, and printed in TFLOP/s on an accelerator.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
                           measure_in_subprocess, peak_rss_bytes, xla_bytes)
 
-HEADS, HEAD_DIM = 4, 64
-METHODS = ("ours", "seed", "dense")
+CPU_METHODS = ("auto", "xla", "seed", "dense")
+GPU_METHODS = ("auto", "xla", "cudnn", "dense", "causal_cudnn")
+MAX_DOCUMENTS = 64  # max_segments for cudnn: the documents a row may hold
 
 
 def _seed_local_attention(q, k, v, window_left, window_right):
@@ -55,24 +64,53 @@ def _seed_local_attention(q, k, v, window_left, window_right):
     return jax.vmap(one_query, in_axes=(-2, 0), out_axes=-2)(q, jnp.arange(n))
 
 
-def _attention_fn(method: str, window: int):
+def _attention_fn(method: str, window: int, segment_ids):
     import jax
     import jax.numpy as jnp
 
     from model import local_attention
 
-    if method == "ours":
-        return lambda q, k, v: local_attention(q, k, v, window_size_left=window,
-                                               window_size_right=0)
     if method == "seed":
+        if segment_ids is not None:
+            raise ValueError("seed: no document support")
         return lambda q, k, v: _seed_local_attention(q, k, v, window, 0)
     swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (batch, seq, heads, dim) layout
-    return lambda q, k, v: swap(jax.nn.dot_product_attention(
-        swap(q), swap(k), swap(v), local_window_size=(window, 0)))
+    if method == "causal_cudnn":
+        return lambda q, k, v: swap(jax.nn.dot_product_attention(
+            swap(q), swap(k), swap(v), is_causal=True, implementation="cudnn"))
+    if method == "dense" and segment_ids is None:
+        return lambda q, k, v: swap(jax.nn.dot_product_attention(
+            swap(q), swap(k), swap(v), local_window_size=(window, 0)))
+    return lambda q, k, v: local_attention(
+        q, k, v, window_size_left=window, window_size_right=0, segment_ids=segment_ids,
+        implementation=method, max_segments=MAX_DOCUMENTS)
 
 
-def run_point(method: str, seq_len: int, window: int, repeats: int, memory_cap: int) -> dict:
-    """Times one (method, seq_len) forward+backward in this process; returns a result row.
+def _document_ids(seq_len: int, document: int):
+    """``(1, 1, seq_len)`` ids of documents of ``document`` tokens (None for 0: one stream)."""
+    import jax.numpy as jnp
+
+    return None if not document else (jnp.arange(seq_len) // document)[None, None]
+
+
+def visible_pairs(seq_len: int, window: int, document: int, causal_only: bool = False) -> int:
+    """Query-key pairs a causal window (or, with ``causal_only``, full causal attention)
+    lets through, within documents of ``document`` tokens (0: one document)."""
+    def pairs(n):
+        if causal_only:
+            return n * (n + 1) // 2
+        full = min(n, window + 1)  # queries from `full` on see window + 1 keys
+        return full * (full + 1) // 2 + (n - full) * (window + 1)
+
+    if not document:
+        return pairs(seq_len)
+    whole, rest = divmod(seq_len, document)
+    return whole * pairs(document) + pairs(rest)
+
+
+def run_point(method: str, seq_len: int, window: int, heads: int, head_dim: int, dtype: str,
+              document: int, repeats: int, memory_cap: int) -> dict:
+    """Times one forward+backward in this process; returns a result row.
 
     Memory is reported twice: ``xla_bytes``, what XLA's buffer assignment needs for the step
     (arguments, outputs and temporaries: what an accelerator would have to hold), and
@@ -81,12 +119,16 @@ def run_point(method: str, seq_len: int, window: int, repeats: int, memory_cap: 
     import jax
 
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (1, HEADS, seq_len, HEAD_DIM)) for key in keys)
-    attention = _attention_fn(method, window)
-    step = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v).sum(), argnums=(0, 1, 2)))
-    compiled = step.lower(q, k, v).compile()
-    row = {"method": method, "seq_len": seq_len, "xla_bytes": xla_bytes(compiled)}
-    if row["xla_bytes"] > memory_cap:
+    q, k, v = (jax.random.normal(key, (1, heads, seq_len, head_dim), dtype) for key in keys)
+    try:
+        attention = _attention_fn(method, window, _document_ids(seq_len, document))
+        step = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v).astype("float32").sum(),
+                                argnums=(0, 1, 2)))
+        compiled = step.lower(q, k, v).compile()
+    except ValueError as error:  # a method that cannot compute this point (one line)
+        return {"failed": f"unsupported: {str(error).splitlines()[0][:120]}"}
+    row = {"xla_bytes": xla_bytes(compiled)}
+    if row["xla_bytes"] > memory_cap and jax.default_backend() == "cpu":
         return row | {"failed": f"out of memory (needs {row['xla_bytes'] / 2**30:.0f} GiB)"}
     jax.block_until_ready((q, k, v))
     baseline = peak_rss_bytes()
@@ -99,79 +141,101 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1024,4096,16384,65536")
     parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--heads", type=int, default=None, help="default 4; 16 on a GPU")
+    parser.add_argument("--head_dims", default=None, help="default 64; 64,128 on a GPU")
+    parser.add_argument("--dtype", default=None, help="default float32; bfloat16 on a GPU")
+    parser.add_argument("--documents", default=None,
+                        help="document lengths (0: one stream); default 0; 0,8192 on a GPU")
+    parser.add_argument("--methods", default=None,
+                        help=f"default {','.join(CPU_METHODS)}; on a GPU {','.join(GPU_METHODS)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per point")
     parser.add_argument("--memory_cap_gib", type=float, default=20.0,
-                        help="address space allowed to one point's process")
+                        help="address space allowed to one point's process (CPU)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
     if args.point:
-        cap = cap_memory(args.memory_cap_gib)
-        print(json.dumps(run_point(args.point, sizes[0], args.window, args.repeats, cap)))
+        cap = cap_memory(args.memory_cap_gib) if args.memory_cap_gib else 0
+        print(json.dumps(run_point(args.point, sizes[0], args.window, args.heads,
+                                   int(args.head_dims), args.dtype, int(args.documents),
+                                   args.repeats, cap)))
         return
 
+    import jax
+
+    accelerator = jax.default_backend() != "cpu"
+    heads = args.heads or (16 if accelerator else 4)
+    head_dims = [int(d) for d in (args.head_dims or ("64,128" if accelerator else "64")).split(",")]
+    dtype = args.dtype or ("bfloat16" if accelerator else "float32")
+    documents = [int(d) for d in (args.documents or ("0,8192" if accelerator else "0")).split(",")]
+    methods = (args.methods or ",".join(GPU_METHODS if accelerator else CPU_METHODS)).split(",")
     matmul_rate = matmul_flops_per_second()
-    print(f"float32 matmul (4096²): {matmul_rate / 1e9:.1f} GFLOP/s; window {args.window}, "
-          f"{HEADS} heads, head_dim {HEAD_DIM}, causal, forward+backward")
+    print(f"{jax.devices()[0].device_kind}: float32 matmul (4096²) {matmul_rate / 1e12:.3f} "
+          f"TFLOP/s; window {args.window}, {heads} heads, {dtype}, causal, forward+backward")
     rows = []
-    for seq_len in sizes:
-        for method in args.methods.split(","):
-            row = measure_in_subprocess(
-                __file__, ["--point", method, "--sizes", str(seq_len), "--window",
-                           str(args.window), "--repeats", str(args.repeats)],
-                {"method": method, "seq_len": seq_len}, args.timeout, args.memory_cap_gib)
-            if "seconds" in row:
-                useful = 3 * 4 * seq_len * (args.window + 1) * HEAD_DIM * HEADS
-                row["gflops"] = useful / row["seconds"] / 1e9
-                row["matmul_fraction"] = useful / row["seconds"] / matmul_rate
-            rows.append(row)
-            print(_describe(row), flush=True)
+    for head_dim in head_dims:
+        for seq_len in sizes:
+            for document in documents:
+                for method in methods:
+                    label = {"method": method, "seq_len": seq_len, "head_dim": head_dim,
+                             "documents": document}
+                    row = label | measure_in_subprocess(
+                        __file__, ["--point", method, "--sizes", str(seq_len), "--window",
+                                   str(args.window), "--heads", str(heads), "--head_dims",
+                                   str(head_dim), "--dtype", dtype, "--documents", str(document),
+                                   "--repeats", str(args.repeats)],
+                        label, args.timeout, 0 if accelerator else args.memory_cap_gib)
+                    if "seconds" in row:
+                        pairs = visible_pairs(seq_len, args.window, document,
+                                              causal_only=method == "causal_cudnn")
+                        useful = 3.5 * 4 * head_dim * heads * pairs
+                        row["tflops"] = useful / row["seconds"] / 1e12
+                        row["matmul_fraction"] = useful / row["seconds"] / matmul_rate
+                    rows.append(row)
+                    print(_describe(row), flush=True)
     print()
-    print(markdown_table(rows, args.window))
+    print(markdown_table(rows, methods))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"matmul_flops_per_second": matmul_rate, "rows": rows}, f, indent=1)
+            json.dump({"device": jax.devices()[0].device_kind, "heads": heads, "dtype": dtype,
+                       "window": args.window, "matmul_flops_per_second": matmul_rate,
+                       "rows": rows}, f, indent=1)
 
 
 def _describe(row: dict) -> str:
+    point = (f"{row['method']:>12} n={row['seq_len']:>6} d={row['head_dim']:>3} "
+             f"documents={row['documents'] or '-':>5}")
     if "failed" in row:
-        return f"{row['method']:>6} n={row['seq_len']:>6}: {row['failed']}"
-    return (f"{row['method']:>6} n={row['seq_len']:>6}: {row['seconds'] * 1e3:9.1f} ms "
-            f"{row['xla_bytes'] / 2**20:9.1f} MiB (rss +{row['rss_bytes'] / 2**20:.0f}) "
-            f"{row['gflops']:6.1f} GFLOP/s "
-            f"({row['matmul_fraction']:.0%} of matmul)")
+        return f"{point}: {row['failed']}"
+    return (f"{point}: {row['seconds'] * 1e3:9.2f} ms {row['xla_bytes'] / 2**20:9.1f} MiB "
+            f"(rss +{row['rss_bytes'] / 2**20:.0f}) {row['tflops'] * 1e3:9.1f} GFLOP/s "
+            f"({row['matmul_fraction']:.0%} of the float32 matmul)")
 
 
-def markdown_table(rows: list[dict], window: int) -> str:
-    """The README table: per length, each method's time and memory, and our ratios."""
-    by_key = {(r["method"], r["seq_len"]): r for r in rows}
-    lines = ["| n | ours ms | ours MiB | ours % matmul | ours µs/token | seed ms | seed MiB "
-             "| dense ms | dense MiB | seed/ours time | seed/ours memory |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for seq_len in sorted({r["seq_len"] for r in rows}):
-        cells = [str(seq_len)]
-        ours = by_key.get(("ours", seq_len), {})
-        for method in METHODS:
-            row = by_key.get((method, seq_len), {})
-            if "failed" in row:
-                cells += [row["failed"], "—"] + (["—", "—"] if method == "ours" else [])
-            elif row:
-                cells += [f"{row['seconds'] * 1e3:.0f}", f"{row['xla_bytes'] / 2**20:.0f}"]
-                if method == "ours":
-                    cells += [f"{row['matmul_fraction']:.0%}",
-                              f"{row['seconds'] / seq_len * 1e6:.2f}"]
-            else:
-                cells += ["not run", "—"] + (["—", "—"] if method == "ours" else [])
-        seed = by_key.get(("seed", seq_len), {})
-        if "seconds" in ours and "seconds" in seed:
-            cells += [f"{seed['seconds'] / ours['seconds']:.1f}×",
-                      f"{seed['xla_bytes'] / ours['xla_bytes']:.1f}×"]
-        else:
-            cells += ["—", "—"]
+def markdown_table(rows: list[dict], methods: list[str]) -> str:
+    """One line per (head_dim, n, documents): each method's ms, GFLOP/s and MiB, then each
+    method's time against ``xla`` (our portable kernel) measured in the same run."""
+    by_key = {(r["method"], r["head_dim"], r["seq_len"], r["documents"]): r for r in rows}
+    header = ["head_dim", "n", "documents"] + [f"{m} ms / GFLOP/s / MiB" for m in methods]
+    header += [f"xla/{m} time" for m in methods if m != "xla"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for head_dim, seq_len, document in sorted({k[1:] for k in by_key}):
+        cells = [str(head_dim), str(seq_len), str(document or "—")]
+        for method in methods:
+            row = by_key.get((method, head_dim, seq_len, document), {})
+            cells.append(row.get("failed", "not run") if "seconds" not in row else
+                         f"{row['seconds'] * 1e3:.1f} / {row['tflops'] * 1e3:.0f} / "
+                         f"{row['xla_bytes'] / 2**20:.0f}")
+        xla = by_key.get(("xla", head_dim, seq_len, document), {})
+        for method in methods:
+            if method == "xla":
+                continue
+            row = by_key.get((method, head_dim, seq_len, document), {})
+            cells.append(f"{xla['seconds'] / row['seconds']:.2f}×"
+                         if "seconds" in row and "seconds" in xla else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

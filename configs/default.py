@@ -59,7 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tie_embeddings = True
     config.model.remat = False
     config.model.scan_layers = False
-    config.model.attention_implementation = "xla"
+    # auto: the fastest exact kernel for the backend (cuDNN on NVIDIA GPUs, splash on TPUs,
+    # the blocked xla kernel on CPUs); or xla, dense, cudnn, splash (see model.local_attention).
+    config.model.attention_implementation = "auto"
+    # Room for documents per row in cuDNN's packed layout (where cuDNN runs on packed
+    # documents); a batch row with more is a one-line error. May change on resume.
+    config.model.max_documents_per_row = 32
 
     config.data = data.get_config()
 

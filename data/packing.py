@@ -61,3 +61,9 @@ class PackedExamples:
             example |= {"segment_ids": segment_ids.astype(np.int32),
                         "positions": positions.astype(np.int32)}
         return example
+
+
+def documents_per_row(segment_ids: np.ndarray) -> np.ndarray:
+    """``(..., seq_len)`` segment ids -> ``(...)`` the number of documents in each row: its
+    runs of equal ids (padding counts as one)."""
+    return 1 + (np.diff(segment_ids, axis=-1) != 0).sum(axis=-1)

@@ -131,9 +131,10 @@ def local_attention(
     dropout_rng: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     *,
-    implementation: str = "xla",
+    implementation: str = "auto",
     block_size: int | None = None,
     precision: lax.PrecisionLike = None,
+    max_segments: int | None = None,
 ) -> jax.Array:
     """Exact local (sliding-window) attention.
 
@@ -161,14 +162,23 @@ def local_attention(
       dropout_rng: a PRNG key.
       segment_ids: optional int ids, broadcastable to ``(..., seq_len)``, for packed
         documents: attention never crosses a segment boundary.
-      implementation: ``"xla"``, the blocked algorithm of this module (any backend);
-        ``"dense"``, ``jax.nn.dot_product_attention`` over the full (n, n) scores (O(n²): a
-        baseline, without rel_pos_emb or dropout); or ``"cudnn"``, cuDNN's fused
-        sliding-window flash attention (NVIDIA GPUs, bfloat16/float16, causal windows, without
-        mask, segment_ids, rel_pos_emb or dropout). The one place where other backends
-        (Pallas, TPU splash attention) plug in.
+      implementation: ``"auto"`` (default), the fastest exact path for this call (see
+        `resolve_implementation`: ``cudnn`` on NVIDIA GPUs, ``splash`` on TPUs where they
+        support the call's features, else ``xla``; ``xla`` on CPUs); ``"xla"``, the blocked
+        algorithm of this module (any backend, every feature); ``"dense"``,
+        ``jax.nn.dot_product_attention`` over the full (n, n) scores (O(n²): a baseline,
+        without rel_pos_emb or dropout); ``"cudnn"``, cuDNN's fused sliding-window flash
+        attention (NVIDIA GPUs, bfloat16/float16, causal windows; segment_ids need
+        ``max_segments``; no mask, rel_pos_emb or dropout); ``"splash"``, the Pallas splash
+        attention kernel of TPUs (Pallas interpret mode elsewhere, which is slow: for tests;
+        no mask, rel_pos_emb or dropout). An explicit name that cannot run the call is a
+        one-line ValueError.
       block_size: query block length (static); by default chosen from the window.
       precision: matmul precision, as for ``jnp.einsum``.
+      max_segments: static bound on the segments (documents) in one row of ``segment_ids``,
+        for ``cudnn``, whose packed layout needs it. Segments are the contiguous runs of equal
+        ids, as packing makes them; a row with more runs is not computed exactly, so the caller
+        checks its data (train.py does, batch by batch).
 
     Returns:
       ``(..., seq_len, head_dim)`` in q's dtype. Scores and softmax are computed in float32. A
@@ -179,13 +189,48 @@ def local_attention(
     if block_size is not None and (isinstance(block_size, bool) or block_size < 1
                                    or not isinstance(block_size, numbers.Integral)):
         raise ValueError(f"block_size={block_size!r}: expected a positive int or None")
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation={implementation!r} is not available; expected one of "
-            f"{sorted(_IMPLEMENTATIONS)}")
+    if max_segments is not None and (isinstance(max_segments, bool) or max_segments < 1
+                                     or not isinstance(max_segments, numbers.Integral)):
+        raise ValueError(f"max_segments={max_segments!r}: expected a positive int or None")
+    implementation = resolve_implementation(
+        implementation, q.dtype, has_mask=mask is not None,
+        has_rel_pos_emb=rel_pos_emb is not None, dropout_rate=dropout_rate,
+        window_size_right=window_size_right, has_segment_ids=segment_ids is not None,
+        max_segments=max_segments)
     return _IMPLEMENTATIONS[implementation](
         q, k, v, mask, rel_pos_emb, int(window_size_left), int(window_size_right),
-        dropout_rate, dropout_rng, segment_ids, block_size=block_size, precision=precision)
+        dropout_rate, dropout_rng, segment_ids, block_size=block_size, precision=precision,
+        max_segments=max_segments)
+
+
+def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False,
+                           has_rel_pos_emb: bool = False, dropout_rate: float = 0.0,
+                           window_size_right: int = 0, has_segment_ids: bool = False,
+                           max_segments: int | None = None, backend: str | None = None) -> str:
+    """The implementation that `local_attention` runs for a call with these features.
+
+    ``"auto"`` picks the fastest exact path on ``backend`` (default: JAX's default backend):
+    on GPUs ``cudnn`` (20× ``xla`` on an H100, see the README) where the call has a causal
+    window, bfloat16/float16 inputs, no mask, relative positions or dropout, and either no
+    segment ids or a ``max_segments`` bound; on TPUs ``splash`` where the call has no mask,
+    relative positions or dropout; otherwise ``xla`` (always on CPUs, where it is fastest).
+    Other names come back unchanged; an unknown one is a one-line ValueError.
+    """
+    if implementation not in _IMPLEMENTATIONS and implementation != "auto":
+        raise ValueError(
+            f"implementation={implementation!r} is not available; expected one of "
+            f"{['auto', *sorted(_IMPLEMENTATIONS)]}")
+    if implementation != "auto":
+        return implementation
+    backend = backend or jax.default_backend()
+    kernel_features = not (has_mask or has_rel_pos_emb or dropout_rate > 0.0)
+    if backend == "gpu" and kernel_features and window_size_right == 0 \
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and (not has_segment_ids or max_segments is not None):
+        return "cudnn"
+    if backend == "tpu" and kernel_features:
+        return "splash"
+    return "xla"
 
 
 def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
@@ -231,8 +276,10 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                         dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+                         dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
+                         max_segments):
     """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core."""
+    del max_segments  # segment ids of any kind are exact here
     *lead, seq_len, head_dim = q.shape
     batch = math.prod(lead)
     plan = _make_plan(batch, seq_len, window_size_left, window_size_right, block_size,
@@ -475,10 +522,12 @@ def _blocked_attention_bwd(plan, residuals, d_out):
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
+
 def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
+                           max_segments):
     """``jax.nn.dot_product_attention`` with the same semantics, materialising (n, n) scores."""
-    del dropout_rng, block_size, precision
+    del dropout_rng, block_size, precision, max_segments
     if rel_pos_emb is not None or dropout_rate > 0.0:
         raise ValueError("implementation='dense' supports neither rel_pos_emb nor dropout; "
                          "use implementation='xla'")
@@ -505,37 +554,139 @@ def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     return out.reshape(q.shape)
 
 
+def _unsupported(implementation: str, mask, rel_pos_emb, dropout_rate, extra=()) -> None:
+    """The one-line error of a kernel backend asked for features it does not have."""
+    unsupported = [name for name, value in (("mask", mask), ("rel_pos_emb", rel_pos_emb))
+                   if value is not None]
+    unsupported += ["dropout"] * (dropout_rate > 0.0) + list(extra)
+    if unsupported:
+        raise ValueError(f"implementation={implementation!r} cannot compute "
+                         f"{', '.join(unsupported)}: use implementation='xla' (every feature) "
+                         f"or 'auto'")
+
+
+def _per_row_segments(segment_ids: jax.Array, lead: tuple[int, ...], seq_len: int) -> jax.Array:
+    """``segment_ids`` (broadcastable to ``(*lead, n)``, lead = (batch..., heads)) as one
+    ``(batch, n)`` int32 row per batch entry: the kernels take ids shared by all heads."""
+    heads = lead[-1] if lead else 1
+    if heads > 1 and segment_ids.ndim >= 2 and segment_ids.shape[-2] != 1:
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; this implementation "
+                         f"takes ids shared by all heads (size 1 on the heads axis)")
+    ids = jnp.broadcast_to(segment_ids.astype(jnp.int32), (*lead, seq_len))
+    return ids.reshape(-1, heads, seq_len)[:, 0]
+
+
+def _packed_layout(segment_ids: jax.Array, max_segments: int):
+    """cuDNN's packed (ragged) layout of ``(batch, n)`` segment ids: ``(lengths, offsets)``,
+    int32 ``(batch, max_segments)`` and ``(batch, max_segments + 1)``.
+
+    Segment ``m`` of a row is its m-th run of equal ids: it starts at ``offsets[m]`` and holds
+    ``lengths[m]`` positions; unused slots hold -1 (cuDNN's convention)."""
+    batch, seq_len = segment_ids.shape
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    offsets = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments, fill_value=-1)[0])(starts)
+    offsets = offsets.astype(jnp.int32)
+    following = jnp.concatenate([offsets[:, 1:], jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    lengths = jnp.where(offsets >= 0, jnp.where(following >= 0, following, seq_len) - offsets, -1)
+    return lengths, jnp.concatenate([offsets, jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+
+
 def _cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision):
+                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
+                           max_segments):
     """cuDNN's fused flash attention with its sliding-window mask (NVIDIA GPUs). It skips the
     key blocks outside the window, so time and memory stay linear in the sequence length; on
-    an H100 it runs about 20× faster than the blocked kernel (see the README)."""
+    an H100 it runs about 20× faster than the blocked kernel (see the README). Segment ids go
+    to cuDNN's packed layout (each run of equal ids is one sequence), derived here inside the
+    jitted computation, with ``max_segments`` slots per row."""
     del dropout_rng, block_size, precision
-    unsupported = [name for name, value in (("mask", mask), ("segment_ids", segment_ids),
-                                            ("rel_pos_emb", rel_pos_emb)) if value is not None]
-    if dropout_rate > 0.0:
-        unsupported.append("dropout")
-    if window_size_right:
-        unsupported.append(f"window_size_right={window_size_right}")
-    if unsupported:
-        raise ValueError(f"implementation='cudnn' computes causal windows (window_size_right=0) "
-                         f"without masks, segments, relative positions or dropout; got "
-                         f"{', '.join(unsupported)}: use implementation='xla'")
+    extra = [f"window_size_right={window_size_right} (it computes causal windows)"] * bool(
+        window_size_right)
+    if segment_ids is not None and max_segments is None:
+        extra.append("segment_ids without max_segments (its packed layout needs the bound)")
+    _unsupported("cudnn", mask, rel_pos_emb, dropout_rate, extra)
     if jax.default_backend() != "gpu":
         raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the default backend is "
-                         f"{jax.default_backend()!r}: use implementation='xla'")
+                         f"{jax.default_backend()!r}: use implementation='xla' or 'auto'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
     *lead, seq_len, head_dim = q.shape
     heads = lead[-1] if lead else 1
     # (..., heads, n, d) -> (batch, n, heads, d), the layout of jax.nn.dot_product_attention.
     to_bnhd = lambda x: jnp.swapaxes(x.reshape(-1, heads, seq_len, head_dim), 1, 2)  # noqa: E731
-    out = jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
-                                       local_window_size=(window_size_left, 0),
-                                       implementation="cudnn")
+    if segment_ids is None:
+        out = jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
+                                           local_window_size=(window_size_left, 0),
+                                           implementation="cudnn")
+    else:
+        # The packed layout is only in JAX's cuDNN module (jax.nn does not expose it).
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        lengths, offsets = _packed_layout(_per_row_segments(segment_ids, tuple(lead), seq_len),
+                                          max_segments)
+        out = cudnn.dot_product_attention(
+            to_bnhd(q), to_bnhd(k), to_bnhd(v), None, None, lengths, lengths, offsets, offsets,
+            scale=head_dim ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+            sliding_window_length=min(window_size_left, seq_len - 1) + 1)
     return jnp.swapaxes(out, 1, 2).reshape(q.shape)
+
+
+# Splash attention's padding keys get this segment id, which no real segment may use.
+_SPLASH_PADDING_SEGMENT = -(2**31)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(padded_len: int, heads: int, left: int, right: int, block: int,
+                   interpret: bool):
+    """A splash attention kernel with a local mask (built once per static shape: its mask
+    preprocessing runs in numpy)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    mask = splash.MultiHeadMask(
+        [splash.LocalMask((padded_len, padded_len), (left, right), offset=0)] * heads)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+
+
+def _splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                            dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
+                            max_segments):
+    """The Pallas splash attention kernel of TPUs with a local mask and segment ids: it skips
+    the blocks outside the window, in the forward and the backward pass. On other backends
+    it runs in Pallas interpret mode (exact, slow: how the tests check it on a CPU)."""
+    del dropout_rng, precision, max_segments
+    _unsupported("splash", mask, rel_pos_emb, dropout_rate)
+    *lead, seq_len, head_dim = q.shape
+    heads = lead[-1] if lead else 1
+    # Blocks of 512 (multiples of 128, the TPU lane width); the sequence is padded to whole
+    # blocks, the padding keys hidden from every real query by their own segment id.
+    block = block_size or min(512, _round_up(seq_len, 128))
+    padded_len = _round_up(seq_len, block)
+    kernel = _splash_kernel(padded_len, heads, min(window_size_left, padded_len),
+                            min(window_size_right, padded_len), block,
+                            interpret=jax.default_backend() != "tpu")
+    if segment_ids is None:
+        ids = jnp.zeros((math.prod(lead[:-1]), seq_len), jnp.int32)
+    else:
+        ids = _per_row_segments(segment_ids, tuple(lead), seq_len)
+    ids = jnp.pad(ids, [(0, 0), (0, padded_len - seq_len)],
+                  constant_values=_SPLASH_PADDING_SEGMENT)
+
+    def rows(x, scale=1.0):  # (..., heads, n, d) -> (batch, heads, padded n, d)
+        x = (x * scale).astype(x.dtype).reshape(-1, heads, seq_len, head_dim)
+        return jnp.pad(x, [(0, 0), (0, 0), (0, padded_len - seq_len), (0, 0)])
+
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=SegmentIds(q=ids, kv=ids)))(
+        rows(q, head_dim ** -0.5), rows(k), rows(v), ids)
+    return out[:, :, :seq_len].reshape(q.shape).astype(q.dtype)
 
 
 # The backends `local_attention(implementation=...)` can dispatch to.
 _IMPLEMENTATIONS = {"xla": _xla_local_attention, "dense": _dense_local_attention,
-                    "cudnn": _cudnn_local_attention}
+                    "cudnn": _cudnn_local_attention, "splash": _splash_local_attention}

@@ -50,7 +50,8 @@ class MultiHeadLocalAttention(nn.Module):
       rel_pos_emb_init: initializer of ``rel_pos_emb``.
       decode: autoregressive decoding with ``mutable=['cache']``: a call with several tokens
         prefills a new sequence (its prompt); each call with one token continues it.
-      block_size, implementation: passed to `local_attention`.
+      block_size, implementation, max_segments: passed to `local_attention` (``"auto"``: the
+        fastest exact kernel for the backend and the call's features).
     """
 
     num_heads: int
@@ -73,7 +74,8 @@ class MultiHeadLocalAttention(nn.Module):
     rel_pos_emb_init: Initializer = nn.initializers.normal(stddev=0.02)
     decode: bool = False
     block_size: int | None = None
-    implementation: str = "xla"
+    implementation: str = "auto"
+    max_segments: int | None = None
 
     @nn.compact
     def __call__(
@@ -156,7 +158,8 @@ class MultiHeadLocalAttention(nn.Module):
                 window_size_left=self.window_size_left, window_size_right=self.window_size_right,
                 dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                 segment_ids=add_head_axis(segment_ids), implementation=self.implementation,
-                block_size=self.block_size, precision=self.precision))
+                block_size=self.block_size, precision=self.precision,
+                max_segments=self.max_segments))
 
         return nn.DenseGeneral(
             features=self.out_features or features, axis=(-2, -1),

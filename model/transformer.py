@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from model.attention import resolve_implementation
 from model.modules import MultiHeadLocalAttention
 
 POSITION_EMBEDDINGS = ("rope", "relative", "none")
 ACTIVATIONS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
-IMPLEMENTATIONS = ("xla", "dense", "cudnn")  # model.local_attention backends
+IMPLEMENTATIONS = ("auto", "xla", "dense", "cudnn", "splash")  # model.local_attention backends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,10 @@ class TransformerConfig:
     remat: bool = False  # recompute each block's activations in the backward pass; bounds
     # memory with scan_layers (unrolled, XLA keeps most activations anyway)
     scan_layers: bool = False  # one scanned block: compile time independent of num_layers
-    attention_implementation: str = "xla"  # see model.local_attention
+    attention_implementation: str = "auto"  # see model.local_attention
+    # Documents per row of packed data that cuDNN's packed layout makes room for (a static
+    # bound; train.py checks each batch against it where cuDNN runs).
+    max_documents_per_row: int = 32
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | dict, **overrides) -> TransformerConfig:
@@ -81,11 +85,22 @@ class TransformerConfig:
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
+    def document_bound(self, backend: str | None = None) -> int:
+        """``max_documents_per_row`` where the attention runs on cuDNN's packed layout with
+        packed documents (on ``backend``, default JAX's), else 0: no bound to check."""
+        implementation = resolve_implementation(
+            self.attention_implementation, self.compute_dtype,
+            has_rel_pos_emb=self.position_embedding == "relative",
+            dropout_rate=self.attention_dropout_rate, has_segment_ids=True,
+            max_segments=self.max_documents_per_row, backend=backend)
+        return self.max_documents_per_row if implementation == "cudnn" else 0
+
     def validate(self) -> None:
         def is_int(value):
             return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim",
+                     "max_documents_per_row"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"model.{name}={value!r}: expected a positive int")
@@ -105,7 +120,7 @@ class TransformerConfig:
         if self.position_embedding == "rope" and self.resolved_head_dim % 2:
             raise ValueError(f"model.position_embedding='rope' needs an even head dim; got "
                              f"{self.resolved_head_dim}")
-        if self.attention_implementation != "xla" and (
+        if self.attention_implementation not in ("auto", "xla") and (
                 self.position_embedding == "relative" or self.attention_dropout_rate):
             raise ValueError(f"model.attention_implementation={self.attention_implementation!r} "
                              f"supports neither relative positions nor attention dropout")
@@ -199,6 +214,7 @@ class DecoderBlock(nn.Module):
             rel_pos_emb_init=_init(nn.initializers.normal(stddev=0.02), "heads", None, "kv"),
             decode=self.decode,
             implementation=config.attention_implementation,
+            max_segments=config.max_documents_per_row,
             name="attention")
         hidden = attention(_norm(config, "attention_norm")(x), segment_ids=segment_ids,
                            positions=positions)

@@ -264,6 +264,34 @@ def test_resuming_with_another_batch_size_is_a_one_line_error(trained_workdir):
         "error: batch_size=16, but the checkpoints in")
 
 
+def test_the_attention_kernel_and_document_bound_may_change_on_resume(trained_workdir, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir / "run", workdir)
+    config = tiny_config(trained_workdir / "cache", num_train_steps=11, eval_every_steps=0,
+                         **{"model.attention_implementation": "dense",
+                            "model.max_documents_per_row": 4})
+    result = train.train_and_evaluate(config, str(workdir))
+    assert max(train_metrics(workdir)) == 11 and np.isfinite(result["loss"])
+
+
+def test_a_row_with_more_documents_than_cudnn_has_room_for_is_a_one_line_error():
+    from model import TransformerConfig
+
+    batch = {"segment_ids": np.array([[1, 1, 2, 3, 3, 0], [1, 1, 1, 1, 1, 1]], np.int32)}
+    train.check_documents_per_row(batch, 4)  # 4 runs (padding is one) fit
+    with pytest.raises(ValueError, match=r"a batch row holds 4 documents, more than "
+                                         r"model.max_documents_per_row=3 .*: raise it"):
+        train.check_documents_per_row(batch, 3)
+    train.check_documents_per_row({"inputs": batch["segment_ids"]}, 1)  # stream packing
+    # The bound is checked only where cuDNN's packed layout runs.
+    model = TransformerConfig(vocab_size=8, dtype="bfloat16", max_documents_per_row=3)
+    assert model.document_bound("gpu") == 3
+    assert model.document_bound("cpu") == model.document_bound("tpu") == 0
+    assert TransformerConfig(vocab_size=8, max_documents_per_row=3).document_bound("gpu") == 0
+
+
 def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_workdir, tmp_path):
     import shutil
 

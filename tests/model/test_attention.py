@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from model import local_attention
+from model.attention import _packed_layout, resolve_implementation
 from tests.model.reference import dense_local_attention
 
 # (batch, heads, seq_len, head_dim, window_size_left, window_size_right, block_size):
@@ -173,6 +174,10 @@ def test_memory_is_linear_in_sequence_length():
     (dict(rel_pos_emb=jnp.ones((7, 8))), "rel_pos_emb has shape"),
     (dict(implementation="pallas"), "implementation='pallas'"),
     (dict(block_size=0), "block_size=0"),
+    (dict(max_segments=0), "max_segments=0"),
+    (dict(implementation="splash", mask=jnp.ones((10,), bool)), "'splash' cannot compute mask"),
+    (dict(implementation="splash", dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+     "'splash' cannot compute dropout"),
 ])
 def test_bad_arguments_raise_one_line_value_errors(bad, message):
     q, k, v = _qkv((2, 3, 10, 8))
@@ -203,32 +208,154 @@ def test_dense_implementation_matches_the_blocked_one(with_masks):
 
 def test_cudnn_implementation_rejects_what_it_cannot_compute():
     q, k, v = _qkv((1, 2, 64, 16), jnp.bfloat16)
-    with pytest.raises(ValueError, match="implementation='cudnn' computes causal windows .* "
-                                         "segment_ids, window_size_right=3"):
+    with pytest.raises(ValueError, match="implementation='cudnn' cannot compute "
+                                         "window_size_right=3 .*segment_ids without max_segments"):
         local_attention(q, k, v, window_size_left=8, window_size_right=3,
                         segment_ids=jnp.zeros((1, 1, 64), jnp.int32), implementation="cudnn")
+    with pytest.raises(ValueError, match="'cudnn' cannot compute rel_pos_emb, dropout"):
+        local_attention(q, k, v, window_size_left=8, window_size_right=0,
+                        rel_pos_emb=jnp.ones((9, 16)), dropout_rate=0.1,
+                        dropout_rng=jax.random.key(0), implementation="cudnn")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="implementation='cudnn' needs an NVIDIA GPU"):
             local_attention(q, k, v, window_size_left=8, window_size_right=0,
+                            segment_ids=jnp.zeros((1, 1, 64), jnp.int32), max_segments=4,
                             implementation="cudnn")
+
+
+@pytest.mark.parametrize("backend,dtype,features,expected", [
+    ("cpu", jnp.bfloat16, {}, "xla"),
+    ("gpu", jnp.bfloat16, {}, "cudnn"),
+    ("gpu", jnp.bfloat16, dict(has_segment_ids=True, max_segments=8), "cudnn"),
+    ("gpu", jnp.bfloat16, dict(has_segment_ids=True), "xla"),  # no bound for the layout
+    ("gpu", jnp.float32, {}, "xla"),
+    ("gpu", jnp.bfloat16, dict(window_size_right=2), "xla"),
+    ("gpu", jnp.bfloat16, dict(has_rel_pos_emb=True), "xla"),
+    ("tpu", jnp.float32, dict(has_segment_ids=True), "splash"),
+    ("tpu", jnp.bfloat16, dict(window_size_right=5), "splash"),
+    ("tpu", jnp.bfloat16, dict(has_mask=True), "xla"),
+    ("tpu", jnp.bfloat16, dict(dropout_rate=0.1), "xla"),
+])
+def test_auto_picks_the_fastest_implementation_that_computes_the_call(backend, dtype, features,
+                                                                      expected):
+    assert resolve_implementation("auto", dtype, backend=backend, **features) == expected
+    assert resolve_implementation("dense", dtype, backend=backend, **features) == "dense"
+
+
+def test_auto_is_the_default_and_runs_xla_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU choice")
+    q, k, v = _qkv((1, 2, 70, 8))
+    np.testing.assert_array_equal(local_attention(q, k, v, window_size_left=9),
+                                  local_attention(q, k, v, window_size_left=9,
+                                                  implementation="xla"))
+
+
+# Uneven documents, a padding run at the end, ids that come back after another document (runs,
+# not ids, are documents) and unused slots (max_segments > documents).
+_DOCUMENT_LENGTHS = ((50, 30, 120, 80, 20), (300,), (10, 290))
+
+
+def _documents(lengths, total=300):
+    rows = []
+    for row in lengths:
+        ids = np.concatenate([np.full(n, i % 3 + 1) for i, n in enumerate(row)])
+        rows.append(np.pad(ids, (0, total - ids.size)))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def test_packed_layout_of_segment_ids_gives_the_attention_of_the_segments():
+    """The offsets and lengths that cuDNN gets, turned into the mask that cuDNN's packed layout
+    computes (a query sees the keys of its own packed sequence, causally, in the window),
+    equal the segment-id semantics of the blocked kernel."""
+    segment_ids = _documents(_DOCUMENT_LENGTHS)
+    lengths, offsets = _packed_layout(segment_ids, max_segments=7)
+    np.testing.assert_array_equal(lengths[0], [50, 30, 120, 80, 20, -1, -1])
+    np.testing.assert_array_equal(offsets[0], [0, 50, 80, 200, 280, -1, -1, -1])
+    np.testing.assert_array_equal(lengths[2], [10, 290, -1, -1, -1, -1, -1])
+    position = np.arange(300)
+    packed = np.full((3, 300), -1)
+    for row in range(3):
+        for slot, (offset, length) in enumerate(zip(np.asarray(offsets[row]),
+                                                    np.asarray(lengths[row]))):
+            if length > 0:
+                packed[row, offset:offset + length] = slot
+    assert (packed >= 0).all()
+    q, k, v = _qkv((3, 2, 300, 16), seed=4)
+    window = 40
+    visible = ((packed[:, None, :, None] == packed[:, None, None, :])
+               & (position[None, :] <= position[:, None])
+               & (position[None, :] >= position[:, None] - window))
+    cudnn_semantics = jax.nn.dot_product_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)),
+                                                   mask=jnp.asarray(visible))
+    np.testing.assert_allclose(
+        jnp.swapaxes(cudnn_semantics, 1, 2),
+        local_attention(q, k, v, window_size_left=window, window_size_right=0,
+                        segment_ids=segment_ids[:, None], implementation="xla"),
+        atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("left,right", [(40, 0), (25, 9)])
+def test_splash_matches_the_dense_reference(dtype, documents, left, right):
+    """The splash kernel (Pallas interpret mode off TPUs): forward and gradients."""
+    q, k, v = _qkv((3, 2, 300, 16), dtype, seed=5)
+    segment_ids = _documents(_DOCUMENT_LENGTHS)[:, None] if documents else None
+
+    def loss(function):
+        cotangent = jax.random.normal(jax.random.key(6), q.shape)
+        return lambda q, k, v: jnp.sum(function(q, k, v).astype(jnp.float32) * cotangent)
+
+    splash = lambda q, k, v: local_attention(  # noqa: E731
+        q, k, v, window_size_left=left, window_size_right=right, segment_ids=segment_ids,
+        implementation="splash")
+    reference = lambda q, k, v: dense_local_attention(  # noqa: E731
+        q, k, v, left, right, segment_ids=segment_ids)
+    tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(splash(q, k, v).astype(np.float32),
+                               reference(q, k, v).astype(np.float32),
+                               atol=tolerance, rtol=tolerance)
+    for got, expected in zip(jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v),
+                             jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)):
+        scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32),
+                                   atol=(5e-5 if dtype == jnp.float32 else 3e-2) * scale)
+
+
+def _assert_matches_float32_xla(implementation, q, k, v, **kwargs):
+    """bf16 ``implementation`` against the float32 blocked kernel: forward and gradients."""
+    def loss(implementation, dtype):
+        cotangent = jax.random.normal(jax.random.key(7), q.shape)
+        return lambda q, k, v: jnp.sum(local_attention(
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), implementation=implementation,
+            **kwargs).astype(jnp.float32) * cotangent)
+
+    ours = jax.jit(jax.value_and_grad(loss(implementation, jnp.bfloat16), argnums=(0, 1, 2)))
+    reference = jax.jit(jax.value_and_grad(loss("xla", jnp.float32), argnums=(0, 1, 2)))
+    (_, got), (_, expected) = ours(q, k, v), reference(q, k, v)
+    np.testing.assert_allclose(
+        local_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), implementation=implementation,
+                        **kwargs).astype(np.float32),
+        local_attention(q, k, v, implementation="xla", **kwargs), atol=3e-2, rtol=3e-2)
+    for got_grad, expected_grad in zip(got, expected):
+        relative = float(jnp.linalg.norm(got_grad - expected_grad) / jnp.linalg.norm(expected_grad))
+        assert relative < 1e-2, relative
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
 def test_cudnn_implementation_matches_the_blocked_one_on_gpu():
-    q, k, v = _qkv((2, 4, 1000, 64), jnp.bfloat16)
-    kwargs = dict(window_size_left=100, window_size_right=0)
+    q, k, v = _qkv((2, 4, 1000, 64))
+    _assert_matches_float32_xla("cudnn", q, k, v, window_size_left=100, window_size_right=0)
 
-    def loss(implementation):
-        return lambda q, k, v: (local_attention(q, k, v, implementation=implementation, **kwargs)
-                                .astype(jnp.float32) ** 2).sum()
 
-    for implementation in ("cudnn", "xla"):
-        jax.block_until_ready(local_attention(q, k, v, implementation=implementation, **kwargs))
-    np.testing.assert_allclose(
-        local_attention(q, k, v, implementation="cudnn", **kwargs).astype(np.float32),
-        local_attention(q, k, v, **kwargs).astype(np.float32), atol=2e-2, rtol=2e-2)
-    for got, expected in zip(jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v),
-                             jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
-        scale = float(jnp.abs(expected.astype(jnp.float32)).max())
-        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32),
-                                   atol=3e-2 * scale)
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+def test_cudnn_packed_documents_match_the_blocked_kernel_on_gpu():
+    """Uneven documents in a 32k row, three unused slots."""
+    lengths = (5000, 3000, 12000, 8000, 4768)
+    segment_ids = jnp.asarray(np.repeat(np.arange(1, 6), lengths), jnp.int32)[None, None]
+    q, k, v = _qkv((1, 4, sum(lengths), 64))
+    _assert_matches_float32_xla("cudnn", q, k, v, window_size_left=1024, window_size_right=0,
+                                segment_ids=segment_ids, max_segments=8)
+    assert resolve_implementation("auto", jnp.bfloat16, has_segment_ids=True,
+                                  max_segments=8) == "cudnn"
