@@ -74,12 +74,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Logical axis names (on every parameter and activation, see model/transformer.py) to mesh
     # axes, MaxText's scheme. The first rule whose mesh axes are still free in an array wins,
     # so activations (batch, length, embed) shard the batch over data and fsdp, the sequence
-    # over context and leave embed whole, while parameters shard embed over fsdp (ZeRO-3) and
-    # heads/mlp/vocab over tensor.
+    # over context and leave embed whole, while parameters shard embed over fsdp and context
+    # (ZeRO-3) and heads/mlp/vocab over tensor.
     config.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
         ("length", "context"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "context")),
         ("vocab", "tensor"),
         ("heads", "tensor"),
         ("mlp", "tensor"),

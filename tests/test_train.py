@@ -16,6 +16,8 @@ import train
 from checkpoints import Checkpoints
 from tests.training import config_flags, restore_params, script, tiny_config, train_metrics
 
+EMBED = ("fsdp", "context")  # the mesh axes of a parameter's embed axis (ZeRO-3)
+
 
 def test_tiny_config_trains_and_its_loss_falls(tmp_path):
     workdir = tmp_path / "run"
@@ -144,15 +146,15 @@ def test_sharded_step_matches_one_device(mesh_shape, batches, one_device_run, tm
     # The parameters and AdamW moments are sharded as configs/default.py's rules say.
     data, fsdp, tensor = mesh_shape
     embedding = state.params["embed"]["embedding"]  # (vocab, embed)
-    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
     assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp)
     query = state.params["layer_0"]["attention"]["query"]["kernel"]  # (embed, heads, kv)
-    assert query.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert query.sharding.spec == PartitionSpec(EMBED, "tensor", None)
     assert query.addressable_shards[0].data.shape == (64 // fsdp, 4 // tensor, 16)
     down = state.params["layer_0"]["mlp"]["down"]["kernel"]  # (mlp, embed)
-    assert down.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert down.sharding.spec == PartitionSpec("tensor", EMBED)
     adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
-    assert adam.mu["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert adam.mu["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", EMBED)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,10 @@ def test_context_parallel_step_matches_one_device(mesh_shape, context, document_
     np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
-    assert state.params["embed"]["embedding"].sharding.mesh.shape["context"] == context
+    # Parameters shard embed over the context devices too (ZeRO-3).
+    embedding = state.params["embed"]["embedding"]  # (vocab, embed)
+    fsdp, tensor = mesh_shape[1:]
+    assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp // context)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(batches, tmp_path):
@@ -217,7 +222,7 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
     step, restored, data_state = checkpoints.restore(abstract)
     assert step == 1 and data_state == {"next_index": 8}
     embedding = restored.params["embed"]["embedding"]
-    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
     assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
