@@ -62,9 +62,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                          f"{'×'.join(length_axes)}={shards}, which shards the sequence")
     # An axis that does not divide evenly (a small batch, few heads) is computed whole on each
     # device instead.
-    spec = [a if a == length_axes or q.shape[i] % math.prod(mesh.shape[x] for x in a) == 0
-            else () for i, a in enumerate(axes)]
-    spec = [None if not a else a[0] if len(a) == 1 else a for a in spec]
+    spec = [_spec_entry(a) if a == length_axes or size % math.prod(mesh.shape[x] for x in a) == 0
+            else None for size, a in zip(q.shape, axes)]
     length_axis_name = spec[-2]
     local_len = seq_len // shards
     # Halo widths, capped at what lies before (after) the last (first) block.
@@ -124,6 +123,11 @@ def _mesh_axes(entry, mesh) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry that the mesh has."""
     entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     return tuple(a for a in entry if a in mesh.shape)
+
+
+def _spec_entry(mesh_axes: tuple[str, ...]):
+    """A PartitionSpec entry: None, one axis name, or a tuple of them."""
+    return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
 
 
 def _halo(arrays: dict, axis_name, shards: int, width: int, from_previous: bool) -> dict | None:

@@ -55,9 +55,8 @@ def _dot_product_attention(q, k, v, key_mask, segment_ids, left, right):
     to_bnhd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     out = to_bnhd(jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), mask=visible,
                                                local_window_size=(left, right)))
-    n = q.shape[-2]
-    band = np.abs(np.arange(n)[None, :] - np.arange(n)[:, None] + (left - right) / 2) \
-        <= (left + right) / 2
+    key_minus_query = np.arange(q.shape[-2])[None, :] - np.arange(q.shape[-2])[:, None]
+    band = (key_minus_query >= -left) & (key_minus_query <= right)
     return jnp.where((visible & band).any(-1)[..., None], out, 0.0)
 
 
