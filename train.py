@@ -41,8 +41,9 @@ from data.tokenizers import Tokenizer
 from model import (TransformerConfig, TransformerLM, count_parameters, generate,
                    training_flops_per_token)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
+LENGTH_AXIS = "context"  # and the sequence over this one (model/context_parallel.py)
 # Fields that must not change when a run resumes: the checkpoint's arrays depend on them
 # (model, tokenizer), or the saved data iterator position does (the examples and their order).
 _FIXED_ON_RESUME = ("model", "data.tokenizer", "data.sentencepiece_model",
@@ -124,8 +125,8 @@ def axis_rules(config: ml_collections.ConfigDict) -> tuple:
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` over ``devices`` (default: all);
-    one size may be -1, meaning the devices the others leave."""
+    """The ``(data, fsdp, context, tensor)`` mesh of ``config.mesh`` over ``devices`` (default:
+    all); one size may be -1, meaning the devices the others leave."""
     devices = jax.devices() if devices is None else devices
     sizes = [config.mesh[axis] for axis in MESH_AXES]
     for axis, size in zip(MESH_AXES, sizes):
@@ -148,14 +149,21 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a ``(batch, seq_len)`` array split over the data and fsdp axes."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """A ``(batch, seq_len)`` array: rows split over the data and fsdp axes, each row's
+    positions over the context axis."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, LENGTH_AXIS))
 
 
 def check_batch_fits_mesh(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if batch_size % shards:
         raise ValueError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
+
+
+def check_length_fits_mesh(seq_len: int, mesh: Mesh, name: str = "seq_len") -> None:
+    if seq_len % mesh.shape[LENGTH_AXIS]:
+        raise ValueError(f"{name}={seq_len} is not divisible by mesh.context="
+                         f"{mesh.shape[LENGTH_AXIS]}, which shards the sequence")
 
 
 # --- state, optimizer, steps ------------------------------------------------------------------
@@ -247,7 +255,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
     """
     accum = config.grad_accum_steps
     schedule = learning_rate_schedule(config)
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, LENGTH_AXIS))
 
     def loss_sum(params, batch, dropout_key):
         losses = _token_losses(model, params, batch, deterministic=False, dropout_key=dropout_key)
@@ -389,7 +397,8 @@ def load_for_inference(workdir: str, overrides: dict | None = None, step: int | 
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         step, config = checkpoints.restore_config(step)
-        overrides = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1} | overrides
+        overrides = {"mesh.data": -1, "mesh.fsdp": 1, "mesh.context": 1, "mesh.tensor": 1} \
+            | overrides
         for key, value in overrides.items():
             parent, _, name = key.rpartition(".")
             target = config
@@ -574,6 +583,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     mesh = make_mesh(config)
     micro_batch = config.batch_size // config.grad_accum_steps
     check_batch_fits_mesh(micro_batch, mesh, "batch_size / grad_accum_steps")
+    check_length_fits_mesh(config.seq_len, mesh)
     model = TransformerLM(model_cfg)
     optimizer = make_optimizer(config)
     abstract, state_shardings = create_train_state(config, model, mesh, optimizer, abstract=True)

@@ -68,19 +68,23 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = data.get_config()
 
-    # Devices form a (data, fsdp, tensor) mesh; -1 is "the rest of the devices".
+    # Devices form a (data, fsdp, context, tensor) mesh; -1 is "the rest of the devices".
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.fsdp = 1
+    # Context parallelism: each sequence split into this many blocks of seq_len / context
+    # positions, one per device; attention exchanges only window-sized halos between them.
+    config.mesh.context = 1
     config.mesh.tensor = 1
     # Logical axis names (on every parameter and activation, see model/transformer.py) to mesh
     # axes, MaxText's scheme. The first rule whose mesh axes are still free in an array wins,
-    # so activations (batch, length, embed) shard the batch over data and fsdp and leave embed
-    # whole, while parameters shard embed over fsdp (ZeRO-3) and heads/mlp/vocab over tensor.
+    # so activations (batch, length, embed) shard the batch over data and fsdp, the sequence
+    # over context and leave embed whole, while parameters shard embed over fsdp and context
+    # (ZeRO-3) and heads/mlp/vocab over tensor.
     config.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("embed", "fsdp"),
+        ("length", "context"),
+        ("embed", ("fsdp", "context")),
         ("vocab", "tensor"),
         ("heads", "tensor"),
         ("mlp", "tensor"),

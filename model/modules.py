@@ -20,6 +20,7 @@ from flax.linen.initializers import zeros_init
 from jax import lax
 
 from model.attention import local_attention, masked_softmax_parts
+from model.context_parallel import context_parallel_attention
 
 Array = jax.Array
 Initializer = Any
@@ -152,7 +153,9 @@ class MultiHeadLocalAttention(nn.Module):
             dropout_rate, dropout_rng = self._dropout(deterministic, dropout_rng, prng_key)
             heads_first = functools.partial(jnp.swapaxes, axis1=-3, axis2=-2)
             add_head_axis = lambda x: None if x is None else x[..., None, :]  # noqa: E731
-            out = heads_first(local_attention(
+            # The sequence may be sharded over a context mesh axis; a prompt never is.
+            attend = local_attention if self.decode else context_parallel_attention
+            out = heads_first(attend(
                 heads_first(query), heads_first(key), heads_first(value),
                 mask=add_head_axis(mask), rel_pos_emb=rel_pos_emb,
                 window_size_left=self.window_size_left, window_size_right=self.window_size_right,

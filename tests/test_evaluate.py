@@ -67,6 +67,16 @@ def test_longer_contexts_count_every_token_once_and_do_not_hurt(run):
     assert 1000 <= limited["num_tokens"] < short["num_tokens"]
 
 
+def test_context_parallel_evaluation_matches_a_direct_computation(run):
+    # 4x the training context split over 8 devices (32 positions each, window 16): no device
+    # holds a whole sequence.
+    config, workdir = run
+    result = evaluate.evaluate(workdir, seq_len=256, overrides={"mesh.context": 8})
+    loss, tokens, _ = _direct_loss(config, workdir, 256)
+    assert result["num_tokens"] == tokens
+    assert result["loss"] == pytest.approx(loss / tokens, rel=1e-5)
+
+
 def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     config, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "loss.png"
@@ -95,7 +105,9 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={tmp_path}"], f"error: --workdir='{tmp_path}' has no checkpoints"),
             ([f"--workdir={workdir}", "--step=7"], "error: step=7: no checkpoint for it"),
             ([f"--workdir={workdir}", "--config.seq_len=4"], "error: --config.seq_len: "
-                                                             "evaluate.py takes only")):
+                                                             "evaluate.py takes only"),
+            ([f"--workdir={workdir}", "--config.mesh.context=8", "--seq_len=100"],
+             "error: seq_len=100 is not divisible by mesh.context=8")):
         done = script("evaluate.py", *args)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]

@@ -16,6 +16,8 @@ import train
 from checkpoints import Checkpoints
 from tests.training import config_flags, restore_params, script, tiny_config, train_metrics
 
+EMBED = ("fsdp", "context")  # the mesh axes of a parameter's embed axis (ZeRO-3)
+
 
 def test_tiny_config_trains_and_its_loss_falls(tmp_path):
     workdir = tmp_path / "run"
@@ -99,8 +101,9 @@ def _sharding_config(cache_dir, **overrides):
                                      **overrides})
 
 
-def _run_steps(config, mesh_shape, batches, devices=None):
+def _run_steps(config, mesh_shape, batches, devices=None, context=1):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
+    config.mesh.context = context
     mesh = train.make_mesh(config, devices)
     model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
                                                                     vocab_size=384))
@@ -143,15 +146,53 @@ def test_sharded_step_matches_one_device(mesh_shape, batches, one_device_run, tm
     # The parameters and AdamW moments are sharded as configs/default.py's rules say.
     data, fsdp, tensor = mesh_shape
     embedding = state.params["embed"]["embedding"]  # (vocab, embed)
-    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
     assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp)
     query = state.params["layer_0"]["attention"]["query"]["kernel"]  # (embed, heads, kv)
-    assert query.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    assert query.sharding.spec == PartitionSpec(EMBED, "tensor", None)
     assert query.addressable_shards[0].data.shape == (64 // fsdp, 4 // tensor, 16)
     down = state.params["layer_0"]["mlp"]["down"]["kernel"]  # (mlp, embed)
-    assert down.sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert down.sharding.spec == PartitionSpec("tensor", EMBED)
     adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState
-    assert adam.mu["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+    assert adam.mu["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", EMBED)
+
+
+@pytest.fixture(scope="module")
+def document_batches(batches):
+    """``batches`` cut into documents that start near the boundaries of the context blocks
+    below (16, 32, 48) and within a window of them: segment ids and positions as
+    data/packing.py makes them."""
+    position = np.arange(batches[0]["inputs"].shape[1])
+    segment_ids = 1 + sum(position >= start for start in (14, 31, 33, 50))
+    starts = np.maximum.accumulate(np.where(np.diff(segment_ids, prepend=0), position, 0))
+    return [b | {"segment_ids": np.broadcast_to(segment_ids, b["inputs"].shape).astype(np.int32),
+                 "positions": np.broadcast_to(position - starts, b["inputs"].shape)
+                 .astype(np.int32)} for b in batches]
+
+
+@pytest.fixture(scope="module")
+def one_device_documents_run(document_batches, tmp_path_factory):
+    config = _sharding_config(tmp_path_factory.mktemp("cache"))
+    state, losses = _run_steps(config, (1, 1, 1), document_batches, jax.devices()[:1])
+    return jax.tree.map(np.asarray, state.params), losses
+
+
+@pytest.mark.parametrize("mesh_shape, context", [
+    ((1, 1, 1), 2), ((1, 1, 1), 4), ((1, 1, 1), 8), ((2, 1, 2), 2), ((1, 2, 1), 4)])
+def test_context_parallel_step_matches_one_device(mesh_shape, context, document_batches,
+                                                  one_device_documents_run, tmp_path):
+    # Blocks of 32, 16 and 8 positions: the window of 16 spans one, one and two neighbours.
+    devices = jax.devices()[:np.prod(mesh_shape) * context]
+    state, losses = _run_steps(_sharding_config(tmp_path), mesh_shape, document_batches, devices,
+                               context=context)
+    expected_params, expected_losses = one_device_documents_run
+    np.testing.assert_allclose(losses, expected_losses, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+    # Parameters shard embed over the context devices too (ZeRO-3).
+    embedding = state.params["embed"]["embedding"]  # (vocab, embed)
+    fsdp, tensor = mesh_shape[1:]
+    assert embedding.addressable_shards[0].data.shape == (384 // tensor, 64 // fsdp // context)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(batches, tmp_path):
@@ -181,8 +222,8 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
     step, restored, data_state = checkpoints.restore(abstract)
     assert step == 1 and data_state == {"next_index": 8}
     embedding = restored.params["embed"]["embedding"]
-    assert embedding.sharding.spec == PartitionSpec("tensor", "fsdp")
-    assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
+    assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -202,8 +243,10 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.batch_size=0", "error: batch_size=0: expected an int >= 1"),
-    ("--config.mesh.tensor=3", "error: mesh {'data': -1, 'fsdp': 1, 'tensor': 3}: 8 devices are "
-                               "not divisible by 3"),
+    ("--config.mesh.tensor=3", "error: mesh {'data': -1, 'fsdp': 1, 'context': 1, 'tensor': 3}: "
+                               "8 devices are not divisible by 3"),
+    ("--config.mesh.context=4 --config.seq_len=62",
+     "error: seq_len=62 is not divisible by mesh.context=4"),
     ("--config.model.num_heads=3", "error: model.d_model=32 is not divisible by "
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),
@@ -212,8 +255,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
-    done = script("train.py", "--config=configs/tiny.py", flag, f"--workdir={tmp_path}/run",
-                  f"--config.data.cache_dir={tmp_path}/cache")
+    done = script("train.py", "--config=configs/tiny.py", *flag.split(),
+                  f"--workdir={tmp_path}/run", f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]
     assert "Traceback" not in done.stderr
@@ -317,9 +360,9 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_work
 
 def test_make_mesh_and_batch_checks():
     config = tiny_config("unused")
-    assert train.make_mesh(config).shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert train.make_mesh(config).shape == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
     config.mesh.data, config.mesh.fsdp = 2, -1
-    assert train.make_mesh(config).shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert train.make_mesh(config).shape == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     config.mesh.tensor = -1
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         train.make_mesh(config)

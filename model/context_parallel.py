@@ -1,0 +1,151 @@
+"""Context parallelism for local attention: the sequence split over devices, a halo exchange.
+
+When the logical axis ``length`` maps to mesh axes of total size C > 1 (the rule
+``("length", "context")`` with ``mesh.context = C``) in the mesh that ``jax.set_mesh`` put in
+scope, `context_parallel_attention` runs `local_attention` under ``jax.shard_map``. Each device
+holds ``n = seq_len / C`` consecutive positions of q, k, v and receives from its neighbours,
+through ``lax.ppermute``, only what its queries can see beyond its own block: the
+``window_size_left`` keys, values, key mask and segment ids before it and the
+``window_size_right`` after it (a halo exchange). Communication per layer is
+O(window · heads · head_dim) per device however long the context, and no device holds more
+than ``n + window_size_left + window_size_right`` positions. A window longer than ``n`` is
+gathered from several neighbours (one ``ppermute`` per neighbour, still only the window).
+
+The devices at the two ends of the sequence receive nothing from beyond it: ``ppermute`` gives
+them zeros, and an exchanged key-validity mask (false there) hides those keys. The backward
+pass is autodiff's: the transpose of a ``ppermute`` sends the halo's key and value gradients
+back to the devices that own those keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from model.attention import local_attention
+
+
+def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size_left=128,
+                               window_size_right=128, dropout_rate=0.0, dropout_rng=None,
+                               segment_ids=None, **kernel_options):
+    """`local_attention` with the sequence sharded over the mesh axes of logical ``length``.
+
+    Same arguments, semantics and result as `local_attention` (``kernel_options``:
+    ``implementation``, ``block_size``, ``precision``), with q, k, v
+    ``(batch..., heads, seq_len, head_dim)``: the first axis is logical ``batch``, the last
+    three ``heads``, ``length``, ``kv``, sharded as the logical axis rules in scope say (an
+    axis that does not divide evenly stays whole, except ``length``). Without a mesh, or where
+    ``length`` is not sharded, it is plain `local_attention`. Attention dropout draws its mask
+    per device (the key folded with the device's mesh index), so it differs from the unsharded
+    draw. Raises a one-line ValueError if ``seq_len`` is not divisible by the sequence shards.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    names = [None] * q.ndim
+    names[-3:] = ["heads", "length", "kv"][-q.ndim:]
+    if q.ndim >= 4:
+        names[0] = "batch"
+    axes = [] if mesh.empty else [_mesh_axes(entry, mesh)
+                                  for entry in nn.logical_to_mesh_axes(tuple(names))]
+    length_axes = axes[-2] if axes else ()
+    shards = math.prod(mesh.shape[a] for a in length_axes)
+    if shards == 1:
+        return local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                               dropout_rate, dropout_rng, segment_ids, **kernel_options)
+    seq_len = q.shape[-2]
+    if seq_len % shards:
+        raise ValueError(f"seq_len={seq_len} is not divisible by mesh."
+                         f"{'×'.join(length_axes)}={shards}, which shards the sequence")
+    # An axis that does not divide evenly (a small batch, few heads) is computed whole on each
+    # device instead.
+    spec = [_spec_entry(a) if a == length_axes or size % math.prod(mesh.shape[x] for x in a) == 0
+            else None for size, a in zip(q.shape, axes)]
+    length_axis_name = spec[-2]
+    local_len = seq_len // shards
+    # Halo widths, capped at what lies before (after) the last (first) block.
+    before = min(window_size_left, seq_len - local_len)
+    after = min(window_size_right, seq_len - local_len)
+
+    def broadcast_spec(shape, lead_spec):
+        """The spec of an array that broadcasts against ``lead_spec``'s axes (right-aligned)."""
+        offset = len(lead_spec) - len(shape)
+        return PartitionSpec(*(None if size == 1 else lead_spec[offset + i]
+                               for i, size in enumerate(shape)))
+
+    # The key validity mask travels with the keys; without a mask it is all true (one row).
+    valid = (jnp.ones((1,) * (q.ndim - 2) + (seq_len,), bool) if mask is None
+             else mask.astype(bool))
+    inputs = {"q": q, "k": k, "v": v, "valid": valid}
+    specs = {name: PartitionSpec(*spec) for name in ("q", "k", "v")}
+    specs["valid"] = broadcast_spec(valid.shape, spec[:-1])
+    if segment_ids is not None:
+        inputs["segment_ids"] = segment_ids
+        specs["segment_ids"] = broadcast_spec(segment_ids.shape, spec[:-1])
+    if rel_pos_emb is not None:
+        inputs["rel_pos_emb"] = rel_pos_emb
+        specs["rel_pos_emb"] = PartitionSpec(*broadcast_spec(rel_pos_emb.shape[:-2], spec[:-2]),
+                                             None, None)
+    if dropout_rng is not None:
+        inputs["dropout_rng"] = dropout_rng
+        specs["dropout_rng"] = PartitionSpec()
+
+    def attend_shard(inputs):
+        # Keys and what describes them (validity, segment ids, with a trailing axis so that the
+        # sequence is axis -2 of each): this device's block with its halos around it.
+        keys = {name: inputs[name] if name in ("k", "v") else inputs[name][..., None]
+                for name in ("k", "v", "valid", "segment_ids") if name in inputs}
+        received = [_halo(keys, length_axis_name, shards, before, from_previous=True), keys,
+                    _halo(keys, length_axis_name, shards, after, from_previous=False)]
+        extended = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=-2),
+                                *[r for r in received if r is not None])
+        # Queries padded to the keys' length, so that positions line up; the outputs of the
+        # padding are dropped (no gradient flows back through them).
+        q = inputs["q"]
+        q = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(before, after), (0, 0)])
+        segments = extended.get("segment_ids")
+        rng = inputs.get("dropout_rng")
+        if rng is not None:
+            rng = jax.random.fold_in(rng, lax.axis_index(tuple(mesh.axis_names)))
+        out = local_attention(
+            q, extended["k"], extended["v"], extended["valid"][..., 0],
+            inputs.get("rel_pos_emb"), window_size_left, window_size_right, dropout_rate, rng,
+            None if segments is None else segments[..., 0], **kernel_options)
+        return out[..., before:before + local_len, :]
+
+    return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec))(inputs)
+
+
+def _mesh_axes(entry, mesh) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry that the mesh has."""
+    entry = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(a for a in entry if a in mesh.shape)
+
+
+def _spec_entry(mesh_axes: tuple[str, ...]):
+    """A PartitionSpec entry: None, one axis name, or a tuple of them."""
+    return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+
+
+def _halo(arrays: dict, axis_name, shards: int, width: int, from_previous: bool) -> dict | None:
+    """The ``width`` positions just before (``from_previous``) or after this device's block,
+    from the devices that hold them: each array ``(..., local_len, last)`` gives
+    ``(..., width, last)``, zeros beyond the ends of the sequence. One ``ppermute`` per
+    neighbour, each sending only what the receiver needs."""
+    if width == 0:
+        return None
+    local_len = next(iter(arrays.values())).shape[-2]
+    pieces = []
+    for hop in range(1, -(-width // local_len) + 1):
+        count = min(local_len, width - (hop - 1) * local_len)
+        start = local_len - count if from_previous else 0
+        sent = {name: lax.slice_in_dim(x, start, start + count, axis=x.ndim - 2)
+                for name, x in arrays.items()}
+        pairs = [(i, i + hop) if from_previous else (i + hop, i) for i in range(shards - hop)]
+        pieces.append(lax.ppermute(sent, axis_name, pairs))
+    if from_previous:
+        pieces.reverse()  # the farthest neighbour's positions come first
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=-2), *pieces)

@@ -1,0 +1,180 @@
+"""Context parallelism (model/context_parallel.py): the sequence split over a mesh axis gives
+the unsharded results, for the attention alone (against jax.nn.dot_product_attention) and for
+the whole model's loss and gradients; no device holds the whole sequence."""
+
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from model import TransformerConfig, TransformerLM
+from model.context_parallel import context_parallel_attention
+from tests.model.reference import dense_local_attention
+
+RULES = tuple(default.get_config().logical_axis_rules)  # ("length", "context"), ...
+AXES = ("data", "fsdp", "context", "tensor")
+
+
+def _mesh(data=1, fsdp=1, context=1, tensor=1):
+    shape = (data, fsdp, context, tensor)
+    return jax.make_mesh(shape, AXES, (jax.sharding.AxisType.Auto,) * 4,
+                         devices=jax.devices()[:np.prod(shape)])
+
+
+def _in_mesh(mesh, function, *args):
+    """``jax.jit(function)(*args)`` traced with ``mesh`` and the config's rules in scope."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        return jax.jit(function)(*args)
+
+
+def _documents(batch, length, seed):
+    """Segment ids ``(batch, length)`` of documents of 1 to 12 positions."""
+    starts = np.random.default_rng(seed).random((batch, length)) < 0.15
+    return jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
+
+
+def _attention_inputs(batch=2, heads=2, length=64, head_dim=8, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q, k, v, cotangent = (jax.random.normal(key, (batch, heads, length, head_dim))
+                          for key in keys[:4])
+    key_mask = jax.random.bernoulli(keys[4], 0.8, (batch, 1, length))
+    segment_ids = _documents(batch, length, seed)[:, None, :]
+    return q, k, v, cotangent, key_mask, segment_ids
+
+
+def _dot_product_attention(q, k, v, key_mask, segment_ids, left, right):
+    """jax.nn.dot_product_attention with the local window, in the (batch, heads, n, d) layout;
+    zeros for a query that sees no key (jax would average all values)."""
+    visible = key_mask[..., None, :] & (segment_ids[..., :, None] == segment_ids[..., None, :])
+    to_bnhd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    out = to_bnhd(jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), mask=visible,
+                                               local_window_size=(left, right)))
+    key_minus_query = np.arange(q.shape[-2])[None, :] - np.arange(q.shape[-2])[:, None]
+    band = (key_minus_query >= -left) & (key_minus_query <= right)
+    return jnp.where((visible & band).any(-1)[..., None], out, 0.0)
+
+
+@pytest.mark.parametrize("mesh_shape, left, right", [
+    (dict(context=2), 5, 3),
+    (dict(context=4), 16, 0),  # the window is one whole block
+    (dict(context=8), 20, 9),  # blocks of 8: the halos come from 3 and 2 neighbours
+    (dict(context=8), 100, 100),  # a window longer than the sequence
+    (dict(data=2, context=2, tensor=2), 16, 16),
+])
+def test_attention_equals_dot_product_attention(mesh_shape, left, right):
+    q, k, v, cotangent, key_mask, segment_ids = _attention_inputs()
+
+    def loss(attention, q, k, v):
+        out = attention(q, k, v, mask=key_mask, segment_ids=segment_ids, window_size_left=left,
+                        window_size_right=right)
+        return (out * cotangent).sum(), out
+
+    def sharded(q, k, v):
+        return jax.value_and_grad(lambda *x: loss(context_parallel_attention, *x),
+                                  argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    def reference(q, k, v, mask, segment_ids, window_size_left, window_size_right):
+        return _dot_product_attention(q, k, v, mask, segment_ids, window_size_left,
+                                      window_size_right)
+
+    (_, out), grads = _in_mesh(_mesh(**mesh_shape), sharded, q, k, v)
+    (_, expected), expected_grads = jax.value_and_grad(
+        lambda *x: loss(reference, *x), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_relative_positions_with_heads_over_tensor_and_halos_from_two_neighbours():
+    q, k, v, cotangent, key_mask, segment_ids = _attention_inputs(heads=4, seed=1)
+    left, right = 10, 3
+    rel_pos_emb = jax.random.normal(jax.random.PRNGKey(7), (4, left + right + 1, 8))
+
+    def loss(attention, q, k, v, rel_pos_emb):
+        return (attention(q, k, v, mask=key_mask, segment_ids=segment_ids,
+                          rel_pos_emb=rel_pos_emb[None], window_size_left=left,
+                          window_size_right=right) * cotangent).sum()
+
+    def reference(q, k, v, mask, segment_ids, rel_pos_emb, window_size_left, window_size_right):
+        return dense_local_attention(q, k, v, window_size_left, window_size_right, mask=mask,
+                                     segment_ids=segment_ids, rel_pos_emb=rel_pos_emb)
+
+    grad = lambda attention: jax.value_and_grad(  # noqa: E731
+        lambda *x: loss(attention, *x), argnums=(0, 1, 2, 3))
+    got = _in_mesh(_mesh(context=8), grad(context_parallel_attention), q, k, v, rel_pos_emb)
+    want = grad(reference)(q, k, v, rel_pos_emb)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
+
+
+def test_dropout_is_deterministic_and_the_sequence_must_divide():
+    q, k, v, *_ = _attention_inputs()
+    attention = lambda q, rng: context_parallel_attention(  # noqa: E731
+        q, k, v, window_size_left=8, window_size_right=0, dropout_rate=0.5, dropout_rng=rng)
+    mesh = _mesh(context=4)
+    first = _in_mesh(mesh, attention, q, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(first, _in_mesh(mesh, attention, q, jax.random.PRNGKey(0)))
+    assert not np.allclose(first, _in_mesh(mesh, attention, q, jax.random.PRNGKey(1)))
+    with pytest.raises(ValueError, match=r"seq_len=62 is not divisible by mesh.context=4"):
+        _in_mesh(mesh, attention, q[..., :62, :], jax.random.PRNGKey(0))
+
+
+def _model_loss_and_grads(config, params, batch):
+    def loss(params):
+        logits = TransformerLM(config).apply({"params": params}, batch["inputs"],
+                                             segment_ids=batch["segment_ids"],
+                                             positions=batch["positions"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    return jax.value_and_grad(loss)(params)
+
+
+def _model_case(length=96, **fields):
+    config = TransformerConfig.from_config(dict(
+        vocab_size=64, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, window_size=12,
+        **fields))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, length + 1), 0, 64)
+    segment_ids = _documents(2, length, seed=3)
+    starts = jnp.where(jnp.diff(segment_ids, axis=1, prepend=-1) != 0, jnp.arange(length), 0)
+    positions = jnp.arange(length) - jax.lax.cummax(starts, axis=1)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+             "positions": positions}
+    params = TransformerLM(config).init(jax.random.PRNGKey(1), batch["inputs"])["params"]
+    return config, nn.unbox(params), batch
+
+
+@pytest.mark.parametrize("mesh_shape, fields", [
+    (dict(context=4), dict(scan_layers=True, remat=True)),  # blocks of 24, window 12
+    (dict(context=8), dict(remat=True)),  # blocks of 12: exactly one window
+    (dict(data=2, context=2, tensor=2), dict(position_embedding="relative", scan_layers=True)),
+])
+def test_model_loss_and_gradients_equal_the_unsharded_model(mesh_shape, fields):
+    config, params, batch = _model_case(**fields)
+    loss_and_grads = functools.partial(_model_loss_and_grads, config)
+    loss, grads = _in_mesh(_mesh(**mesh_shape), loss_and_grads, params, batch)
+    expected_loss, expected_grads = jax.jit(loss_and_grads)(params, batch)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_no_device_holds_the_whole_sequence():
+    """The compiled forward and backward pass at context 4: halos travel by collective-permute,
+    and no array on a device has the sequence's length (96) as a dimension: nothing gathers
+    the keys, the values or any activation along the sequence."""
+    config, params, batch = _model_case(scan_layers=True, remat=True)
+    mesh = _mesh(context=4)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
+    batch = jax.device_put(batch, sharding)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        hlo = jax.jit(functools.partial(_model_loss_and_grads, config)).lower(
+            params, batch).compile().as_text()
+    assert "collective-permute" in hlo
+    dimensions = {int(d) for shape in re.findall(r"\[([\d,]+)\]", hlo)
+                  for d in shape.split(",") if d}
+    assert 24 in dimensions and 96 not in dimensions  # blocks of 24, never the whole 96
