@@ -60,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = False
     config.model.scan_layers = False
     config.model.attention_implementation = "xla"
+    # Sequence chunks (tokens) for long contexts: each scanned rematerialised layer runs in
+    # chunks of layer_chunk_size (with the window before each; 0: whole; must divide seq_len),
+    # the logits and loss in chunks of loss_chunk_size (0: about 2**24 logits per chunk).
+    config.model.layer_chunk_size = 0
+    config.model.loss_chunk_size = 0
 
     config.data = data.get_config()
 

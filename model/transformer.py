@@ -55,10 +55,12 @@ class TransformerConfig:
     # memory with scan_layers (unrolled, XLA keeps most activations anyway)
     scan_layers: bool = False  # one scanned block: compile time independent of num_layers
     attention_implementation: str = "xla"  # see model.local_attention
-    # Position-wise work in chunks along the sequence, each recomputed in the backward pass,
-    # so that no (tokens x mlp_dim) or (tokens x vocab_size) array exists whole. Tokens per
-    # chunk; 0: the MLP unchunked, the loss in chunks of about 2**24 logits (64 MiB float32).
-    mlp_chunk_size: int = 0
+    # Tokens per chunk of the sequence, so that no (tokens x mlp_dim) or (tokens x vocab_size)
+    # array exists whole. layer_chunk_size: each scanned rematerialised layer (scan_layers and
+    # remat) runs chunk by chunk, each chunk with the window_size tokens before it (0: the
+    # whole sequence at once; it must divide seq_len). loss_chunk_size: the output logits and
+    # cross-entropy when the model is given targets (0: about 2**24 logits per chunk).
+    layer_chunk_size: int = 0
     loss_chunk_size: int = 0
 
     @classmethod
@@ -95,7 +97,7 @@ class TransformerConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"model.{name}={value!r}: expected a positive int")
-        for name in ("window_size", "mlp_chunk_size", "loss_chunk_size"):
+        for name in ("window_size", "layer_chunk_size", "loss_chunk_size"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"model.{name}={value!r}: expected an int >= 0")
@@ -211,33 +213,9 @@ class DecoderBlock(nn.Module):
         hidden = attention(_norm(config, "attention_norm")(x), segment_ids=segment_ids,
                            positions=positions)
         x = x + nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
-        hidden = _chunked_mlp(config, _norm(config, "mlp_norm")(x), deterministic)
+        hidden = Mlp(config, name="mlp")(_norm(config, "mlp_norm")(x), deterministic)
         x = x + nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class _MlpChunk(Mlp):
-    """`Mlp` with the ``(carry, chunk) -> (carry, out)`` signature of ``nn.scan``."""
-
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, carry, x):  # type: ignore[override]
-        return carry, super().__call__(x, self.deterministic)
-
-
-def _chunked_mlp(config: TransformerConfig, x: jax.Array, deterministic: bool) -> jax.Array:
-    """`Mlp` (parameters ``mlp/...``) over ``x (batch, seq_len, d_model)`` in sequence chunks of
-    ``config.mlp_chunk_size``, each recomputed in the backward pass: one chunk's
-    ``(chunk, mlp_dim)`` hidden units live at a time instead of the sequence's."""
-    num_chunks = _num_chunks(x.shape[-2], config.mlp_chunk_size)
-    if num_chunks == 1:
-        return Mlp(config, name="mlp")(x, deterministic)
-    scanned = nn.scan(nn.remat(_MlpChunk, prevent_cse=False), variable_broadcast="params",
-                      split_rngs={"params": False, "dropout": True}, length=num_chunks)
-    _, out = scanned(config, deterministic=deterministic, name="mlp")(
-        None, to_sequence_chunks(x, num_chunks))
-    return from_sequence_chunks(out, x.shape[-2])
 
 
 def _num_chunks(length: int, chunk_size: int) -> int:
@@ -375,11 +353,65 @@ class TransformerLM(nn.Module):
         return _logits(x, kernel)
 
 
-def _apply_layer(config, deterministic, layer_params, index, x, segment_ids, positions,
-                 dropout_key):
-    rngs = None if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, index)}
-    return DecoderBlock(config).apply({"params": layer_params}, x, segment_ids, positions,
-                                      deterministic, rngs=rngs)
+def _layer_chunks(config: TransformerConfig, length: int) -> tuple[int, int, int]:
+    """``(num_chunks, chunk, span)``: a layer over ``length`` tokens runs as ``num_chunks``
+    chunks of ``chunk`` outputs, each computed from ``span`` tokens (the chunk and the
+    ``window_size`` tokens its attention reaches back to)."""
+    chunk = config.layer_chunk_size
+    if not chunk or chunk >= length:
+        return 1, length, length
+    if length % chunk:
+        raise ValueError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
+                         f"{length}: expected a divisor of it, or 0")
+    return length // chunk, chunk, min(length, chunk + config.window_size)
+
+
+def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_params, layer, x,
+                     segment_ids, positions, dropout_key, d_out=None):
+    """One `DecoderBlock` on ``x (batch, seq_len, d_model)``, chunk by chunk (`_layer_chunks`).
+
+    The block is causal with a window of ``window_size`` tokens and otherwise position-wise,
+    so each chunk's outputs are exact from its span of inputs. Returns the output; given the
+    output's cotangent ``d_out``, returns ``(d_params, d_x)`` instead, one chunk's backward
+    pass at a time (``d_x`` summed in float32 where spans overlap).
+    """
+    batch, length, _ = x.shape
+    num_chunks, chunk, span = _layer_chunks(config, length)
+    if positions is None:  # a chunk's rotary positions are its place in the sequence
+        positions = jnp.arange(length)[None]
+
+    def span_of(index):
+        start = jnp.clip(index * chunk - config.window_size, 0, length - span)
+        rows = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, span, 1)  # noqa: E731
+        key = None if dropout_key is None else jax.random.fold_in(
+            jax.random.fold_in(dropout_key, layer), index)
+        block = lambda p, x: DecoderBlock(config).apply(  # noqa: E731
+            {"params": p}, x, rows(segment_ids), rows(positions), deterministic,
+            rngs=None if key is None else {"dropout": key})
+        return start, index * chunk - start, rows(x), block
+
+    if d_out is None:
+        def forward(index):
+            _, offset, x_span, block = span_of(index)
+            return jax.lax.dynamic_slice_in_dim(block(layer_params, x_span), offset, chunk, 1)
+
+        out = jax.lax.map(forward, jnp.arange(num_chunks))  # (num_chunks, batch, chunk, d)
+        return jnp.moveaxis(out, 0, 1).reshape(x.shape)
+
+    def backward(sums, index):
+        d_params_sum, d_x_sum = sums
+        start, offset, x_span, block = span_of(index)
+        out, block_vjp = jax.vjp(block, layer_params, x_span)
+        d_out_chunk = jax.lax.dynamic_slice_in_dim(d_out, index * chunk, chunk, 1)
+        d_params, d_x = block_vjp(jax.lax.dynamic_update_slice_in_dim(
+            jnp.zeros_like(out), d_out_chunk, offset, 1))
+        d_x_rows = jax.lax.dynamic_slice_in_dim(d_x_sum, start, span, 1) + d_x
+        return (jax.tree.map(jnp.add, d_params_sum, d_params),
+                jax.lax.dynamic_update_slice_in_dim(d_x_sum, d_x_rows, start, 1)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, layer_params), jnp.zeros(x.shape, jnp.float32))
+    (d_params, d_x), _ = jax.lax.scan(backward, zeros, jnp.arange(num_chunks))
+    return d_params, d_x.astype(x.dtype)
 
 
 def _bits_dtype(dtype) -> Any:
@@ -389,8 +421,8 @@ def _bits_dtype(dtype) -> Any:
 def _layer_stack_forward(config, deterministic, params, x, segment_ids, positions, dropout_key):
     def layer(x, inputs):
         index, layer_params = inputs
-        out = _apply_layer(config, deterministic, layer_params, index, x, segment_ids,
-                           positions, dropout_key)
+        out = _layer_in_chunks(config, deterministic, layer_params, index, x, segment_ids,
+                               positions, dropout_key)
         return out, jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
 
     return jax.lax.scan(layer, x, (jnp.arange(config.num_layers), params))
@@ -400,7 +432,7 @@ def _layer_stack_forward(config, deterministic, params, x, segment_ids, position
 def _layer_stack(config, deterministic, params, x, segment_ids, positions, dropout_key):
     """The scanned layers with ``params`` (each leaf stacked ``(num_layers, ...)``) on ``x
     (batch, seq_len, d_model)``, keeping only each layer's input for the backward pass, which
-    recomputes the layer from it.
+    recomputes the layer from it, chunk by chunk (`_layer_in_chunks`).
 
     What ``nn.remat`` inside ``nn.scan`` does, with the saved inputs held as raw bits (uint16
     for bfloat16): XLA:CPU widens a bfloat16 array that a loop slices to float32 and hoists
@@ -422,10 +454,8 @@ def _layer_stack_bwd(config, deterministic, residuals, d_out):
     def layer(d_x, inputs):
         index, layer_params, x_bits = inputs
         x = jax.lax.bitcast_convert_type(x_bits, d_out.dtype)
-        _, layer_vjp = jax.vjp(
-            lambda p, x: _apply_layer(config, deterministic, p, index, x, segment_ids,
-                                      positions, dropout_key), layer_params, x)
-        d_params, d_x = layer_vjp(d_x)
+        d_params, d_x = _layer_in_chunks(config, deterministic, layer_params, index, x,
+                                         segment_ids, positions, dropout_key, d_out=d_x)
         return d_x, d_params
 
     d_x, d_params = jax.lax.scan(layer, d_out, (jnp.arange(config.num_layers), params,
