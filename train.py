@@ -221,9 +221,10 @@ def _token_losses(model: TransformerLM, params, batch: dict, deterministic: bool
                   dropout_key: jax.Array | None = None) -> jax.Array:
     """Cross-entropy of each target, ``(batch, seq_len)`` float32 (0 where loss_mask is 0)."""
     rngs = None if deterministic else {"dropout": dropout_key}
-    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                         positions=batch.get("positions"), deterministic=deterministic, rngs=rngs)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    # The model computes the losses in chunks: the (tokens × vocabulary) logits never exist.
+    losses = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                         positions=batch.get("positions"), deterministic=deterministic,
+                         targets=batch["targets"], rngs=rngs)
     return losses * batch["loss_mask"]
 
 

@@ -39,6 +39,13 @@ def xla_bytes(compiled) -> int:
             + memory.output_size_in_bytes)
 
 
+def peak_bytes(compiled) -> int:
+    """Peak device memory of a compiled step by XLA's buffer assignment: arguments, outputs
+    and temporaries, with donated arguments that the outputs reuse counted once."""
+    memory = compiled.memory_analysis()
+    return xla_bytes(compiled) - memory.alias_size_in_bytes
+
+
 def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
     """The float32 rate of a large ``(size, size)`` matmul, best of ``repeats``."""
     import jax

@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Room for documents per row in cuDNN's packed layout (where cuDNN runs on packed
     # documents); a batch row with more is a one-line error. May change on resume.
     config.model.max_documents_per_row = 32
+    # Sequence chunks (tokens) for long contexts: each scanned rematerialised layer runs in
+    # chunks of layer_chunk_size (with the window before each; 0: whole; must divide seq_len),
+    # the logits and loss in chunks of loss_chunk_size (0: about 2**24 logits per chunk).
+    config.model.layer_chunk_size = 0
+    config.model.loss_chunk_size = 0
 
     config.data = data.get_config()
 

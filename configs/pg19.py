@@ -41,6 +41,9 @@ def get_config(context: str = "32768"):
     config.model.dtype = "bfloat16"
     config.model.remat = True
     config.model.scan_layers = True
+    # Layers in 16k-token chunks (6% recomputed: the window before each chunk): one layer's
+    # working set stays that of 16k tokens at any context (see bench/memory.py).
+    config.model.layer_chunk_size = min(16384, seq_len)
     config.data.source = "hf"
     config.data.hf_name = "emozilla/pg19"
     config.data.hf_text_field = "text"

@@ -326,24 +326,6 @@ def _to_blocks(x: jax.Array, block: int) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
 
 
-def _overlap_add(frames: jax.Array, stride: int) -> jax.Array:
-    """Sums overlapping frames: ``(batch, count, width, ...) -> (batch, (count-1)*stride + width, ...)``.
-
-    Frame ``i`` lands on rows ``[i * stride, i * stride + width)``. The backward pass uses it to
-    gather the key-block gradients of the chunks, whose key ranges overlap by ``views - 1``
-    blocks. Built from ``ceil(width / stride)`` shifted pads, so no scatter.
-    """
-    batch, count, width, *rest = frames.shape
-    pieces = -(-width // stride)
-    frames = jnp.pad(frames, [(0, 0), (0, 0), (0, pieces * stride - width)] + [(0, 0)] * len(rest))
-    frames = frames.reshape(batch, count, pieces, stride, *rest)
-    total = sum(
-        jnp.pad(frames[:, :, p], [(0, 0), (p, pieces - 1 - p)] + [(0, 0)] * (1 + len(rest)))
-        for p in range(pieces))
-    total = total.reshape(batch, (count + pieces - 1) * stride, *rest)
-    return total[:, :(count - 1) * stride + width]
-
-
 def _skew(rel_scores: jax.Array, span: int) -> jax.Array:
     """``(..., block, W) -> (..., block, span)`` with ``out[a, s] = rel_scores[a, s - a]``.
 
@@ -508,16 +490,29 @@ def _blocked_attention_bwd(plan, residuals, d_out):
         chunk_correction = rows(correction)[..., None]
         d_scores = [p * (d - chunk_correction) for p, d in zip(probs, d_probs)]
         d_q, d_k, d_rel = scores_vjp(d_scores)
-        return (d_q, d_k.astype(jnp.float32), d_v.astype(jnp.float32),
-                None if rel is None else d_rel.astype(jnp.float32))
+        return d_q, d_k, d_v, d_rel
 
-    d_q, d_k, d_v, d_rel = lax.map(chunk_backward, jnp.arange(plan.num_chunks))
-    # Chunk c read key blocks [c * G, c * G + G + views - 1).
-    d_k, d_v = (_overlap_add(jnp.moveaxis(d, 0, 1), plan.blocks_per_chunk) for d in (d_k, d_v))
-    if rel is not None:
-        d_rel = d_rel.sum(axis=0).astype(rel.dtype)
+    def accumulate(sums, index):
+        # Chunk c read key blocks [c * G, c * G + G + views - 1): its key and value gradients
+        # are added there in place, so no per-chunk copy of that overlapping range is kept.
+        d_q, d_k, d_v, d_rel = chunk_backward(index)
+        first = index * plan.blocks_per_chunk
+
+        def add_rows(total, part):
+            window = lax.dynamic_slice_in_dim(total, first, part.shape[1], axis=1)
+            return lax.dynamic_update_slice_in_dim(total, window + part, first, axis=1)
+
+        d_k_sum, d_v_sum, d_rel_sum = sums
+        sums = (add_rows(d_k_sum, d_k), add_rows(d_v_sum, d_v),
+                None if rel is None else d_rel_sum + d_rel)
+        return sums, d_q
+
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    sums = (zeros(k_blocks.shape), zeros(v_blocks.shape), None if rel is None else zeros(rel.shape))
+    (d_k, d_v, d_rel), d_q = lax.scan(accumulate, sums, jnp.arange(plan.num_chunks))
     return (_unchunk(d_q).astype(q_blocks.dtype), d_k.astype(k_blocks.dtype),
-            d_v.astype(v_blocks.dtype), None, None, d_rel, None)
+            d_v.astype(v_blocks.dtype), None, None,
+            None if rel is None else d_rel.astype(rel.dtype), None)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from model.attention import resolve_implementation
 from model.modules import MultiHeadLocalAttention
@@ -58,6 +59,13 @@ class TransformerConfig:
     # Documents per row of packed data that cuDNN's packed layout makes room for (a static
     # bound; train.py checks each batch against it where cuDNN runs).
     max_documents_per_row: int = 32
+    # Tokens per chunk of the sequence, so that no (tokens x mlp_dim) or (tokens x vocab_size)
+    # array exists whole. layer_chunk_size: each scanned rematerialised layer (scan_layers and
+    # remat) runs chunk by chunk, each chunk with the window_size tokens before it (0: the
+    # whole sequence at once; it must divide seq_len). loss_chunk_size: the output logits and
+    # cross-entropy when the model is given targets (0: about 2**24 logits per chunk).
+    layer_chunk_size: int = 0
+    loss_chunk_size: int = 0
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | dict, **overrides) -> TransformerConfig:
@@ -104,8 +112,10 @@ class TransformerConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"model.{name}={value!r}: expected a positive int")
-        if not is_int(self.window_size) or self.window_size < 0:
-            raise ValueError(f"model.window_size={self.window_size!r}: expected an int >= 0")
+        for name in ("window_size", "layer_chunk_size", "loss_chunk_size"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"model.{name}={value!r}: expected an int >= 0")
         if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
             raise ValueError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -224,6 +234,32 @@ class DecoderBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def _num_chunks(length: int, chunk_size: int) -> int:
+    """Chunks of at most ``chunk_size`` tokens (0: one chunk) covering ``length`` tokens."""
+    return max(1, -(-length // chunk_size)) if chunk_size else 1
+
+
+def to_sequence_chunks(x: jax.Array, num_chunks: int) -> jax.Array:
+    """``(batch, seq_len, ...) -> (num_chunks, batch, ceil(seq_len / num_chunks), ...)``.
+
+    Chunk ``c`` holds positions ``c, c + num_chunks, c + 2 num_chunks, ...`` (zero-padded at the
+    end): strided rather than contiguous, so that where the sequence is sharded over devices
+    every device holds its own share of every chunk and a scan over chunks stays local.
+    """
+    batch, length, *rest = x.shape
+    chunk = -(-length // num_chunks)
+    if chunk * num_chunks != length:
+        x = jnp.pad(x, [(0, 0), (0, chunk * num_chunks - length)] + [(0, 0)] * len(rest))
+    return jnp.moveaxis(x.reshape(batch, chunk, num_chunks, *rest), 2, 0)
+
+
+def from_sequence_chunks(chunks: jax.Array, length: int) -> jax.Array:
+    """The inverse of `to_sequence_chunks`: ``(num_chunks, batch, chunk, ...) -> (batch, length, ...)``."""
+    num_chunks, batch, chunk, *rest = chunks.shape
+    x = jnp.moveaxis(chunks, 0, 2).reshape(batch, chunk * num_chunks, *rest)
+    return x[:, :length]
+
+
 class _ScannedBlock(DecoderBlock):
     """`DecoderBlock` with the ``(carry, _) -> (carry, None)`` signature of ``nn.scan``."""
 
@@ -232,11 +268,55 @@ class _ScannedBlock(DecoderBlock):
         return super().__call__(x, segment_ids, positions, deterministic), None
 
 
+class _OutputKernel(nn.Module):
+    """The untied output projection's ``(d_model, vocab_size)`` kernel (``logits/kernel``, the
+    parameter of the ``nn.Dense`` it replaces), so that logits can be computed in chunks."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", _init(_DENSE_INIT, "embed", "vocab"),
+                          (self.config.d_model, self.config.vocab_size), jnp.float32)
+
+
+def _logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x (batch, length, d_model) @ kernel (d_model, vocab)`` in x's dtype -> float32."""
+    logits = jnp.dot(x, kernel.astype(x.dtype))
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+
+
+def chunked_token_losses(x: jax.Array, kernel: jax.Array, targets: jax.Array,
+                         chunk_size: int) -> jax.Array:
+    """Cross-entropy of each target without the whole logits: ``(batch, seq_len)`` float32.
+
+    ``x (batch, seq_len, d_model)``: the final hidden states; ``kernel (d_model, vocab)``: the
+    output projection; ``targets (batch, seq_len)`` int. The logits are computed
+    ``chunk_size`` tokens at a time (0: about 2**24 logits per chunk) and recomputed in the
+    backward pass, so at most one chunk's float32 ``(chunk, vocab)`` logits exist at once.
+    """
+    chunk_size = chunk_size or max(1, 2**24 // kernel.shape[-1])
+    num_chunks = _num_chunks(x.shape[1], chunk_size)
+
+    @jax.checkpoint
+    def chunk_losses(chunk):
+        x_chunk, targets_chunk = chunk
+        return optax.softmax_cross_entropy_with_integer_labels(_logits(x_chunk, kernel),
+                                                                targets_chunk)
+
+    losses = jax.lax.map(chunk_losses, (to_sequence_chunks(x, num_chunks),
+                                        to_sequence_chunks(targets, num_chunks)))
+    return from_sequence_chunks(losses, x.shape[1])
+
+
 class TransformerLM(nn.Module):
     """Decoder-only causal language model of local-attention blocks.
 
     ``__call__(tokens (batch, seq_len) int, segment_ids=None, positions=None,
-    deterministic=True) -> logits (batch, seq_len, vocab_size) float32``.
+    deterministic=True, targets=None) -> logits (batch, seq_len, vocab_size) float32``; given
+    ``targets (batch, seq_len)`` int, it returns their cross-entropy ``(batch, seq_len)``
+    float32 instead, computed in chunks (`chunked_token_losses`) so that the whole logits
+    never exist: what training and evaluation use.
 
     ``segment_ids`` and ``positions`` (both ``(batch, seq_len)`` int) describe packed documents:
     attention never crosses a segment boundary and positions restart per document. With
@@ -248,7 +328,8 @@ class TransformerLM(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None, deterministic: bool = True):
+    def __call__(self, tokens, segment_ids=None, positions=None, deterministic: bool = True,
+                 targets=None):
         config = self.config
         embed = nn.Embed(config.vocab_size, config.d_model, dtype=config.compute_dtype,
                          embedding_init=_init(_EMBED_INIT, "vocab", "embed"), name="embed")
@@ -257,9 +338,15 @@ class TransformerLM(nn.Module):
         x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 
         # deterministic is a Python bool: static for remat and broadcast by scan.
-        if config.scan_layers:
+        if config.scan_layers and config.remat and not self.decode and not self.is_initializing():
+            dropout = not deterministic and (config.dropout_rate or config.attention_dropout_rate)
+            x = _layer_stack(config, deterministic,
+                                       nn.unbox(self.variables["params"]["layers"]), x,
+                                       segment_ids, positions,
+                                       self.make_rng("dropout") if dropout else None)
+        elif config.scan_layers:
             block = _ScannedBlock
-            if config.remat:
+            if config.remat:  # only to create the parameters (init) or caches (decode)
                 block = nn.remat(block, prevent_cse=False, static_argnums=(4,))
             x, _ = nn.scan(
                 block, variable_axes={"params": 0, "cache": 0},
@@ -274,12 +361,125 @@ class TransformerLM(nn.Module):
 
         x = _norm(config, "final_norm")(x)
         if config.tie_embeddings:
-            logits = embed.attend(x)
+            kernel = embed.embedding.T  # (d_model, vocab_size)
         else:
-            logits = nn.Dense(config.vocab_size, use_bias=False, dtype=config.compute_dtype,
-                              kernel_init=_init(_DENSE_INIT, "embed", "vocab"), name="logits")(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32)
+            kernel = _OutputKernel(config, name="logits")()
+        if targets is not None:
+            return chunked_token_losses(x, kernel, targets, config.loss_chunk_size)
+        return _logits(x, kernel)
+
+
+def _layer_chunks(config: TransformerConfig, length: int) -> tuple[int, int, int]:
+    """``(num_chunks, chunk, span)``: a layer over ``length`` tokens runs as ``num_chunks``
+    chunks of ``chunk`` outputs, each computed from ``span`` tokens (the chunk and the
+    ``window_size`` tokens its attention reaches back to)."""
+    chunk = config.layer_chunk_size
+    if not chunk or chunk >= length:
+        return 1, length, length
+    if length % chunk:
+        raise ValueError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
+                         f"{length}: expected a divisor of it, or 0")
+    return length // chunk, chunk, min(length, chunk + config.window_size)
+
+
+def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_params, layer, x,
+                     segment_ids, positions, dropout_key, d_out=None):
+    """One `DecoderBlock` on ``x (batch, seq_len, d_model)``, chunk by chunk (`_layer_chunks`).
+
+    The block is causal with a window of ``window_size`` tokens and otherwise position-wise,
+    so each chunk's outputs are exact from its span of inputs. Returns the output; given the
+    output's cotangent ``d_out``, returns ``(d_params, d_x)`` instead, one chunk's backward
+    pass at a time (``d_x`` summed in float32 where spans overlap).
+    """
+    batch, length, _ = x.shape
+    num_chunks, chunk, span = _layer_chunks(config, length)
+    if positions is None:  # a chunk's rotary positions are its place in the sequence
+        positions = jnp.arange(length)[None]
+
+    def span_of(index):
+        start = jnp.clip(index * chunk - config.window_size, 0, length - span)
+        rows = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, span, 1)  # noqa: E731
+        key = None if dropout_key is None else jax.random.fold_in(
+            jax.random.fold_in(dropout_key, layer), index)
+        block = lambda p, x: DecoderBlock(config).apply(  # noqa: E731
+            {"params": p}, x, rows(segment_ids), rows(positions), deterministic,
+            rngs=None if key is None else {"dropout": key})
+        return start, index * chunk - start, rows(x), block
+
+    if d_out is None:
+        def forward(index):
+            _, offset, x_span, block = span_of(index)
+            return jax.lax.dynamic_slice_in_dim(block(layer_params, x_span), offset, chunk, 1)
+
+        out = jax.lax.map(forward, jnp.arange(num_chunks))  # (num_chunks, batch, chunk, d)
+        return jnp.moveaxis(out, 0, 1).reshape(x.shape)
+
+    def backward(sums, index):
+        d_params_sum, d_x_sum = sums
+        start, offset, x_span, block = span_of(index)
+        out, block_vjp = jax.vjp(block, layer_params, x_span)
+        d_out_chunk = jax.lax.dynamic_slice_in_dim(d_out, index * chunk, chunk, 1)
+        d_params, d_x = block_vjp(jax.lax.dynamic_update_slice_in_dim(
+            jnp.zeros_like(out), d_out_chunk, offset, 1))
+        d_x_rows = jax.lax.dynamic_slice_in_dim(d_x_sum, start, span, 1) + d_x
+        return (jax.tree.map(jnp.add, d_params_sum, d_params),
+                jax.lax.dynamic_update_slice_in_dim(d_x_sum, d_x_rows, start, 1)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, layer_params), jnp.zeros(x.shape, jnp.float32))
+    (d_params, d_x), _ = jax.lax.scan(backward, zeros, jnp.arange(num_chunks))
+    return d_params, d_x.astype(x.dtype)
+
+
+def _bits_dtype(dtype) -> Any:
+    return jnp.dtype(f"uint{jnp.dtype(dtype).itemsize * 8}")
+
+
+def _layer_stack_forward(config, deterministic, params, x, segment_ids, positions, dropout_key):
+    def layer(x, inputs):
+        index, layer_params = inputs
+        out = _layer_in_chunks(config, deterministic, layer_params, index, x, segment_ids,
+                               positions, dropout_key)
+        return out, jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
+
+    return jax.lax.scan(layer, x, (jnp.arange(config.num_layers), params))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _layer_stack(config, deterministic, params, x, segment_ids, positions, dropout_key):
+    """The scanned layers with ``params`` (each leaf stacked ``(num_layers, ...)``) on ``x
+    (batch, seq_len, d_model)``, keeping only each layer's input for the backward pass, which
+    recomputes the layer from it, chunk by chunk (`_layer_in_chunks`).
+
+    What ``nn.remat`` inside ``nn.scan`` does, with the saved inputs held as raw bits (uint16
+    for bfloat16): XLA:CPU widens a bfloat16 array that a loop slices to float32 and hoists
+    that copy of all the layers' inputs out of the backward loop; integers it leaves alone.
+    """
+    return _layer_stack_forward(config, deterministic, params, x, segment_ids, positions,
+                                dropout_key)[0]
+
+
+def _layer_stack_fwd(config, deterministic, params, x, segment_ids, positions, dropout_key):
+    out, inputs_bits = _layer_stack_forward(config, deterministic, params, x, segment_ids,
+                                            positions, dropout_key)
+    return out, (params, inputs_bits, segment_ids, positions, dropout_key)
+
+
+def _layer_stack_bwd(config, deterministic, residuals, d_out):
+    params, inputs_bits, segment_ids, positions, dropout_key = residuals
+
+    def layer(d_x, inputs):
+        index, layer_params, x_bits = inputs
+        x = jax.lax.bitcast_convert_type(x_bits, d_out.dtype)
+        d_params, d_x = _layer_in_chunks(config, deterministic, layer_params, index, x,
+                                         segment_ids, positions, dropout_key, d_out=d_x)
+        return d_x, d_params
+
+    d_x, d_params = jax.lax.scan(layer, d_out, (jnp.arange(config.num_layers), params,
+                                                inputs_bits), reverse=True)
+    return d_params, d_x, None, None, None
+
+
+_layer_stack.defvjp(_layer_stack_fwd, _layer_stack_bwd)
 
 
 def count_parameters(params) -> int:

@@ -107,6 +107,103 @@ def test_scan_and_remat_compute_the_same_function():
         TransformerLM(config).apply({"params": unboxed}, tokens), atol=2e-5, rtol=2e-5)
 
 
+def _stacked(params, num_layers):
+    """Unrolled parameters (``layer_i``) as the scanned model's (``layers``, stacked)."""
+    unboxed = nn.unbox(params)
+    scanned = {k: v for k, v in unboxed.items() if not k.startswith("layer_")}
+    scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[unboxed[f"layer_{i}"] for i in range(num_layers)])
+    return scanned
+
+
+def _reference_losses(config, params, tokens, targets, **kwargs):
+    """Per-token cross-entropy from the whole logits (what the chunked losses replace)."""
+    import optax
+
+    logits = TransformerLM(config).apply({"params": params}, tokens, **kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+@pytest.mark.parametrize("overrides", [dict(loss_chunk_size=7), dict(loss_chunk_size=0),
+                                       dict(loss_chunk_size=16, tie_embeddings=False)])
+def test_chunked_losses_equal_the_whole_logits_losses_and_gradients(overrides):
+    config = _config(**overrides)
+    tokens, targets = _tokens(seed=3), _tokens(seed=4)
+    params = nn.unbox(_init(config, tokens))
+    weights = jax.random.uniform(jax.random.key(6), tokens.shape)  # distinct per-token cotangents
+
+    def chunked(params):
+        return TransformerLM(config).apply({"params": params}, tokens, targets=targets)
+
+    def whole(params):
+        return _reference_losses(config, params, tokens, targets)
+
+    np.testing.assert_allclose(chunked(params), whole(params), rtol=1e-6, atol=1e-6)
+    grad = jax.grad(lambda p: (chunked(p) * weights).sum())(params)
+    reference = jax.grad(lambda p: (whole(p) * weights).sum())(params)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # sums in another order
+
+
+@pytest.mark.parametrize("layer_chunk_size", [0, 8, 10])
+def test_rematerialised_chunked_layers_give_the_gradients_of_plain_layers(layer_chunk_size):
+    """scan_layers + remat (inputs saved as bits, each layer recomputed chunk by chunk, with
+    the window before each chunk) against unrolled layers without remat, on packed documents:
+    the same losses and gradients to float32 rounding."""
+    tokens, targets = _tokens(length=40, seed=7), _tokens(length=40, seed=8)
+    segment_ids = jnp.where(jnp.arange(40) < 13, 1, 2)[None].repeat(2, 0)
+    positions = jnp.where(jnp.arange(40) < 13, jnp.arange(40), jnp.arange(40) - 13)[None]
+    plain = _config(num_layers=3)
+    remat = _config(num_layers=3, scan_layers=True, remat=True,
+                    layer_chunk_size=layer_chunk_size)
+    params = nn.unbox(_init(plain, tokens))
+    weights = jax.random.uniform(jax.random.key(9), tokens.shape)
+    kwargs = dict(segment_ids=segment_ids, positions=positions)
+
+    def loss(config, params):
+        return (TransformerLM(config).apply({"params": params}, tokens, targets=targets,
+                                            **kwargs) * weights).sum()
+
+    value, grad = jax.value_and_grad(functools.partial(loss, remat))(_stacked(params, 3))
+    reference, reference_grad = jax.value_and_grad(functools.partial(loss, plain))(params)
+    np.testing.assert_allclose(value, reference, rtol=1e-5)
+    reference_grad = _stacked(reference_grad, 3)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad),
+                            jax.tree.leaves(reference_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_layer_chunk_size_must_divide_the_sequence():
+    config = _config(scan_layers=True, remat=True, layer_chunk_size=16)
+    tokens = _tokens(length=40)
+    params = _init(config, tokens)
+    with pytest.raises(ValueError, match="model.layer_chunk_size=16 does not divide the "
+                                         "sequence length 40"):
+        TransformerLM(config).apply({"params": params}, tokens, targets=tokens)
+
+
+def test_bfloat16_rematerialised_chunked_model_trains_like_the_plain_one():
+    """bfloat16 with the layer inputs saved as bits and chunked layers and losses: the loss
+    equals the plain float32 model's to bfloat16 rounding, and a few SGD steps lower it."""
+    tokens, targets = _tokens(length=48, seed=10), _tokens(length=48, seed=10)
+    targets = jnp.roll(tokens, -1, axis=1)  # a learnable task: the next token
+    plain = _config(scan_layers=True)
+    memory = _config(scan_layers=True, remat=True, dtype="bfloat16", layer_chunk_size=16,
+                     loss_chunk_size=12)
+    params = nn.unbox(_init(plain, tokens))
+
+    def loss(config, params):
+        return TransformerLM(config).apply({"params": params}, tokens, targets=targets).mean()
+
+    np.testing.assert_allclose(loss(memory, params), loss(plain, params), rtol=2e-2)
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, memory)))
+    first, _ = step(params)
+    for _ in range(10):
+        value, grad = step(params)
+        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grad)
+    assert np.isfinite(value) and value < 0.9 * first
+
+
 def test_parameter_count_and_flops_estimate_match_xla():
     config = _config(num_layers=2, d_model=128, num_heads=4, mlp_dim=256, window_size=0,
                      vocab_size=512)
@@ -126,6 +223,8 @@ def test_parameter_count_and_flops_estimate_match_xla():
     ("d_model", 30, "model.d_model=30 is not divisible by model.num_heads=4"),
     ("activation", "relu", "model.activation='relu': expected one of"),
     ("window_size", -1, "model.window_size=-1"),
+    ("layer_chunk_size", -8, "model.layer_chunk_size=-8: expected an int >= 0"),
+    ("loss_chunk_size", 1.5, "model.loss_chunk_size=1.5: expected an int >= 0"),
     ("unknown_field", 1, "model.unknown_field: unknown model config field"),
     ("head_dim", 0, "model.head_dim=0: expected a positive int or None"),
     ("dropout_rate", "0.1", "model.dropout_rate='0.1': expected a number"),
