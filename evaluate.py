@@ -65,7 +65,7 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
     # The training micro-batch: what fit in memory there.
     batch_size = config.batch_size // config.grad_accum_steps
     train.check_batch_fits_mesh(batch_size, mesh, "batch_size / grad_accum_steps")
-    train.check_length_fits_mesh(seq_len, mesh)
+    train.check_length_fits_mesh(seq_len, mesh, model_cfg.layer_chunk_size)
     examples = packed_examples(config.data, split, tokenizer, seq_len)
     model = TransformerLM(model_cfg)
     params_shardings = jax.tree.map(lambda x: x.sharding, params)

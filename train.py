@@ -160,10 +160,17 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, name: str = "batch_size")
         raise ValueError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
 
 
-def check_length_fits_mesh(seq_len: int, mesh: Mesh, name: str = "seq_len") -> None:
-    if seq_len % mesh.shape[LENGTH_AXIS]:
-        raise ValueError(f"{name}={seq_len} is not divisible by mesh.context="
-                         f"{mesh.shape[LENGTH_AXIS]}, which shards the sequence")
+def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0) -> None:
+    """One-line errors for a sequence that ``mesh.context`` cannot split evenly, or that
+    ``model.layer_chunk_size`` would slice across the devices that hold it."""
+    context = mesh.shape[LENGTH_AXIS]
+    if seq_len % context:
+        raise ValueError(f"seq_len={seq_len} is not divisible by mesh.context={context}, which "
+                         f"shards the sequence")
+    if layer_chunk_size and context > 1:
+        raise ValueError(f"model.layer_chunk_size={layer_chunk_size} slices the whole sequence, "
+                         f"which mesh.context={context} splits over devices: set "
+                         f"model.layer_chunk_size=0 (each device holds 1/{context} of it)")
 
 
 # --- state, optimizer, steps ------------------------------------------------------------------
@@ -584,7 +591,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     mesh = make_mesh(config)
     micro_batch = config.batch_size // config.grad_accum_steps
     check_batch_fits_mesh(micro_batch, mesh, "batch_size / grad_accum_steps")
-    check_length_fits_mesh(config.seq_len, mesh)
+    check_length_fits_mesh(config.seq_len, mesh, model_cfg.layer_chunk_size)
     model = TransformerLM(model_cfg)
     optimizer = make_optimizer(config)
     abstract, state_shardings = create_train_state(config, model, mesh, optimizer, abstract=True)
