@@ -4,7 +4,7 @@
 
 train.py's own step (`make_train_step` on `create_train_state(abstract=True)`: AdamW, clipping,
 forward+backward+update) for configs/pg19.py at batch 1 with the blocked ``xla`` attention and
-a bytes vocabulary (384), lowered and compiled, never run: ``compiled.memory_analysis()`` gives
+a bytes vocabulary (384) and packed documents (segment ids and positions), lowered and compiled, never run: ``compiled.memory_analysis()`` gives
 the peak for any context on a CPU (arguments + outputs − donated + temporaries). Each point is
 its own process. Settings compared in one run: ``chunked`` (the preset: layers recomputed in
 16k-token chunks) and ``whole_layers`` (``model.layer_chunk_size=0``: each layer recomputed
@@ -60,7 +60,7 @@ def run_point(setting: str, context: int, mesh: dict, vocab_size: int) -> dict:
     state, shardings = train.create_train_state(config, model, mesh_, optimizer, abstract=True)
     batch = {name: jax.ShapeDtypeStruct((config.batch_size, context), jnp.int32,
                                         sharding=train.batch_sharding(mesh_))
-             for name in ("inputs", "targets", "loss_mask")}
+             for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
     step = train.make_train_step(config, model, optimizer, mesh_, shardings)
     started = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -509,7 +509,11 @@ def _blocked_attention_bwd(plan, residuals, d_out):
 
     zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
     sums = (zeros(k_blocks.shape), zeros(v_blocks.shape), None if rel is None else zeros(rel.shape))
-    (d_k, d_v, d_rel), d_q = lax.scan(accumulate, sums, jnp.arange(plan.num_chunks))
+    # Chunk 0 outside the scan gives the sums the types of the gradients (under shard_map they
+    # vary over mesh axes, which the scan's carry must already do).
+    sums, first_d_q = accumulate(sums, 0)
+    (d_k, d_v, d_rel), d_q = lax.scan(accumulate, sums, jnp.arange(1, plan.num_chunks))
+    d_q = jnp.concatenate([first_d_q[None], d_q])
     return (_unchunk(d_q).astype(q_blocks.dtype), d_k.astype(k_blocks.dtype),
             d_v.astype(v_blocks.dtype), None, None,
             None if rel is None else d_rel.astype(rel.dtype), None)
