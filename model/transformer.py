@@ -340,10 +340,9 @@ class TransformerLM(nn.Module):
         # deterministic is a Python bool: static for remat and broadcast by scan.
         if config.scan_layers and config.remat and not self.decode and not self.is_initializing():
             dropout = not deterministic and (config.dropout_rate or config.attention_dropout_rate)
-            x = _layer_stack(config, deterministic,
-                                       nn.unbox(self.variables["params"]["layers"]), x,
-                                       segment_ids, positions,
-                                       self.make_rng("dropout") if dropout else None)
+            x = _layer_stack(config, deterministic, nn.unbox(self.variables["params"]["layers"]),
+                             x, segment_ids, positions,
+                             self.make_rng("dropout") if dropout else None)
         elif config.scan_layers:
             block = _ScannedBlock
             if config.remat:  # only to create the parameters (init) or caches (decode)
