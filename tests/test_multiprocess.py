@@ -11,6 +11,7 @@ reference's end; bad launches are one-line errors in bounded time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -47,7 +48,7 @@ def _environment(devices: int, **variables) -> dict:
                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | variables
 
 
-def launch(command: list[str], processes: int, **variables) -> list[subprocess.Popen]:
+def launch_processes(command: list[str], processes: int, **variables) -> list[subprocess.Popen]:
     """``python *command`` from the repository root: one process on 8 CPU devices, or
     ``processes`` of a multi-process run with 8 / processes devices each."""
     if processes == 1:
@@ -119,6 +120,13 @@ def runs(tmp_path_factory):
     packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
     flags = ["--config=configs/tiny.py"] + config_flags(config)
     run = {"root": root, "config": config}
+    # Launches after the first reuse its compiled programs: JAX's persistent compilation
+    # cache (the same executables; where a process would compile, process 0 of 2 and single
+    # processes read them instead).
+    compilation_cache = {"JAX_COMPILATION_CACHE_DIR": str(root / "compilation_cache"),
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    launch = functools.partial(launch_processes, **compilation_cache)
     for name in ("reference", "two", "killed", "two_to_one"):
         run[name] = root / name
 
@@ -245,7 +253,7 @@ def test_bad_launches_are_one_line_errors(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for index, count in (("0", "2"), ("1", "3"))]
     # Process 1 of 2, and process 0 never comes: an error once JAX_INITIALIZATION_TIMEOUT is up.
-    alone = launch(train_command(tmp_path / "alone", flags), 1, JAX_INITIALIZATION_TIMEOUT="5",
+    alone = launch_processes(train_command(tmp_path / "alone", flags), 1, JAX_INITIALIZATION_TIMEOUT="5",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID="1")[0]
     assert "started with 3 processes, process 0 with 2" in _one_line_error(disagreeing[1], 60)
