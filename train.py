@@ -587,8 +587,8 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     train_step = make_train_step(config, model, optimizer, mesh, state_shardings)
     eval_step = make_eval_step(config, model, mesh, state_shardings.params, tokenizer)
     sharding = batch_sharding(mesh)
-    # This process reads only the rows its devices hold: block rows.start / local of
-    # batch_size / local blocks.
+    # This process reads only the rows its devices hold: of the batch cut into blocks of
+    # `local` rows, the block that starts at rows.start.
     rows = process_rows(sharding, config.batch_size)
     local = rows.stop - rows.start
     batches = TrainBatches(train_examples, config.batch_size, config.seed,
@@ -739,7 +739,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def start_distributed(environ=None) -> None:
     """Joins a multi-process run where the launcher asks for one; does nothing otherwise.
 
-    Call it before anything touches a device. The launch is read from the environment:
+    Call it before anything touches a device. The launch is read from ``environ`` (default
+    ``os.environ``):
 
     * plain: ``JAX_COORDINATOR_ADDRESS=HOST:PORT`` (process 0's host; it serves there),
       ``JAX_NUM_PROCESSES=N`` and ``JAX_PROCESS_ID=0..N-1`` in each process;
@@ -834,7 +835,8 @@ def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> No
 def _check_same_launch(timeout_seconds: int) -> None:
     """Raises a one-line ValueError where the processes disagree on the process count (a
     process counting more peers than exist would otherwise wait for them at its first
-    collective)."""
+    collective). Through JAX's coordination key-value store (jax 0.10 has no public API for
+    it)."""
     from jax._src import distributed
 
     state = distributed.global_state

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 
@@ -58,22 +59,41 @@ def launch_processes(command: list[str], processes: int, **variables) -> list[su
         envs = [_environment(8 // processes, JAX_COORDINATOR_ADDRESS=address,
                              JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index),
                              **variables) for index in range(processes)]
-    return [subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for env in envs]
+    return [start(command, env) for env in envs]
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """``python *command`` from the repository root, printing into a file (not a pipe: a
+    process never blocks on a full pipe while we wait for it)."""
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
+def output(process: subprocess.Popen) -> str:
+    """What an exited process printed (stdout and stderr)."""
+    process.log.seek(0)
+    return process.log.read()
 
 
 def finish(processes: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[str]:
-    """Waits for every process to exit 0; returns their outputs."""
-    outputs = []
+    """Waits for every process to exit 0 (at most ``timeout`` seconds in all); returns their
+    outputs."""
+    deadline = time.monotonic() + timeout
     try:
         for process in processes:
-            outputs.append(process.communicate(timeout=timeout)[0])
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for process in processes:
             process.kill()
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
+            process.wait()
+    outputs = [output(process) for process in processes]
+    for index, (process, text) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"{process.args[1:3]} #{index}: {text[-3000:]}"
     return outputs
 
 
@@ -106,9 +126,8 @@ def runs(tmp_path_factory):
        recording the arrays it feeds (tests/train_recording_rows.py).
     2. ``killed``: the reference's checkpoint of step 4 resumed in 2 processes, process 1
        SIGKILLed once a checkpoint of their own is complete. While process 0 finds out:
-       ``two_to_one``, the 2-process checkpoint of step 12 resumed in 1 process, and
-       evaluate.py on ``two`` in 2 processes.
-    3. The killed run's command again.
+       ``two_to_one``, the 2-process checkpoint of step 12 resumed in 1 process.
+    3. The killed run's command again, and evaluate.py on ``two`` in 2 processes.
     """
     root = tmp_path_factory.mktemp("multiprocess")
     config = tiny_config(root / "cache", num_train_steps=STEPS, keep_checkpoints=STEPS,
@@ -145,9 +164,9 @@ def runs(tmp_path_factory):
             time.sleep(0.02)
         killed[1].send_signal(signal.SIGKILL)  # not the coordinator: found by heartbeats
         kill_time = time.monotonic()
-        others = (launch(train_command(run["two_to_one"], flags), 1)
-                  + launch(["evaluate.py", f"--workdir={run['two']}",
-                            f"--output={root / 'evaluated.json'}"], 2))
+        # Only a single process beside the dying run: a new gloo group could take over the
+        # ports of the dead process while its survivor still dials them.
+        two_to_one = launch(train_command(run["two_to_one"], flags), 1)
         try:
             killed[0].wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -156,13 +175,15 @@ def runs(tmp_path_factory):
     finally:
         for process in killed:
             process.kill()
-    run["killed_output"] = killed[0].communicate()[0]
     run["returncodes"] = [p.wait() for p in killed]
+    run["killed_output"] = output(killed[0])
     run["killed_resumed_at"] = Checkpoints(str(run["killed"]), read_only=True).latest_step()
-    run["two_to_one_output"], *run["evaluate_outputs"] = finish(others)
+    run["two_to_one_output"], = finish(two_to_one)
 
     # 3.
-    run["rerun_output"] = finish(launch(command, 2))[0]
+    outputs = finish(launch(command, 2) + launch(
+        ["evaluate.py", f"--workdir={run['two']}", f"--output={root / 'evaluated.json'}"], 2))
+    run["rerun_output"], run["evaluate_outputs"] = outputs[0], outputs[2:]
     run["reference_params"] = restore_params(run["reference"])
     return run
 
@@ -233,12 +254,16 @@ def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs
 
 
 def _one_line_error(process: subprocess.Popen, timeout: float) -> str:
-    started = time.monotonic()
-    output = process.communicate(timeout=timeout)[0]
-    assert time.monotonic() - started < timeout
-    assert process.returncode == 1, output[-3000:]
-    lines = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    """The ``error: ...`` line of ``process``, which must exit 1 within ``timeout`` seconds of
+    the call, printing that line and no traceback."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    text = output(process)
+    assert process.returncode == 1, text[-3000:]
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
     return lines[0]
 
 
@@ -246,12 +271,10 @@ def test_bad_launches_are_one_line_errors(tmp_path):
     flags = ["--config=configs/tiny.py", f"--config.data.cache_dir={tmp_path / 'cache'}"]
     # Processes started with different counts: both stop at once.
     address = f"127.0.0.1:{_free_port()}"
-    disagreeing = [subprocess.Popen(
-        [sys.executable, *train_command(tmp_path / "disagree", flags)], cwd=ROOT,
-        env=_environment(4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=count,
-                         JAX_PROCESS_ID=index),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for index, count in (("0", "2"), ("1", "3"))]
+    disagreeing = [start(train_command(tmp_path / "disagree", flags),
+                         _environment(4, JAX_COORDINATOR_ADDRESS=address,
+                                      JAX_NUM_PROCESSES=count, JAX_PROCESS_ID=index))
+                   for index, count in (("0", "2"), ("1", "3"))]
     # Process 1 of 2, and process 0 never comes: an error once JAX_INITIALIZATION_TIMEOUT is up.
     alone = launch_processes(train_command(tmp_path / "alone", flags), 1, JAX_INITIALIZATION_TIMEOUT="5",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
