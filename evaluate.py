@@ -114,12 +114,15 @@ def main(argv) -> None:
             if FLAGS[flag].value and not os.path.isdir(folder):
                 raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
                                  f"exist")
+        train.start_distributed()
         result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
                           config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
-        if FLAGS.plot:
+        if FLAGS.plot and jax.process_index() == 0:
             plot_loss_by_position(result, FLAGS.plot)
     except ValueError as error:  # the user's input: one line, no traceback
         train.exit_with_error(error)
+    if jax.process_index() != 0:  # every process holds the same result; one reports it
+        return
     summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
                                       "seq_len", "step", "split")}
     print(json.dumps(summary, indent=1))

@@ -10,6 +10,7 @@ rolling attention caches (model/sampling.py); stops a sample at the end-of-docum
 from __future__ import annotations
 
 
+import jax
 from absl import app, flags, logging
 
 import train
@@ -34,6 +35,7 @@ def main(argv) -> None:
         if FLAGS.max_new_tokens < 1 or FLAGS.num_samples < 1:
             raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} and --num_samples="
                              f"{FLAGS.num_samples}: expected positive ints")
+        train.start_distributed()
         config, model_cfg, tokenizer, _, params, step = train.load_for_inference(
             FLAGS.workdir, step=FLAGS.step)
         prompt = config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
@@ -41,7 +43,9 @@ def main(argv) -> None:
             text = train.sample_text(params, model_cfg, tokenizer, prompt, FLAGS.max_new_tokens,
                                      seed=FLAGS.seed + sample, temperature=FLAGS.temperature,
                                      top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-            print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {step}) ---\n{text}")
+            if jax.process_index() == 0:  # every process samples the same text
+                print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {step}) ---\n"
+                      f"{text}")
     except ValueError as error:  # the user's input: one line, no traceback
         train.exit_with_error(error)
 

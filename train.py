@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -344,10 +345,26 @@ def to_global_batch(batch: dict, sharding: NamedSharding, rows: slice | None = N
             for k, v in batch.items()}
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch (what `TrainBatches` gives it)."""
-    local = batch_size // jax.process_count()
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+    """The rows of a ``(batch_size, ...)`` global batch that this process feeds: those its
+    devices hold under ``sharding`` (`batch_sharding`). On P processes whose devices split the
+    batch over data × fsdp, process p's rows are ``[p * B / P, (p + 1) * B / P)``; where
+    processes share a batch shard (data × fsdp smaller than P), they feed the same rows.
+
+    Raises a one-line ValueError where a process's devices hold rows that are not one such
+    aligned block (a device order that the per-process data pipeline cannot feed).
+    """
+    # The distinct (start, stop) row ranges of this process's devices: equal-sized shards of
+    # an even split, so they are one block exactly when their sizes add up to its span.
+    held = sorted({index[0].indices(batch_size)[:2] for index in
+                   sharding.addressable_devices_indices_map((batch_size,)).values()})
+    start, stop = held[0][0], held[-1][1]
+    contiguous = sum(end - begin for begin, end in held) == stop - start
+    if not contiguous or batch_size % (stop - start) or start % (stop - start):
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
+                         f"devices hold rows {held} of each batch of {batch_size}, not one "
+                         f"aligned block; give each process whole data × fsdp shards")
+    return slice(start, stop)
 
 
 def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: NamedSharding,
@@ -357,7 +374,7 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: Named
     `check_documents_per_row`. Returns numpy sums plus ``loss`` (mean nats per token),
     ``perplexity``, ``bits_per_byte`` and ``num_tokens``."""
     totals = None
-    rows = process_rows(batch_size)
+    rows = process_rows(sharding, batch_size)
     for batch in batches:
         check_documents_per_row(batch, document_bound)
         sums = eval_step(params, to_global_batch(batch, sharding, rows))
@@ -604,7 +621,13 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     train_step = make_train_step(config, model, optimizer, mesh, state_shardings)
     eval_step = make_eval_step(config, model, mesh, state_shardings.params, tokenizer)
     sharding = batch_sharding(mesh)
+    # This process reads only the rows its devices hold: of the batch cut into blocks of
+    # `local` rows, the block that starts at rows.start.
+    rows = process_rows(sharding, config.batch_size)
+    local = rows.stop - rows.start
     batches = TrainBatches(train_examples, config.batch_size, config.seed,
+                           process_index=rows.start // local,
+                           process_count=config.batch_size // local,
                            prefetch=config.data.prefetch, state=data_state)
 
     flops_per_step = training_flops_per_token(model_cfg, config.seq_len) * config.batch_size \
@@ -712,9 +735,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-    if jax_distributed_requested():
-        jax.distributed.initialize()
     try:
+        start_distributed()
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except ValueError as error:  # the user's input: one line, no traceback
         exit_with_error(error)
@@ -751,14 +773,125 @@ def parse_flags(argv: list[str]) -> list[str]:
         exit_with_error(ValueError((str(error).strip().splitlines() or [repr(error)])[0]))
 
 
-def jax_distributed_requested() -> bool:
-    """Whether this process is one of several (a coordinator address, or a SLURM, Open MPI or
-    multi-host TPU launch); then `jax.distributed.initialize` finds its peers."""
-    env = os.environ
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+def start_distributed(environ=None) -> None:
+    """Joins a multi-process run where the launcher asks for one; does nothing otherwise.
+
+    Call it before anything touches a device. The launch is read from ``environ`` (default
+    ``os.environ``):
+
+    * plain: ``JAX_COORDINATOR_ADDRESS=HOST:PORT`` (process 0's host; it serves there),
+      ``JAX_NUM_PROCESSES=N`` and ``JAX_PROCESS_ID=0..N-1`` in each process;
+    * SLURM (``srun``, ``SLURM_NTASKS`` > 1), Open MPI (``mpirun``, ``OMPI_COMM_WORLD_SIZE``
+      > 1) or multi-host Cloud TPU: JAX's cluster detection finds the address, count and id
+      (a ``JAX_*`` variable above overrides what it finds).
+
+    CPU processes exchange collectives through gloo. ``JAX_INITIALIZATION_TIMEOUT`` (seconds,
+    default 120) bounds the wait for the other processes and ``JAX_HEARTBEAT_TIMEOUT`` (default
+    20) how long a dead process goes unnoticed: the others then exit non-zero rather than wait
+    forever in a collective. Raises a one-line ValueError for a bad or inconsistent launch
+    (a missing or bad count or id, a coordinator that does not answer in time, processes
+    started with different counts).
+    """
+    env = os.environ if environ is None else environ
+
+    def integer(name, minimum, default=None):
+        value = env.get(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+        return number
+
+    address = env.get("JAX_COORDINATOR_ADDRESS") or None
+    count = integer("JAX_NUM_PROCESSES", 1)
+    index = integer("JAX_PROCESS_ID", 0)
+    initialization_timeout = integer("JAX_INITIALIZATION_TIMEOUT", 1, 120)
+    heartbeat_timeout = integer("JAX_HEARTBEAT_TIMEOUT", 1, 20)
+    # What JAX's cluster detection (jax/_src/clusters) recognises as a multi-process launch.
+    cluster = next((name for name, present in (
+        ("SLURM", int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env),
+        ("Open MPI", int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+         and "OMPI_MCA_orte_hnp_uri" in env),
+        ("Cloud TPU", "," in env.get("TPU_WORKER_HOSTNAMES", ""))) if present), None)
+    if cluster is None:
+        given = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": count,
+                 "JAX_PROCESS_ID": index}
+        if all(value is None for value in given.values()):
+            return  # one process
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            set_ = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
+            raise ValueError(f"a multi-process launch needs JAX_COORDINATOR_ADDRESS (process "
+                             f"0's HOST:PORT), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0..N-1); "
+                             f"{set_} came without {' and '.join(missing)}")
+        if index >= count:
+            raise ValueError(f"JAX_PROCESS_ID={index}: expected 0..{count - 1} "
+                             f"(JAX_NUM_PROCESSES={count})")
+    launch = (f"{cluster} launch" if cluster else
+              f"process {index} of {count} with coordinator {address}")
+    if index:  # JAX's client aborts the process where the coordinator does not answer
+        _wait_for_coordinator(address, initialization_timeout, launch)
+    try:
+        # The heartbeat and shutdown timeouts stop a process whose peer died instead of
+        # leaving it in a collective or the exit barrier for JAX's defaults (100 s, 300 s).
+        jax.distributed.initialize(
+            address, count, index, initialization_timeout=initialization_timeout,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+            shutdown_timeout_seconds=heartbeat_timeout)
+    except (RuntimeError, ValueError, TypeError) as error:  # XlaRuntimeError is a RuntimeError
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"{launch}: could not join the other processes ({reason}; "
+                         f"JAX_INITIALIZATION_TIMEOUT={initialization_timeout} s): check that "
+                         f"every process was started with the same coordinator address and "
+                         f"process count") from None
+    _check_same_launch(initialization_timeout)
+
+
+def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> None:
+    """Returns once ``HOST:PORT`` accepts connections; a one-line ValueError after
+    ``timeout_seconds`` (process 0 starts its service there when it starts)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return
+        except (OSError, ValueError) as error:
+            if time.monotonic() > deadline or isinstance(error, (ValueError, socket.gaierror)):
+                raise ValueError(f"{launch}: the coordinator {address} did not answer within "
+                                 f"JAX_INITIALIZATION_TIMEOUT={timeout_seconds} s ({error}); "
+                                 f"start process 0 there, or fix JAX_COORDINATOR_ADDRESS") \
+                    from None
+        time.sleep(0.5)
+
+
+def _check_same_launch(timeout_seconds: int) -> None:
+    """Raises a one-line ValueError where the processes disagree on the process count (a
+    process counting more peers than exist would otherwise wait for them at its first
+    collective). Through JAX's coordination key-value store (jax 0.10 has no public API for
+    it)."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    state.client.key_value_set(f"launch/num_processes/{state.process_id}",
+                               str(state.num_processes))
+    for peer in range(state.num_processes):
+        try:
+            theirs = state.client.blocking_key_value_get(f"launch/num_processes/{peer}",
+                                                         timeout_seconds * 1000)
+        except RuntimeError:
+            theirs = "no answer"
+        if theirs != str(state.num_processes):
+            # Every process finds the disagreement: leaving together, none of them is stopped
+            # by the coordination service for a peer that vanished before it could report.
+            jax.distributed.shutdown()
+            raise ValueError(f"process {state.process_id} was started with "
+                             f"{state.num_processes} processes, process {peer} with {theirs}: "
+                             f"give every process the same JAX_NUM_PROCESSES")
 
 
 if __name__ == "__main__":

@@ -47,12 +47,17 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
                     "hf_name": config.hf_name, "tfds_name": config.tfds_name,
                     "vocab_size": config.sentencepiece_vocab_size}
         settings_path = os.path.join(workdir, "sentencepiece.json")
-        if not os.path.exists(model_path):
+        # In a multi-process run process 0 trains it into the (shared) workdir while the
+        # others wait, so that every process loads the same model.
+        if jax.process_index() == 0 and not os.path.exists(model_path):
             train_sentencepiece(sources.read_documents(config, "train"), model_path,
                                 config.sentencepiece_vocab_size)
             with open(settings_path, "w") as f:
                 json.dump(settings, f)
-        elif os.path.exists(settings_path):
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("sentencepiece model in the workdir")
+        if os.path.exists(settings_path):
             with open(settings_path) as f:
                 trained = json.load(f)
             changed = sorted(k for k in settings if trained.get(k) != settings[k])

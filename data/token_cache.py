@@ -5,14 +5,23 @@ A split is one flat token array: each document's ids followed by the end-of-docu
 The cache key hashes the source's identity (which files, their sizes and times, or which
 dataset), the split and the tokenizer; the metadata beside the array records its length and a
 checksum, and an array that does not match (stale, truncated, corrupt) is rebuilt.
+
+Several processes (of one multi-process run, or runs side by side) may ask for the same split
+at once: the first builds it under a file lock while the others wait and then read its array;
+files are written under names unique to their writer and renamed into place, so a reader
+never sees a half-written one, even where the lock is not available (some network file
+systems).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import uuid
 import zlib
 
 import numpy as np
@@ -31,12 +40,28 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
     base = os.path.join(cache_dir, f"{config.source}-{split}-{key}")
     tokens = _load(base)
     if tokens is None:
-        _build(base, config, split, tokenizer)
-        tokens = _load(base)
+        os.makedirs(cache_dir, exist_ok=True)
+        with _exclusive(base + ".lock"):
+            tokens = _load(base)  # another process may have built it while we waited
+            if tokens is None:
+                _build(base, config, split, tokenizer)
+                tokens = _load(base)
     if tokens.size == 0:
         raise ValueError(f"data.source={config.source!r} split {split!r} has no text "
                          f"(empty corpus)")
     return tokens
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """Holds an exclusive lock on ``lock_path`` (released when the process ends, however it
+    ends); without one where the file system has no locks."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # e.g. ENOLCK: the unique names below still keep the files whole
+            pass
+        yield
 
 
 def _checksum(tokens: np.ndarray) -> int:
@@ -69,7 +94,8 @@ def _build(base: str, config, split: str, tokenizer: Tokenizer) -> None:
     os.makedirs(os.path.dirname(base), exist_ok=True)
     end = np.array([tokenizer.end_of_document_id], dtype)
     checksum, count, documents = 0, 0, 0
-    temporary = f"{base}.tokens.tmp{os.getpid()}"
+    unique = f"tmp-{uuid.uuid4().hex}"  # never another writer's file, on any host
+    temporary = f"{base}.tokens.{unique}"
     try:
         with open(temporary, "wb") as out:
             for document in sources.read_documents(config, split):
@@ -86,6 +112,6 @@ def _build(base: str, config, split: str, tokenizer: Tokenizer) -> None:
     os.replace(temporary, base + ".tokens")
     meta = {"num_tokens": count, "dtype": np.dtype(dtype).name, "checksum": checksum,
             "documents": documents}
-    with open(base + ".json.tmp", "w") as f:
+    with open(f"{base}.json.{unique}", "w") as f:
         json.dump(meta, f)
-    os.replace(base + ".json.tmp", base + ".json")
+    os.replace(f"{base}.json.{unique}", base + ".json")

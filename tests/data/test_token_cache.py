@@ -1,7 +1,9 @@
 """The on-disk token cache: reused on restart, rebuilt when stale or corrupt."""
 
 import glob
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
@@ -66,3 +68,42 @@ def test_max_documents_is_part_of_the_key_and_failures_leave_no_files(data_confi
     with pytest.raises(ValueError, match="not UTF-8"):
         tokenized_split(config, "train", tokenizer, config.cache_dir)
     assert not glob.glob(os.path.join(config.cache_dir, "*.tmp*"))
+
+
+class _LoggingByteTokenizer(ByteTokenizer):
+    """Bytes, slowly, appending a line to ``log_path`` for each document it encodes."""
+
+    def __init__(self, log_path):
+        self.log_path = log_path
+
+    def encode(self, text):
+        with open(self.log_path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.05)  # a build long enough for the other processes to arrive during it
+        return super().encode(text)
+
+
+def _tokenize_after(barrier, config, log_path, results):
+    barrier.wait()
+    tokens = tokenized_split(config, "train", _LoggingByteTokenizer(log_path), config.cache_dir)
+    results.put(ByteTokenizer().decode(tokens))
+
+
+def test_processes_asking_at_once_share_one_build(data_config, tmp_path):
+    texts = [f"document {i} " * 20 for i in range(6)]
+    config = _text_config(data_config, tmp_path, texts)
+    context = multiprocessing.get_context("spawn")
+    barrier, results, log_path = context.Barrier(4), context.Queue(), tmp_path / "encoded"
+    processes = [context.Process(target=_tokenize_after, args=(barrier, config, log_path, results))
+                 for _ in range(4)]
+    for process in processes:
+        process.start()
+    decoded = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected = ByteTokenizer().decode(np.concatenate(
+        [np.append(ByteTokenizer().encode(text), 256) for text in texts]))
+    assert decoded == [expected] * 4
+    assert len(log_path.read_text().split()) == len(texts)  # one process tokenized, once
+    assert not glob.glob(os.path.join(config.cache_dir, "*tmp*"))

@@ -1,0 +1,304 @@
+"""train.py and evaluate.py in two processes on this machine, as a multi-host launch runs them:
+a loopback coordinator (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``), gloo collectives between the CPU processes, 4 simulated devices each,
+so the same 8-device data-parallel mesh as a 1-process run on 8 devices, the reference.
+
+Checked: the same losses and parameters as the reference (float32 rounding), each process
+feeding exactly its own rows; checkpoints that move between 2 processes and 1; SIGKILL of one
+process ends the other (non-zero, within 60 s), and the same command resumes to the
+reference's end; bad launches are one-line errors in bounded time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from checkpoints import Checkpoints
+from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
+
+STEPS = 24
+CHECKPOINT_EVERY = 4
+TIMEOUT = 300  # seconds for any one launch: a hang fails the test rather than the suite
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment(devices: int, **variables) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    return env | {"JAX_PLATFORMS": "cpu",
+                  "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | variables
+
+
+def launch_processes(command: list[str], processes: int, **variables) -> list[subprocess.Popen]:
+    """``python *command`` from the repository root: one process on 8 CPU devices, or
+    ``processes`` of a multi-process run with 8 / processes devices each."""
+    if processes == 1:
+        envs = [_environment(8, **variables)]
+    else:
+        address = f"127.0.0.1:{_free_port()}"
+        envs = [_environment(8 // processes, JAX_COORDINATOR_ADDRESS=address,
+                             JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index),
+                             **variables) for index in range(processes)]
+    return [start(command, env) for env in envs]
+
+
+def start(command: list[str], env: dict) -> subprocess.Popen:
+    """``python *command`` from the repository root, printing into a file (not a pipe: a
+    process never blocks on a full pipe while we wait for it)."""
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
+def output(process: subprocess.Popen) -> str:
+    """What an exited process printed (stdout and stderr)."""
+    process.log.seek(0)
+    return process.log.read()
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[str]:
+    """Waits for every process to exit 0 (at most ``timeout`` seconds in all); returns their
+    outputs."""
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    outputs = [output(process) for process in processes]
+    for index, (process, text) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0, f"{process.args[1:3]} #{index}: {text[-3000:]}"
+    return outputs
+
+
+def train_command(workdir, flags, record=None) -> list[str]:
+    command = ["train.py"] if record is None else ["tests/train_recording_rows.py", str(record)]
+    return command + flags + [f"--workdir={workdir}"]
+
+
+def _copy_up_to(source, destination, step: int) -> None:
+    """A copy of the run in ``source`` as it was when ``step`` was its latest checkpoint."""
+    shutil.copytree(source, destination)
+    for path in (destination / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > step:
+            shutil.rmtree(path)
+
+
+def _checkpoint_after(workdir, step: int) -> bool:
+    """Whether a complete checkpoint after ``step`` exists (orbax renames a finished save to
+    its step)."""
+    folder = workdir / "checkpoints"
+    return any(p.name.isdigit() and int(p.name) > step for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every launch the tests below look at, in three phases (processes side by side where
+    they can be, since the fixed costs of a launch dominate):
+
+    1. ``reference``: 1 process, 8 devices; ``two``: the same run in 2 processes, each
+       recording the arrays it feeds (tests/train_recording_rows.py).
+    2. ``killed``: the reference's checkpoint of step 4 resumed in 2 processes, process 1
+       SIGKILLed once a checkpoint of their own is complete. While process 0 finds out:
+       ``two_to_one``, the 2-process checkpoint of step 12 resumed in 1 process.
+    3. The killed run's command again, and evaluate.py on ``two`` in 2 processes.
+    """
+    root = tmp_path_factory.mktemp("multiprocess")
+    config = tiny_config(root / "cache", num_train_steps=STEPS, keep_checkpoints=STEPS,
+                         checkpoint_every_steps=CHECKPOINT_EVERY, eval_every_steps=0,
+                         sample_tokens=0, peak_flops_per_device=1e12,
+                         **{"model.dropout_rate": 0.1})
+    # The token cache once, here, so that the processes below only read it.
+    from data import make_tokenizer, packed_examples
+    packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
+    flags = ["--config=configs/tiny.py"] + config_flags(config)
+    run = {"root": root, "config": config}
+    # Launches after the first reuse its compiled programs: JAX's persistent compilation
+    # cache (the same executables; where a process would compile, process 0 of 2 and single
+    # processes read them instead).
+    compilation_cache = {"JAX_COMPILATION_CACHE_DIR": str(root / "compilation_cache"),
+                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    launch = functools.partial(launch_processes, **compilation_cache)
+    for name in ("reference", "two", "killed", "two_to_one"):
+        run[name] = root / name
+
+    # 1.
+    finish(launch(train_command(run["reference"], flags), 1)
+           + launch(train_command(run["two"], flags, record=root / "fed"), 2))
+
+    # 2.
+    _copy_up_to(run["reference"], run["killed"], CHECKPOINT_EVERY)
+    _copy_up_to(run["two"], run["two_to_one"], 3 * CHECKPOINT_EVERY)
+    command = train_command(run["killed"], flags)
+    killed = launch(command, 2)
+    try:
+        while all(p.poll() is None for p in killed) and not _checkpoint_after(
+                run["killed"], CHECKPOINT_EVERY):
+            time.sleep(0.02)
+        killed[1].send_signal(signal.SIGKILL)  # not the coordinator: found by heartbeats
+        kill_time = time.monotonic()
+        # Only a single process beside the dying run: a new gloo group could take over the
+        # ports of the dead process while its survivor still dials them.
+        two_to_one = launch(train_command(run["two_to_one"], flags), 1)
+        try:
+            killed[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        run["survivor_seconds"] = time.monotonic() - kill_time
+    finally:
+        for process in killed:
+            process.kill()
+    run["returncodes"] = [p.wait() for p in killed]
+    run["killed_output"] = output(killed[0])
+    run["killed_resumed_at"] = Checkpoints(str(run["killed"]), read_only=True).latest_step()
+    run["two_to_one_output"], = finish(two_to_one)
+
+    # 3.
+    outputs = finish(launch(command, 2) + launch(
+        ["evaluate.py", f"--workdir={run['two']}", f"--output={root / 'evaluated.json'}"], 2))
+    run["rerun_output"], run["evaluate_outputs"] = outputs[0], outputs[2:]
+    run["reference_params"] = restore_params(run["reference"])
+    return run
+
+
+def _assert_same_run(runs, name, steps=range(1, STEPS + 1)):
+    """Run ``name`` logged the reference's losses and gradient norms at ``steps`` and ended
+    with its parameters (float32 rounding)."""
+    got, expected = train_metrics(runs[name]), train_metrics(runs["reference"])
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in steps:
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(got[step][key], expected[step][key], rtol=1e-5,
+                                       err_msg=f"step {step} {key}")
+    for a, b in zip(jax.tree.leaves(restore_params(runs[name])),
+                    jax.tree.leaves(runs["reference_params"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
+    _assert_same_run(runs, "two")
+
+    # What each process fed, against the rows TrainBatches gives process p of 2 (rows
+    # [4p, 4p + 4) of each global batch of 8): the STEPS batches, key by key.
+    from data import TrainBatches, make_tokenizer, packed_examples
+    config = runs["config"]
+    examples = packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
+    for process in (0, 1):
+        with open(f"{runs['root'] / 'fed'}.{process}") as f:
+            fed = [json.loads(line) for line in f]
+        rows = TrainBatches(examples, config.batch_size, config.seed, process_index=process,
+                            process_count=2)
+        expected = [[list(array.shape), zlib.crc32(np.ascontiguousarray(array).tobytes())]
+                    for _ in range(STEPS) for array in next(rows).values()]
+        assert fed[:len(expected)] == expected, f"process {process}"
+        assert all(shape[0] == config.batch_size // 2 for shape, _ in fed)  # and no more
+
+
+def test_evaluate_in_two_processes_matches_one(runs):
+    import evaluate
+
+    assert '"loss"' in runs["evaluate_outputs"][0]  # process 0 reports; process 1 does not
+    assert '"loss"' not in runs["evaluate_outputs"][1]
+    two = json.loads((runs["root"] / "evaluated.json").read_text())
+    one = evaluate.evaluate(str(runs["two"]))
+    assert two["num_tokens"] == one["num_tokens"] > 0
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+
+
+def test_checkpoints_move_between_two_processes_and_one(runs):
+    # 2 -> 1: the checkpoint of step 12 that 2 processes wrote, resumed in one.
+    assert f"resuming at step {3 * CHECKPOINT_EVERY}" in runs["two_to_one_output"]
+    _assert_same_run(runs, "two_to_one")
+    # 1 -> 2: the reference's checkpoint of step 4 resumed in 2 processes (the killed run,
+    # whose steps 5 to its own first checkpoint are compared here).
+    assert f"resuming at step {CHECKPOINT_EVERY}" in runs["killed_output"]
+    got, expected = train_metrics(runs["killed"]), train_metrics(runs["reference"])
+    for step in range(CHECKPOINT_EVERY + 1, runs["killed_resumed_at"] + 1):
+        np.testing.assert_allclose(got[step]["loss"], expected[step]["loss"], rtol=1e-5)
+
+
+def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs):
+    assert runs["returncodes"][1] == -signal.SIGKILL, "the run ended before it could be killed"
+    assert runs["returncodes"][0] not in (0, None), runs["killed_output"][-3000:]
+    assert runs["survivor_seconds"] < 60
+    assert f"resuming at step {runs['killed_resumed_at']}" in runs["rerun_output"]
+    assert runs["killed_resumed_at"] > CHECKPOINT_EVERY
+    _assert_same_run(runs, "killed")
+
+
+def _one_line_error(process: subprocess.Popen, timeout: float) -> str:
+    """The ``error: ...`` line of ``process``, which must exit 1 within ``timeout`` seconds of
+    the call, printing that line and no traceback."""
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    text = output(process)
+    assert process.returncode == 1, text[-3000:]
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+def test_bad_launches_are_one_line_errors(tmp_path):
+    flags = ["--config=configs/tiny.py", f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    # Processes started with different counts: both stop at once.
+    address = f"127.0.0.1:{_free_port()}"
+    disagreeing = [start(train_command(tmp_path / "disagree", flags),
+                         _environment(4, JAX_COORDINATOR_ADDRESS=address,
+                                      JAX_NUM_PROCESSES=count, JAX_PROCESS_ID=index))
+                   for index, count in (("0", "2"), ("1", "3"))]
+    # Process 1 of 2, and process 0 never comes: an error once JAX_INITIALIZATION_TIMEOUT is up.
+    alone = launch_processes(train_command(tmp_path / "alone", flags), 1, JAX_INITIALIZATION_TIMEOUT="5",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID="1")[0]
+    assert "started with 3 processes, process 0 with 2" in _one_line_error(disagreeing[1], 60)
+    assert "started with 2 processes, process 1 with 3" in _one_line_error(disagreeing[0], 60)
+    assert "JAX_INITIALIZATION_TIMEOUT=5 s" in _one_line_error(alone, 60)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"},
+     "JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 came without JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=0 came without JAX_COORDINATOR_ADDRESS"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     r"JAX_PROCESS_ID=2: expected 0\.\.1"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two': expected an int >= 1"),
+])
+def test_incomplete_launch_variables_are_one_line_errors(environ, message):
+    with pytest.raises(ValueError, match=message):
+        train.start_distributed(environ)
+
+
+def test_one_process_launch_does_nothing():
+    train.start_distributed({})
+    assert jax.process_count() == 1
