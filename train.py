@@ -354,10 +354,19 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
     Raises a one-line ValueError where a process's devices hold rows that are not one such
     aligned block (a device order that the per-process data pipeline cannot feed).
     """
+    # Shape (batch_size, length shards): one column per block of the sequence.
+    length_axes = sharding.spec[1] if len(sharding.spec) > 1 else None
+    length_axes = () if length_axes is None else (
+        (length_axes,) if isinstance(length_axes, str) else tuple(length_axes))
+    columns = math.prod(sharding.mesh.shape[axis] for axis in length_axes)
+    indices = sharding.addressable_devices_indices_map((batch_size, columns)).values()
+    if sum(b - a for a, b in {index[1].indices(columns)[:2] for index in indices}) != columns:
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
+                         f"devices hold only part of each sequence; keep mesh.context within "
+                         f"the devices of one process")
     # The distinct (start, stop) row ranges of this process's devices: equal-sized shards of
     # an even split, so they are one block exactly when their sizes add up to its span.
-    held = sorted({index[0].indices(batch_size)[:2] for index in
-                   sharding.addressable_devices_indices_map((batch_size,)).values()})
+    held = sorted({index[0].indices(batch_size)[:2] for index in indices})
     start, stop = held[0][0], held[-1][1]
     contiguous = sum(end - begin for begin, end in held) == stop - start
     if not contiguous or batch_size % (stop - start) or start % (stop - start):
