@@ -9,8 +9,11 @@ Restores the latest checkpoint (or ``--step``) with the config it was trained wi
 (e.g. evaluate on other text). ``--seq_len`` may exceed the training context: each attention
 layer sees only its window, so longer contexts cost linearly and should not hurt.
 Prints and writes (``--output``) JSON with ``loss`` (nats/token), ``perplexity``,
-``bits_per_byte`` (tokenizer-independent) and ``num_tokens``; ``--plot`` draws the loss
-against the position in the context.
+``bits_per_byte`` (tokenizer-independent), ``num_tokens`` and ``loss_by_distance_band`` (tokens
+with 0–W, W–L·W and more than L·W tokens of context, probes.py); ``--plot`` draws the loss
+against the position in the context. ``--probe=passkey`` adds the retrieval probe (probes.py):
+accuracy against the distance of a planted key, printed as a table, in the JSON
+(``passkey``) and drawn by ``--probe_plot``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import probes
 import train
 from configs import default
 from data import packed_examples, validation_batches
+from data.token_cache import tokenized_split
+from data.pipeline import DEFAULT_CACHE_DIR
 from model import TransformerLM
 
 FLAGS = flags.FLAGS
@@ -37,6 +43,11 @@ flags.DEFINE_integer("seq_len", 0, "Context length (default: the training seq_le
 flags.DEFINE_integer("max_tokens", 0, "Stop after about this many tokens (0: the whole split).")
 flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("plot", None, "Write a PNG of loss against position in the context.")
+flags.DEFINE_enum("probe", None, ["passkey"], "Also run this long-range probe (probes.py).")
+flags.DEFINE_list("probe_distances", [], "Passkey distances in tokens (default: W/2, W, 2W, "
+                  "L·W/2, L·W, 2·L·W, 4·L·W for window W, L layers).")
+flags.DEFINE_integer("probe_trials", 16, "Passkey trials per distance.")
+flags.DEFINE_string("probe_plot", None, "Write a PNG of passkey accuracy against distance.")
 try:  # config_flags applies --config.* overrides already here
     config_flags.DEFINE_config_dict("config", default.get_config(),
                                     "Overrides of the run's config: --config.data.*, "
@@ -73,7 +84,26 @@ def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_toke
     result = train.evaluate_batches(eval_step, params, validation_batches(examples, batch_size),
                                     train.batch_sharding(mesh), batch_size, max_tokens,
                                     document_bound=model_cfg.document_bound())
-    return result | {"seq_len": seq_len, "step": step, "split": split}
+    bands = probes.loss_by_distance_band(result["loss_by_position"], result["tokens_by_position"],
+                                         model_cfg.window_size, model_cfg.num_layers)
+    return result | {"seq_len": seq_len, "step": step, "split": split,
+                     "loss_by_distance_band": bands}
+
+
+def passkey(workdir: str, distances: list[int], trials: int, overrides: dict | None = None,
+            step: int | None = None) -> tuple[list[dict], int]:
+    """`probes.passkey_accuracy` of ``workdir``'s checkpoint, the filler from its validation
+    split; ``distances`` empty: multiples of the window and of layers × window. Returns the
+    rows and the local layers' reach (layers × window)."""
+    config, model_cfg, tokenizer, _, params, _ = train.load_for_inference(workdir, overrides,
+                                                                          step)
+    window, reach = model_cfg.window_size, model_cfg.window_size * model_cfg.num_layers
+    distances = distances or sorted({window // 2, window, 2 * window, reach // 2, reach,
+                                     2 * reach, 4 * reach})
+    filler = np.asarray(tokenized_split(config.data, "validation", tokenizer,
+                                        config.data.cache_dir or DEFAULT_CACHE_DIR))
+    return probes.passkey_accuracy(params, model_cfg, tokenizer, filler, distances, trials,
+                                   seed=config.seed), reach
 
 
 def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
@@ -109,7 +139,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
-        for flag in ("output", "plot"):
+        for flag in ("output", "plot", "probe_plot"):
             folder = os.path.dirname(os.path.abspath(FLAGS[flag].value or "."))
             if FLAGS[flag].value and not os.path.isdir(folder):
                 raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
@@ -119,12 +149,26 @@ def main(argv) -> None:
                           config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
         if FLAGS.plot and jax.process_index() == 0:
             plot_loss_by_position(result, FLAGS.plot)
+        summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
+                                          "seq_len", "step", "split", "loss_by_distance_band")}
+        if FLAGS.probe == "passkey":
+            try:
+                distances = [int(d) for d in FLAGS.probe_distances]
+            except ValueError:
+                raise ValueError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
+                                 f"expected comma-separated ints") from None
+            summary["passkey"], reach = passkey(FLAGS.workdir, distances, FLAGS.probe_trials,
+                                                config_flags.get_override_values(FLAGS["config"]),
+                                                FLAGS.step)
     except ValueError as error:  # the user's input: one line, no traceback
         train.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it
         return
-    summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
-                                      "seq_len", "step", "split")}
+    if "passkey" in summary:
+        print(probes.format_passkey_table(summary["passkey"]), file=sys.stderr)
+        if FLAGS.probe_plot:
+            probes.plot_passkey(summary["passkey"], FLAGS.probe_plot, reach,
+                                f"passkey, step {result['step']}")
     print(json.dumps(summary, indent=1))
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:

@@ -215,6 +215,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
 
     boxed = jax.eval_shape(initial_state, config.seed)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, axis_rules(config))
+    _check_shardings_divide(nn.unbox(boxed.params), shardings.params)
     if abstract:
         shapes = nn.unbox(boxed)
         return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
@@ -223,6 +224,22 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
     init = jax.jit(lambda seed: nn.unbox(initial_state(seed)), static_argnums=0,
                    out_shardings=shardings)
     return init(config.seed), shardings
+
+
+def _check_shardings_divide(shapes, shardings) -> None:
+    """A one-line error for a parameter axis that its mesh axes do not divide (e.g.
+    ``model.num_kv_heads=1`` key/value heads over ``mesh.tensor=2``)."""
+    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                       jax.tree.leaves(shardings)):
+        for size, entry in zip(shape.shape, sharding.spec):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            shards = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % shards:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)} {shape.shape}: an axis of {size} "
+                    f"does not split over mesh {'×'.join(axes)}={shards} (logical_axis_rules): "
+                    f"choose mesh sizes that divide it (e.g. model.num_kv_heads, model.num_heads "
+                    f"over mesh.tensor)")
 
 
 def _token_losses(model: TransformerLM, params, batch: dict, deterministic: bool = True,

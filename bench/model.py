@@ -34,6 +34,8 @@ def _config(attention: str, context: int):
 
     if attention == "local":
         return TransformerConfig.from_config(MODEL)
+    if attention == "global":  # one global layer in four (layers 3 and 7)
+        return TransformerConfig.from_config(MODEL, global_layers=4)
     # Dense: a window covering the whole context is plain causal attention.
     return TransformerConfig.from_config(MODEL, window_size=context,
                                          attention_implementation="dense")
@@ -94,10 +96,29 @@ def run_generate_point(new_tokens: int) -> dict:
             "tokens_per_second": new_tokens / seconds}
 
 
+def decode_cache_bytes(num_kv_heads: int, decode_length: int = 16384) -> int:
+    """Bytes of the decode caches (the ``cache`` collection) of the bench model with
+    ``num_kv_heads`` key/value heads, one global layer in four, batch 1."""
+    import jax
+
+    from model import TransformerConfig, TransformerLM
+
+    config = TransformerConfig.from_config(MODEL, num_kv_heads=num_kv_heads, global_layers=4,
+                                           scan_layers=False)
+    decoder = TransformerLM(config, decode=True, decode_length=decode_length)
+    cache = jax.eval_shape(decoder.init, jax.random.key(0),
+                           jax.numpy.zeros((1, 1), jax.numpy.int32))["cache"]
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
+    parser.add_argument("--attentions", default="local,dense",
+                        help="local, dense, global (one global layer in four)")
     parser.add_argument("--generate", default="1024,16384", help="generated lengths")
+    parser.add_argument("--cache", action="store_true",
+                        help="also print the decode cache bytes against num_kv_heads")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per point")
     parser.add_argument("--memory_cap_gib", type=float, default=20.0)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -114,6 +135,12 @@ def main() -> None:
         print(json.dumps(row))
         return
 
+    if args.cache:
+        full = decode_cache_bytes(MODEL["num_heads"])
+        for kv_heads in (6, 3, 2, 1):
+            size = decode_cache_bytes(kv_heads)
+            print(f"decode cache, {kv_heads} key/value heads (6 query heads), one global layer in "
+                  f"four, 16384 positions: {size / 2**20:.2f} MiB ({full / size:.2f}x smaller)")
     matmul_rate = matmul_flops_per_second()
     print(f"float32 matmul (4096²): {matmul_rate / 1e9:.1f} GFLOP/s; model {MODEL}")
     rows = []
@@ -125,7 +152,7 @@ def main() -> None:
         print(_describe(row, matmul_rate), flush=True)
 
     for context in [int(c) for c in args.contexts.split(",") if c]:
-        for attention in ("local", "dense"):
+        for attention in args.attentions.split(","):
             measure([attention, str(context)],
                     {"kind": "train", "attention": attention, "context": context})
     for new_tokens in [int(n) for n in args.generate.split(",") if n]:

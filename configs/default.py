@@ -46,9 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_layers = 4
     config.model.d_model = 256
     config.model.num_heads = 4
+    # Key/value heads shared by groups of query heads (grouped-query attention; 1: multi-query;
+    # None: num_heads): a num_heads / num_kv_heads times smaller decode cache.
+    config.model.num_kv_heads = config_dict.placeholder(int)
     config.model.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
     config.model.mlp_dim = 768
     config.model.window_size = 256
+    # Global layers attend to the whole causal context: every k-th layer (k - 1, 2k - 1, ...)
+    # for an int k; 0: none (a Python config may set a tuple of layer indices instead).
+    config.model.global_layers = config_dict.FieldReference(0, field_type=object)
     config.model.position_embedding = "rope"
     config.model.rope_base = 10_000.0
     config.model.activation = "swiglu"
@@ -85,13 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
     # axes, MaxText's scheme. The first rule whose mesh axes are still free in an array wins,
     # so activations (batch, length, embed) shard the batch over data and fsdp, the sequence
     # over context and leave embed whole, while parameters shard embed over fsdp and context
-    # (ZeRO-3) and heads/mlp/vocab over tensor.
+    # (ZeRO-3) and heads/kv_heads/mlp/vocab over tensor.
     config.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
         ("length", "context"),
         ("embed", ("fsdp", "context")),
         ("vocab", "tensor"),
         ("heads", "tensor"),
+        ("kv_heads", "tensor"),  # key/value heads, where model.num_kv_heads < num_heads
         ("mlp", "tensor"),
         ("kv", None),
         ("layers", None),

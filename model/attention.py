@@ -146,10 +146,14 @@ def local_attention(
     could not see itself; here both ends are inclusive.)
 
     Args:
-      q, k, v: ``(..., seq_len, head_dim)``, the same shape and a floating dtype (float32 or
-        bfloat16); leading axes are typically ``(batch, heads)``.
-      mask: optional key padding mask, bool, broadcastable to ``(..., seq_len)``; false keys
-        are never attended.
+      q: ``(..., heads, seq_len, head_dim)`` (or ``(seq_len, head_dim)``), a floating dtype
+        (float32 or bfloat16); leading axes are typically ``(batch, heads)``.
+      k, v: ``(..., kv_heads, seq_len, head_dim)``, q's dtype, where ``kv_heads`` divides
+        ``heads``: grouped-query attention (1: multi-query), query head ``h`` attends key/value
+        head ``h // (heads / kv_heads)``. The kernels group the query heads of one key/value
+        head together; k and v are never copied per query head.
+      mask: optional key padding mask, bool, broadcastable to ``(..., kv_heads, seq_len)``
+        (k's leading shape); false keys are never attended.
       rel_pos_emb: optional learned relative position embeddings,
         ``(window_size_left + window_size_right + 1, head_dim)`` or with leading axes that
         broadcast against q's (e.g. ``(heads, 1 + left + right, head_dim)`` for
@@ -160,7 +164,7 @@ def local_attention(
       dropout_rate: dropout on the attention weights; needs ``dropout_rng`` when positive.
         The same key gives the same output (the mask depends on the key and the static tiling).
       dropout_rng: a PRNG key.
-      segment_ids: optional int ids, broadcastable to ``(..., seq_len)``, for packed
+      segment_ids: optional int ids, broadcastable to ``(..., kv_heads, seq_len)``, for packed
         documents: attention never crosses a segment boundary.
       implementation: ``"auto"`` (default), the fastest exact path for this call (see
         `resolve_implementation`: ``cudnn`` on NVIDIA GPUs, ``splash`` on TPUs where they
@@ -236,9 +240,11 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
 def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                      dropout_rate, dropout_rng, segment_ids) -> None:
     """One-line ValueErrors for shapes and values a caller can get wrong."""
-    if q.ndim < 2 or q.shape != k.shape or k.shape != v.shape:
+    if q.ndim < 2 or k.shape != v.shape or q.ndim != k.ndim or q.shape[-2:] != k.shape[-2:] \
+            or q.shape[:-3] != k.shape[:-3] or _query_groups(q, k) is None:
         raise ValueError(
-            "local_attention expects q, k, v of the same shape (..., seq_len, head_dim); got "
+            "local_attention expects q (..., heads, seq_len, head_dim) and k, v (..., kv_heads, "
+            "seq_len, head_dim) with kv_heads dividing heads and the other axes equal; got "
             f"q {q.shape}, k {k.shape}, v {v.shape}")
     if q.shape[-2] == 0:
         raise ValueError(f"local_attention expects at least one position; got q {q.shape}")
@@ -252,7 +258,7 @@ def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_r
         raise ValueError(f"dropout_rate={dropout_rate!r}: expected a float in [0, 1)")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng (a PRNG key)")
-    lead, seq_len = q.shape[:-2], q.shape[-2]
+    lead, seq_len = k.shape[:-2], k.shape[-2]
     for name, array in (("mask", mask), ("segment_ids", segment_ids)):
         if array is not None and (
                 array.ndim == 0 or array.shape[-1] != seq_len
@@ -263,10 +269,27 @@ def _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_r
     if rel_pos_emb is not None:
         width = window_size_left + window_size_right + 1
         if (rel_pos_emb.ndim < 2 or rel_pos_emb.shape[-2:] != (width, q.shape[-1])
-                or not _broadcasts(rel_pos_emb.shape[:-2], lead)):
+                or not _broadcasts(rel_pos_emb.shape[:-2], q.shape[:-2])):
             raise ValueError(
                 f"rel_pos_emb has shape {rel_pos_emb.shape}; expected (..., {width}, "
                 f"{q.shape[-1]}) = (window_size_left + window_size_right + 1, head_dim)")
+
+
+def _query_groups(q: jax.Array, k: jax.Array) -> int | None:
+    """Query heads per key/value head (axis -3; 1 without a heads axis), None if they do not
+    divide."""
+    if q.ndim < 3:
+        return 1
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    return heads // kv_heads if kv_heads and heads % kv_heads == 0 else None
+
+
+def _grouped(x: jax.Array, groups: int) -> jax.Array:
+    """``(..., heads, *rest) -> (prod(...) * kv_heads, groups, *rest)``, query heads next to
+    the others of their key/value head (a reshape: no copy)."""
+    if x.ndim < 3:
+        return x[None, None]
+    return x.reshape(-1, groups, *x.shape[-2:])
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -280,9 +303,10 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
                          max_segments):
     """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core."""
     del max_segments  # segment ids of any kind are exact here
-    *lead, seq_len, head_dim = q.shape
-    batch = math.prod(lead)
-    plan = _make_plan(batch, seq_len, window_size_left, window_size_right, block_size,
+    groups = _query_groups(q, k)
+    *lead, seq_len, head_dim = k.shape
+    batch = math.prod(lead)  # one row per key/value head; its query heads are its groups
+    plan = _make_plan(batch * groups, seq_len, window_size_left, window_size_right, block_size,
                       dropout_rate, precision)
 
     def flat(x, trailing):
@@ -290,8 +314,12 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
 
     # Queries are padded at the end to whole chunks. Keys get `left` positions in front, so that
     # query block b's window starts in key block b, and enough after for the last block's views.
-    # Padding keys are marked invalid.
-    q_pad = _pad_seq(flat(q * (head_dim ** -0.5), (seq_len, head_dim)), 0, plan.padded_len - seq_len)
+    # Padding keys are marked invalid. The query heads of one key/value head share its key
+    # blocks: query blocks are (batch, num_blocks, groups, block, head_dim).
+    q_rows = _grouped(q * (head_dim ** -0.5), groups)  # (batch, groups, seq_len, head_dim)
+    q_rows = jnp.pad(q_rows, [(0, 0), (0, 0), (0, plan.padded_len - seq_len), (0, 0)])
+    q_blocks = jnp.moveaxis(q_rows.reshape(batch, groups, plan.num_blocks, plan.block, head_dim),
+                            1, 2)
     key_pad = (plan.left, plan.padded_keys - plan.left - seq_len)
     k_pad = _pad_seq(flat(k, (seq_len, head_dim)), *key_pad)
     v_pad = _pad_seq(flat(v, (seq_len, head_dim)), *key_pad)
@@ -304,14 +332,15 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
     rel = None
     if rel_pos_emb is not None:
         width = plan.left + plan.right + 1
-        rel = flat(rel_pos_emb[..., plan.rel_offset:plan.rel_offset + width, :].astype(q.dtype),
-                   (width, head_dim))
+        rel = rel_pos_emb[..., plan.rel_offset:plan.rel_offset + width, :].astype(q.dtype)
+        rel = _grouped(jnp.broadcast_to(rel, (*q.shape[:-2], width, head_dim)), groups)
     blocks = functools.partial(_to_blocks, block=plan.block)
     if segments is not None:
         segments = tuple(map(blocks, segments))
-    out = _blocked_attention(plan, blocks(q_pad), blocks(k_pad), blocks(v_pad), blocks(key_valid),
-                             segments, rel, dropout_rng)
-    return out.reshape(batch, plan.padded_len, head_dim)[:, :seq_len].reshape(q.shape)
+    out = _blocked_attention(plan, q_blocks, blocks(k_pad), blocks(v_pad), blocks(key_valid),
+                             segments, rel, dropout_rng)  # (batch, num_blocks, groups, block, d)
+    out = jnp.moveaxis(out, 2, 1).reshape(batch, groups, plan.padded_len, head_dim)
+    return out[:, :, :seq_len].reshape(q.shape)
 
 
 def _pad_seq(x: jax.Array, before: int, after: int) -> jax.Array:
@@ -366,10 +395,10 @@ def masked_softmax_parts(
 class _Chunk(NamedTuple):
     """The query blocks of one chunk and the key blocks they can see."""
 
-    q: jax.Array  # (B, G, block, d), scaled by 1/sqrt(d)
+    q: jax.Array  # (B, G, groups, block, d), scaled by 1/sqrt(d); groups: query heads per k/v
     k: jax.Array  # (B, G + views - 1, block, d); view j of query block g is key block g + j
     v: jax.Array  # (B, G + views - 1, block, d)
-    visible: list[jax.Array]  # per view, bool (B, G, block, block): band, key valid, segment
+    visible: list[jax.Array]  # per view, bool (B, G, 1, block, block): band, key valid, segment
 
 
 def _chunk(plan: _Plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments) -> _Chunk:
@@ -391,20 +420,21 @@ def _chunk(plan: _Plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments
             q_segments, k_segments = segments
             vis = vis & (rows(q_segments, count)[..., :, None]
                          == key_rows(k_segments)[:, view:view + count, None, :])
-        visible.append(vis)
+        visible.append(vis[:, :, None])  # the same for every query head of the group
     return _Chunk(rows(q_blocks, count), key_rows(k_blocks), key_rows(v_blocks), visible)
 
 
 def _scores(plan: _Plan, q, k, rel) -> list[jax.Array]:
-    """Per view, float32 logits ``(B, G, block, block)`` of the chunk's queries and keys."""
+    """Per view, float32 logits ``(B, G, groups, block, block)`` of the chunk's queries and
+    keys (one matmul per view for all the query heads of a key/value head)."""
     count = q.shape[1]
     scores = [
-        jnp.einsum("bgqd,bgkd->bgqk", q, k[:, view:view + count], precision=plan.precision,
+        jnp.einsum("bgpqd,bgkd->bgpqk", q, k[:, view:view + count], precision=plan.precision,
                    preferred_element_type=jnp.float32)
         for view in range(plan.views)
     ]
-    if rel is not None:
-        rel_scores = jnp.einsum("bgqd,brd->bgqr", q, rel, precision=plan.precision,
+    if rel is not None:  # rel: (B, groups, width, d)
+        rel_scores = jnp.einsum("bgpqd,bprd->bgpqr", q, rel, precision=plan.precision,
                                 preferred_element_type=jnp.float32)
         skewed = _skew(rel_scores, plan.views * plan.block)
         scores = [s + skewed[..., view * plan.block:(view + 1) * plan.block]
@@ -413,10 +443,10 @@ def _scores(plan: _Plan, q, k, rel) -> list[jax.Array]:
 
 
 def _values(plan: _Plan, weights, v) -> jax.Array:
-    """``sum_view weights[view] @ v_view``: float32 ``(B, G, block, d)``."""
+    """``sum_view weights[view] @ v_view``: float32 ``(B, G, groups, block, d)``."""
     count = weights[0].shape[1]
     return sum(
-        jnp.einsum("bgqk,bgkd->bgqd", w.astype(v.dtype), v[:, view:view + count],
+        jnp.einsum("bgpqk,bgkd->bgpqd", w.astype(v.dtype), v[:, view:view + count],
                    precision=plan.precision, preferred_element_type=jnp.float32)
         for view, w in enumerate(weights))
 
@@ -431,7 +461,8 @@ def _dropout_keep(plan: _Plan, dropout_rng, index, shape) -> list[jax.Array] | N
 
 
 def _forward(plan: _Plan, q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng):
-    """Returns the output ``(B, num_blocks, block, d)`` and the log-sum-exp ``(B, num_blocks, block)``."""
+    """Returns the output ``(B, num_blocks, groups, block, d)`` and the log-sum-exp
+    ``(B, num_blocks, groups, block)``."""
 
     def chunk_forward(index):
         chunk = _chunk(plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments)
@@ -466,7 +497,7 @@ def _blocked_attention_fwd(plan, q_blocks, k_blocks, v_blocks, key_valid, segmen
 def _blocked_attention_bwd(plan, residuals, d_out):
     q_blocks, k_blocks, v_blocks, key_valid, segments, rel, dropout_rng, out, lse = residuals
     # D_i = dO_i · O_i = sum_j P_ij dP_ij, the softmax-backward correction term.
-    correction = jnp.einsum("bnqd,bnqd->bnq", d_out, out, preferred_element_type=jnp.float32)
+    correction = jnp.einsum("...d,...d->...", d_out, out, preferred_element_type=jnp.float32)
     d_out = d_out.astype(jnp.float32)
 
     def chunk_backward(index):
@@ -530,15 +561,22 @@ def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     if rel_pos_emb is not None or dropout_rate > 0.0:
         raise ValueError("implementation='dense' supports neither rel_pos_emb nor dropout; "
                          "use implementation='xla'")
-    *lead, seq_len, head_dim = q.shape
-    # (..., n, d) -> (batch, n, heads=1, d), the layout of jax.nn.dot_product_attention.
+    groups = _query_groups(q, k)
+    *lead, seq_len, head_dim = k.shape
+    # The layout of jax.nn.dot_product_attention, which groups query heads natively: q
+    # (batch·kv_heads, n, groups, d) against k, v (batch·kv_heads, n, 1, d).
+    q_bthd = jnp.swapaxes(_grouped(q, groups), 1, 2)
     as_bthd = lambda x: x.reshape(-1, seq_len, 1, head_dim)  # noqa: E731
+
+    def heads_first(out):  # (batch·kv_heads, n, groups, d) -> q's shape
+        return jnp.swapaxes(out, 1, 2).reshape(q.shape)
+
     if mask is None and segment_ids is None:
         causal = window_size_right == 0 and window_size_left >= seq_len - 1
         out = jax.nn.dot_product_attention(
-            as_bthd(q), as_bthd(k), as_bthd(v), is_causal=causal,
+            q_bthd, as_bthd(k), as_bthd(v), is_causal=causal,
             local_window_size=None if causal else (window_size_left, window_size_right))
-        return out.reshape(q.shape)
+        return heads_first(out)
     position = jnp.arange(seq_len)
     visible = ((position[None, :] >= position[:, None] - window_size_left)
                & (position[None, :] <= position[:, None] + window_size_right))
@@ -547,10 +585,9 @@ def _dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     if segment_ids is not None:
         visible = visible & (segment_ids[..., :, None] == segment_ids[..., None, :])
     visible = jnp.broadcast_to(visible, (*lead, seq_len, seq_len)).reshape(-1, 1, seq_len, seq_len)
-    out = jax.nn.dot_product_attention(as_bthd(q), as_bthd(k), as_bthd(v), mask=visible)
+    out = jax.nn.dot_product_attention(q_bthd, as_bthd(k), as_bthd(v), mask=visible)
     # jax averages all values for a query that sees nothing; this module returns zeros.
-    out = jnp.where(visible.any(axis=-1)[:, 0, :, None, None], out, 0)
-    return out.reshape(q.shape)
+    return heads_first(jnp.where(visible.any(axis=-1)[:, 0, :, None, None], out, 0))
 
 
 def _unsupported(implementation: str, mask, rel_pos_emb, dropout_rate, extra=()) -> None:
@@ -610,14 +647,20 @@ def _cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
                          f"{jax.default_backend()!r}: use implementation='xla' or 'auto'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
-    *lead, seq_len, head_dim = q.shape
-    heads = lead[-1] if lead else 1
-    # (..., heads, n, d) -> (batch, n, heads, d), the layout of jax.nn.dot_product_attention.
-    to_bnhd = lambda x: jnp.swapaxes(x.reshape(-1, heads, seq_len, head_dim), 1, 2)  # noqa: E731
+    *lead, seq_len, head_dim = k.shape
+
+    def to_bnhd(x):
+        """``(..., heads, n, d) -> (batch, n, heads, d)``, the layout of
+        jax.nn.dot_product_attention; cuDNN groups query heads over fewer k/v heads natively."""
+        heads = x.shape[-3] if x.ndim >= 3 else 1
+        return jnp.swapaxes(x.reshape(-1, heads, seq_len, head_dim), 1, 2)
+
     if segment_ids is None:
-        out = jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
-                                           local_window_size=(window_size_left, 0),
-                                           implementation="cudnn")
+        # A window over the whole sequence (a global layer) is plain causal flash attention.
+        out = jax.nn.dot_product_attention(
+            to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
+            local_window_size=None if window_size_left >= seq_len - 1 else (window_size_left, 0),
+            implementation="cudnn")
     else:
         # The packed layout is only in JAX's cuDNN module (jax.nn does not expose it).
         from jax._src.cudnn import fused_attention_stablehlo as cudnn
@@ -636,18 +679,22 @@ _SPLASH_PADDING_SEGMENT = -(2**31)
 
 
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(padded_len: int, heads: int, left: int, right: int, block: int,
+def _splash_kernel(padded_len: int, groups: int, left: int, right: int, block: int,
                    interpret: bool):
-    """A splash attention kernel with a local mask (built once per static shape: its mask
-    preprocessing runs in numpy)."""
+    """A multi-query splash attention kernel, ``groups`` query heads against one key/value
+    head, with a local mask, causal where the window spans the sequence (built once per static
+    shape: its mask preprocessing runs in numpy)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+    shape = (padded_len, padded_len)
+    whole = right == 0 and left >= padded_len - 1
     mask = splash.MultiHeadMask(
-        [splash.LocalMask((padded_len, padded_len), (left, right), offset=0)] * heads)
+        [splash.CausalMask(shape) if whole else splash.LocalMask(shape, (left, right), offset=0)]
+        * groups)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                   interpret=interpret)
 
 
@@ -659,30 +706,36 @@ def _splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window
     it runs in Pallas interpret mode (exact, slow: how the tests check it on a CPU)."""
     del dropout_rng, precision, max_segments
     _unsupported("splash", mask, rel_pos_emb, dropout_rate)
-    *lead, seq_len, head_dim = q.shape
-    heads = lead[-1] if lead else 1
+    groups = _query_groups(q, k)
+    *lead, seq_len, head_dim = k.shape
+    kv_heads = lead[-1] if lead else 1
     # Blocks of 512 (multiples of 128, the TPU lane width); the sequence is padded to whole
     # blocks, the padding keys hidden from every real query by their own segment id.
     block = block_size or min(512, _round_up(seq_len, 128))
     padded_len = _round_up(seq_len, block)
-    kernel = _splash_kernel(padded_len, heads, min(window_size_left, padded_len),
+    kernel = _splash_kernel(padded_len, groups, min(window_size_left, padded_len),
                             min(window_size_right, padded_len), block,
                             interpret=jax.default_backend() != "tpu")
     if segment_ids is None:
         ids = jnp.zeros((math.prod(lead[:-1]), seq_len), jnp.int32)
     else:
         ids = _per_row_segments(segment_ids, tuple(lead), seq_len)
-    ids = jnp.pad(ids, [(0, 0), (0, padded_len - seq_len)],
+    # One row per key/value head (the ids are shared by all heads).
+    ids = jnp.pad(jnp.repeat(ids, kv_heads, axis=0), [(0, 0), (0, padded_len - seq_len)],
                   constant_values=_SPLASH_PADDING_SEGMENT)
 
-    def rows(x, scale=1.0):  # (..., heads, n, d) -> (batch, heads, padded n, d)
-        x = (x * scale).astype(x.dtype).reshape(-1, heads, seq_len, head_dim)
-        return jnp.pad(x, [(0, 0), (0, 0), (0, padded_len - seq_len), (0, 0)])
+    def padded(x):  # zero-pads the sequence axis (-2)
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padded_len - seq_len), (0, 0)])
+
+    # The kernel takes one key/value head and its groups of query heads:
+    # q (batch·kv_heads, groups, padded n, d), k, v (batch·kv_heads, padded n, d).
+    scaled_q = (q * head_dim ** -0.5).astype(q.dtype)
+    keys = lambda x: padded(x.reshape(-1, seq_len, head_dim))  # noqa: E731
 
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=SegmentIds(q=ids, kv=ids)))(
-        rows(q, head_dim ** -0.5), rows(k), rows(v), ids)
+        padded(_grouped(scaled_q, groups)), keys(k), keys(v), ids)
     return out[:, :, :seq_len].reshape(q.shape).astype(q.dtype)
 
 

@@ -37,20 +37,20 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
 
     Same arguments, semantics and result as `local_attention` (``kernel_options``:
     ``implementation``, ``block_size``, ``precision``), with q, k, v
-    ``(batch..., heads, seq_len, head_dim)``: the first axis is logical ``batch``, the last
-    three ``heads``, ``length``, ``kv``, sharded as the logical axis rules in scope say (an
-    axis that does not divide evenly stays whole, except ``length``). Without a mesh, or where
+    ``(batch..., heads, seq_len, head_dim)`` (k, v may have fewer heads, as for
+    `local_attention`): the first axis is logical ``batch``, the last three ``heads`` (k and v:
+    ``kv_heads`` where they have fewer), ``length``, ``kv``, sharded as the logical axis rules
+    in scope say (an axis that does not divide evenly stays whole, except ``length``; query
+    and key/value heads are split only where both split alike, so that each device holds
+    whole groups). Without a mesh, or where
     ``length`` is not sharded, it is plain `local_attention`. Attention dropout draws its mask
     per device (the key folded with the device's mesh index), so it differs from the unsharded
     draw. Raises a one-line ValueError if ``seq_len`` is not divisible by the sequence shards.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    names = [None] * q.ndim
-    names[-3:] = ["heads", "length", "kv"][-q.ndim:]
-    if q.ndim >= 4:
-        names[0] = "batch"
-    axes = [] if mesh.empty else [_mesh_axes(entry, mesh)
-                                  for entry in nn.logical_to_mesh_axes(tuple(names))]
+    grouped = q.ndim >= 3 and k.shape[-3] != q.shape[-3]
+    axes, kv_axes = (_logical_mesh_axes(q.ndim, mesh, heads) for heads in
+                     ("heads", "kv_heads" if grouped else "heads"))
     length_axes = axes[-2] if axes else ()
     shards = math.prod(mesh.shape[a] for a in length_axes)
     if shards == 1:
@@ -64,6 +64,13 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     # device instead.
     spec = [_spec_entry(a) if a == length_axes or size % math.prod(mesh.shape[x] for x in a) == 0
             else None for size, a in zip(q.shape, axes)]
+    kv_spec = list(spec)
+    if q.ndim >= 3:
+        heads_axes = axes[-3]
+        split_alike = kv_axes[-3] == heads_axes and not (
+            k.shape[-3] % math.prod(mesh.shape[x] for x in heads_axes))
+        if not split_alike or spec[-3] is None:
+            spec[-3] = kv_spec[-3] = None
     length_axis_name = spec[-2]
     local_len = seq_len // shards
     # Halo widths, capped at what lies before (after) the last (first) block.
@@ -80,11 +87,12 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     valid = (jnp.ones((1,) * (q.ndim - 2) + (seq_len,), bool) if mask is None
              else mask.astype(bool))
     inputs = {"q": q, "k": k, "v": v, "valid": valid}
-    specs = {name: PartitionSpec(*spec) for name in ("q", "k", "v")}
-    specs["valid"] = broadcast_spec(valid.shape, spec[:-1])
+    specs = {"q": PartitionSpec(*spec), "k": PartitionSpec(*kv_spec),
+             "v": PartitionSpec(*kv_spec)}
+    specs["valid"] = broadcast_spec(valid.shape, kv_spec[:-1])
     if segment_ids is not None:
         inputs["segment_ids"] = segment_ids
-        specs["segment_ids"] = broadcast_spec(segment_ids.shape, spec[:-1])
+        specs["segment_ids"] = broadcast_spec(segment_ids.shape, kv_spec[:-1])
     if rel_pos_emb is not None:
         inputs["rel_pos_emb"] = rel_pos_emb
         specs["rel_pos_emb"] = PartitionSpec(*broadcast_spec(rel_pos_emb.shape[:-2], spec[:-2]),
@@ -117,6 +125,27 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
         return out[..., before:before + local_len, :]
 
     return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec))(inputs)
+
+
+def _logical_mesh_axes(ndim: int, mesh, heads: str) -> list[tuple[str, ...]]:
+    """Per axis of a ``(batch..., heads, length, kv)`` array of rank ``ndim``, the mesh axes
+    that the logical axis rules in scope give it (``heads``: its heads axis's logical name);
+    [] without a mesh."""
+    if mesh.empty:
+        return []
+    names = [None] * ndim
+    names[-3:] = [heads, "length", "kv"][-ndim:]
+    if ndim >= 4:
+        names[0] = "batch"
+    return [_mesh_axes(entry, mesh) for entry in nn.logical_to_mesh_axes(tuple(names))]
+
+
+def sequence_shards() -> int:
+    """How many devices the logical ``length`` axis splits over in the mesh and axis rules in
+    scope (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = _logical_mesh_axes(3, mesh, "heads")
+    return math.prod(mesh.shape[a] for a in axes[-2]) if axes else 1
 
 
 def _mesh_axes(entry, mesh) -> tuple[str, ...]:

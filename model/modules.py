@@ -32,7 +32,11 @@ class MultiHeadLocalAttention(nn.Module):
     Query ``i`` attends keys ``i - window_size_left ... i + window_size_right`` (inclusive).
 
     Attributes:
-      num_heads: number of heads; ``qkv_features`` must be divisible by it.
+      num_heads: number of (query) heads; ``qkv_features`` must be divisible by it.
+      num_kv_heads: key/value heads (None: ``num_heads``; 1: multi-query attention), dividing
+        ``num_heads``: the query heads share them in groups (grouped-query attention), so the
+        ``key``/``value`` projections and the decode cache are ``num_heads / num_kv_heads``
+        times smaller.
       window_size_left, window_size_right: the window (static ints >= 0). A causal layer uses
         ``window_size_right=0``; decoding requires it.
       use_rel_pos_emb: learn per-head relative position embeddings
@@ -48,6 +52,7 @@ class MultiHeadLocalAttention(nn.Module):
         dropout runs iff a key is available (``prng_key=``, ``dropout_rng=`` or a ``'dropout'``
         rng stream).
       precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: as in Flax.
+      kv_kernel_init: initializer of the ``key``/``value`` kernels (default ``kernel_init``).
       rel_pos_emb_init: initializer of ``rel_pos_emb``.
       decode: autoregressive decoding with ``mutable=['cache']``: a call with several tokens
         prefills a new sequence (its prompt); each call with one token continues it.
@@ -56,6 +61,7 @@ class MultiHeadLocalAttention(nn.Module):
     """
 
     num_heads: int
+    num_kv_heads: int | None = None
     window_size_left: int = 128
     window_size_right: int = 128
     use_rel_pos_emb: bool = False
@@ -69,6 +75,7 @@ class MultiHeadLocalAttention(nn.Module):
     precision: lax.PrecisionLike = None
     kernel_init: Initializer = nn.linear.default_kernel_init
     out_kernel_init: Initializer | None = None
+    kv_kernel_init: Initializer | None = None
     bias_init: Initializer = zeros_init()
     out_bias_init: Initializer | None = None
     use_bias: bool = True
@@ -119,15 +126,20 @@ class MultiHeadLocalAttention(nn.Module):
         if qkv_features % self.num_heads:
             raise ValueError(
                 f"qkv_features={qkv_features} must be divisible by num_heads={self.num_heads}")
+        kv_heads = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv_heads:
+            raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
         head_dim = qkv_features // self.num_heads
         dense = functools.partial(
-            nn.DenseGeneral, axis=-1, features=(self.num_heads, head_dim), dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=self.kernel_init, bias_init=self.bias_init,
-            use_bias=self.use_bias, precision=self.precision)
-        # (batch..., seq_len, heads, head_dim)
-        query = dense(name="query")(inputs_q)
-        key = dense(name="key")(inputs_k)
-        value = dense(name="value")(inputs_v)
+            nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+            bias_init=self.bias_init, use_bias=self.use_bias, precision=self.precision)
+        # (batch..., seq_len, heads, head_dim); key and value (..., kv_heads, head_dim)
+        query = dense(features=(self.num_heads, head_dim), kernel_init=self.kernel_init,
+                      name="query")(inputs_q)
+        key_value = functools.partial(dense, features=(kv_heads, head_dim),
+                                      kernel_init=self.kv_kernel_init or self.kernel_init)
+        key = key_value(name="key")(inputs_k)
+        value = key_value(name="value")(inputs_v)
         rel_pos_emb = None
         if self.use_rel_pos_emb:
             width = self.window_size_left + self.window_size_right + 1
@@ -186,7 +198,7 @@ class MultiHeadLocalAttention(nn.Module):
 
     def _cache(self, key: Array, value: Array) -> dict[str, nn.Variable]:
         """The rolling cache, created at ``init``: the last ``window_size_left + 1`` keys and
-        values ``(batch..., slots, heads, head_dim)``, which slots hold a (non-masked) token
+        values ``(batch..., slots, kv_heads, head_dim)``, which slots hold a (non-masked) token
         ``(batch..., slots)``, and the next position."""
         if self.window_size_right != 0:
             raise ValueError(
@@ -228,14 +240,16 @@ class MultiHeadLocalAttention(nn.Module):
         cache["cache_index"].value = jnp.array(length, jnp.int32)
 
     def _decode_step(self, cache, query, key, value, rel_pos_emb, mask) -> Array:
-        """One token: ``query/key/value (batch..., 1, heads, head_dim)`` -> same shape.
+        """One token: ``query (batch..., 1, heads, head_dim)``, ``key/value (batch..., 1,
+        kv_heads, head_dim)`` -> ``(batch..., 1, heads, head_dim)``.
 
         The token at position ``t`` is written to slot ``t % (window_size_left + 1)``, where it
         overwrites the key that has just left the window.
         """
         cached_key, cached_value = cache["cached_key"], cache["cached_value"]
         cached_mask, cache_index = cache["cached_mask"], cache["cache_index"]
-        *batch, slots, heads, head_dim = cached_key.value.shape
+        *batch, slots, kv_heads, head_dim = cached_key.value.shape
+        heads = query.shape[-2]
         if query.shape != (*batch, 1, heads, head_dim):
             raise ValueError(
                 f"decode=True continues a sequence one token at a time: expected inputs of "
@@ -257,19 +271,22 @@ class MultiHeadLocalAttention(nn.Module):
         # written are still masked out.
         age = (position - jnp.arange(slots)) % slots
         visible = cached_mask.value[..., None, :]  # (batch..., 1, slots)
-        q = query[..., 0, :, :] * head_dim ** -0.5  # (batch..., heads, head_dim)
-        scores = jnp.einsum("...hd,...shd->...hs", q, cached_key.value,
+        # Query heads grouped by their key/value head: (batch..., kv_heads, groups, head_dim).
+        q = query[..., 0, :, :].reshape(*batch, kv_heads, heads // kv_heads, head_dim)
+        q = q * head_dim ** -0.5
+        scores = jnp.einsum("...kgd,...skd->...kgs", q, cached_key.value,
                             precision=self.precision, preferred_element_type=jnp.float32)
         if rel_pos_emb is not None:
             # Key position - query position + window_size_left = window_size_left - age.
             rel = rel_pos_emb[:, self.window_size_left - age]  # (heads, slots, head_dim)
-            scores = scores + jnp.einsum("...hd,hsd->...hs", q, rel, precision=self.precision,
+            rel = rel.reshape(kv_heads, heads // kv_heads, slots, head_dim)
+            scores = scores + jnp.einsum("...kgd,kgsd->...kgs", q, rel, precision=self.precision,
                                          preferred_element_type=jnp.float32)
-        (exps,), total, _ = masked_softmax_parts([scores], [visible])
-        out = jnp.einsum("...hs,...shd->...hd", exps.astype(value.dtype), cached_value.value,
+        (exps,), total, _ = masked_softmax_parts([scores], [visible[..., None, :, :]])
+        out = jnp.einsum("...kgs,...skd->...kgd", exps.astype(value.dtype), cached_value.value,
                          precision=self.precision, preferred_element_type=jnp.float32)
         out = out / jnp.where(total > 0, total, 1.0)[..., None]
-        return out[..., None, :, :].astype(query.dtype)
+        return out.reshape(*batch, 1, heads, head_dim).astype(query.dtype)
 
 
 def apply_rotary(x: Array, positions: Array, base: float) -> Array:

@@ -1,19 +1,21 @@
 """Autoregressive generation with the rolling attention caches.
 
-The prompt is prefilled in one call (each attention layer runs the blocked kernel over it and
-keeps its last ``window_size + 1`` keys and values); then a ``lax.while_loop`` samples one
-token per step. The step compiles once, and memory does not grow with the generated length.
+The prompt is prefilled in one call (each local attention layer runs the blocked kernel over it
+and keeps its last ``window_size + 1`` keys and values; a global layer keeps room for all of
+the prompt and the new tokens); then a ``lax.while_loop`` samples one token per step. The step
+compiles once, and without global layers memory does not grow with the generated length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from model.transformer import TransformerConfig, TransformerLM
+from model.transformer import TransformerConfig, TransformerLM, unstack_layers
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int = 0,
@@ -70,7 +72,12 @@ def generate(params, prompt: jax.Array, key: jax.Array, *, config: TransformerCo
     if max_new_tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and a prompt "
                          f"of shape (batch, prompt_len >= 1) (got {prompt.shape})")
-    decoder = TransformerLM(config, decode=True)
+    if config.scan_layers and config.global_layer_indices:
+        # Global and local layers keep caches of different sizes: no scan over them.
+        params = unstack_layers(params, config)
+        config = dataclasses.replace(config, scan_layers=False)
+    decoder = TransformerLM(config, decode=True,
+                            decode_length=prompt.shape[1] + max_new_tokens)
     batch = prompt.shape[0]
     cache_shapes = jax.eval_shape(decoder.init, jax.random.key(0), prompt[:, :1])["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)

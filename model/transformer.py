@@ -2,9 +2,10 @@
 
 Every attention layer is a causal `MultiHeadLocalAttention` (``window_size_left =
 window_size``, ``window_size_right = 0``), so a layer's cost is linear in the context and the
-model's receptive field is ``num_layers * window_size`` tokens. Parameters carry logical axis
-names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ``layers``) that the training code maps
-to mesh axes by rules in the config (MaxText's scheme).
+model's receptive field is ``num_layers * window_size`` tokens, except the ``global_layers``,
+whose window is the whole sequence (Gemma's mix of local and global layers). Parameters carry
+logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``kv``, ``mlp``, ``layers``)
+that the training code maps to mesh axes by rules in the config (MaxText's scheme).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ml_collections
 import optax
 
 from model.attention import resolve_implementation
+from model.context_parallel import sequence_shards
 from model.modules import MultiHeadLocalAttention
 
 POSITION_EMBEDDINGS = ("rope", "relative", "none")
@@ -41,9 +43,15 @@ class TransformerConfig:
     num_layers: int = 4
     d_model: int = 256
     num_heads: int = 4
+    # Key/value heads, shared by groups of query heads (grouped-query attention; 1: multi-query;
+    # None: num_heads). It must divide num_heads.
+    num_kv_heads: int | None = None
     head_dim: int | None = None  # default d_model // num_heads
     mlp_dim: int = 1024
     window_size: int = 256
+    # Layers that attend to the whole causal context: an int k, every k-th layer (k - 1,
+    # 2k - 1, ...; 0: none), or a tuple of layer indices.
+    global_layers: int | tuple[int, ...] = 0
     position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
     rope_base: float = 10_000.0
     activation: str = "swiglu"  # one of ACTIVATIONS
@@ -81,6 +89,8 @@ class TransformerConfig:
                              f"{sorted(known)}")
         if "vocab_size" not in values:
             raise ValueError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
+        if isinstance(values.get("global_layers"), list):  # a JSON round trip gives lists
+            values["global_layers"] = tuple(values["global_layers"])
         built = cls(**values)
         built.validate()
         return built
@@ -88,6 +98,18 @@ class TransformerConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def resolved_num_kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def global_layer_indices(self) -> tuple[int, ...]:
+        """The indices of the global layers, ascending."""
+        if isinstance(self.global_layers, numbers.Integral):
+            every = int(self.global_layers)
+            return tuple(range(every - 1, self.num_layers, every)) if every else ()
+        return tuple(sorted(self.global_layers))
 
     @property
     def compute_dtype(self) -> Any:
@@ -116,6 +138,27 @@ class TransformerConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"model.{name}={value!r}: expected an int >= 0")
+        if self.num_kv_heads is not None and (not is_int(self.num_kv_heads)
+                                              or self.num_kv_heads < 1
+                                              or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads!r}: expected None or a "
+                             f"positive divisor of model.num_heads={self.num_heads}")
+        layers = self.global_layers
+        if is_int(layers):
+            if not 0 <= layers <= self.num_layers:
+                raise ValueError(f"model.global_layers={layers!r}: expected an int k in 0.."
+                                 f"{self.num_layers} (every k-th layer; 0: none) or a tuple of "
+                                 f"layer indices")
+        elif not (isinstance(layers, tuple) and all(is_int(i) and 0 <= i < self.num_layers
+                                                    for i in layers)
+                  and len(set(layers)) == len(layers)):
+            raise ValueError(f"model.global_layers={layers!r}: expected an int k (every k-th "
+                             f"layer; 0: none) or a tuple of distinct layer indices in "
+                             f"0..{self.num_layers - 1}")
+        if self.global_layer_indices and self.position_embedding == "relative":
+            raise ValueError("model.global_layers needs model.position_embedding 'rope' or "
+                             "'none': relative position embeddings are learned per window "
+                             "offset, and a global layer's window is the whole sequence")
         if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
             raise ValueError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -199,19 +242,41 @@ class Mlp(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
+
+    ``global_layer`` (static) makes the attention window the whole sequence: ``seq_len - 1``
+    keys back, or when decoding ``decode_length - 1`` (its cache holds every position). The
+    parameters are the same as a local layer's.
+    """
 
     config: TransformerConfig
     decode: bool = False
+    decode_length: int = 0  # the longest sequence a decode cache serves (global layers)
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions, deterministic: bool):
+    def __call__(self, x, segment_ids, positions, deterministic: bool, global_layer: bool = False):
         config = self.config
         head_dim = config.resolved_head_dim
+        window = config.window_size
+        if global_layer and self.decode:
+            if self.decode_length < 1:
+                raise ValueError("decoding a model with global layers needs decode_length: the "
+                                 "longest sequence (prompt + new tokens) its caches hold")
+            window = self.decode_length - 1
+        elif global_layer:
+            if sequence_shards() > 1:
+                raise ValueError(
+                    f"model.global_layers={config.global_layers!r} with mesh.context="
+                    f"{sequence_shards()}: a global layer attends the whole sequence, and "
+                    f"context parallelism exchanges only window_size halos; set mesh.context=1 "
+                    f"or model.global_layers=0")
+            window = max(x.shape[-2] - 1, 0)
+        kv_heads_name = "kv_heads" if config.resolved_num_kv_heads < config.num_heads else "heads"
         attention = MultiHeadLocalAttention(
             num_heads=config.num_heads,
+            num_kv_heads=config.resolved_num_kv_heads,
             qkv_features=config.num_heads * head_dim,
-            window_size_left=config.window_size,
+            window_size_left=window,
             window_size_right=0,
             use_rel_pos_emb=config.position_embedding == "relative",
             rotary_base=config.rope_base if config.position_embedding == "rope" else None,
@@ -220,6 +285,7 @@ class DecoderBlock(nn.Module):
             deterministic=deterministic,
             use_bias=False,
             kernel_init=_init(_DENSE_INIT, "embed", "heads", "kv"),
+            kv_kernel_init=_init(_DENSE_INIT, "embed", kv_heads_name, "kv"),
             out_kernel_init=_init(_DENSE_INIT, "heads", "kv", "embed"),
             rel_pos_emb_init=_init(nn.initializers.normal(stddev=0.02), "heads", None, "kv"),
             decode=self.decode,
@@ -261,11 +327,22 @@ def from_sequence_chunks(chunks: jax.Array, length: int) -> jax.Array:
 
 
 class _ScannedBlock(DecoderBlock):
-    """`DecoderBlock` with the ``(carry, _) -> (carry, None)`` signature of ``nn.scan``."""
+    """`DecoderBlock` with the ``(carry, is_global) -> (carry, None)`` signature of
+    ``nn.scan``: ``is_global`` (scanned, a bool per layer) picks the global or the local window
+    by ``nn.cond`` where the model has both (their parameters are alike, so one stack holds
+    them)."""
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions, deterministic: bool):  # type: ignore[override]
-        return super().__call__(x, segment_ids, positions, deterministic), None
+    def __call__(self, x, segment_ids, positions, deterministic: bool,  # type: ignore[override]
+                 is_global=False):
+        def block(module, global_layer):
+            return DecoderBlock.__call__(module, x, segment_ids, positions, deterministic,
+                                         global_layer)
+
+        if not self.config.global_layer_indices:
+            return block(self, False), None
+        return nn.cond(is_global, functools.partial(block, global_layer=True),
+                       functools.partial(block, global_layer=False), self), None
 
 
 class _OutputKernel(nn.Module):
@@ -321,11 +398,15 @@ class TransformerLM(nn.Module):
     ``segment_ids`` and ``positions`` (both ``(batch, seq_len)`` int) describe packed documents:
     attention never crosses a segment boundary and positions restart per document. With
     ``decode=True`` the attention layers keep rolling caches (``mutable=['cache']``): the first
-    call after ``init`` may hold a whole prompt, each later call one token.
+    call after ``init`` may hold a whole prompt, each later call one token; global layers
+    keep every position of a sequence of up to ``decode_length`` tokens, local layers the last
+    ``window_size + 1`` (a model with global layers and ``scan_layers`` decodes with its layers
+    unstacked, `unstack_layers`, as `model.sampling.generate` does).
     """
 
     config: TransformerConfig
     decode: bool = False
+    decode_length: int = 0  # decoding with global layers: the longest sequence (prompt + new)
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, deterministic: bool = True,
@@ -338,6 +419,11 @@ class TransformerLM(nn.Module):
         x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 
         # deterministic is a Python bool: static for remat and broadcast by scan.
+        global_layers = config.global_layer_indices
+        if config.scan_layers and self.decode and global_layers:
+            raise ValueError("decoding with model.global_layers and model.scan_layers needs the "
+                             "layers unstacked (model.transformer.unstack_layers, as generate "
+                             "does): global and local layers hold caches of different sizes")
         if config.scan_layers and config.remat and not self.decode and not self.is_initializing():
             dropout = not deterministic and (config.dropout_rate or config.attention_dropout_rate)
             x = _layer_stack(config, deterministic, nn.unbox(self.variables["params"]["layers"]),
@@ -349,14 +435,19 @@ class TransformerLM(nn.Module):
                 block = nn.remat(block, prevent_cse=False, static_argnums=(4,))
             x, _ = nn.scan(
                 block, variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-            )(config, decode=self.decode, name="layers")(x, segment_ids, positions, deterministic)
+            )(config, decode=self.decode, name="layers")(
+                x, segment_ids, positions, deterministic, _is_global(config))
         else:
-            block = nn.remat(DecoderBlock, static_argnums=(4,)) if config.remat else DecoderBlock
+            block = DecoderBlock
+            if config.remat:
+                block = nn.remat(DecoderBlock, static_argnums=(4, 5))
             for layer in range(config.num_layers):
-                x = block(config, decode=self.decode, name=f"layer_{layer}")(
-                    x, segment_ids, positions, deterministic)
+                x = block(config, decode=self.decode, decode_length=self.decode_length,
+                          name=f"layer_{layer}")(x, segment_ids, positions, deterministic,
+                                                 layer in global_layers)
 
         x = _norm(config, "final_norm")(x)
         if config.tie_embeddings:
@@ -368,12 +459,28 @@ class TransformerLM(nn.Module):
         return _logits(x, kernel)
 
 
-def _layer_chunks(config: TransformerConfig, length: int) -> tuple[int, int, int]:
+def _is_global(config: TransformerConfig) -> jax.Array:
+    """``(num_layers,)`` bool: which layers are global."""
+    return jnp.isin(jnp.arange(config.num_layers), jnp.array(config.global_layer_indices, int))
+
+
+def unstack_layers(params, config: TransformerConfig):
+    """The parameters of a ``scan_layers`` model (``layers``: each leaf ``(num_layers, ...)``)
+    as those of the same model unscanned (``layer_0``, ``layer_1``, ...); others unchanged."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    return params | {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                     for i in range(config.num_layers)}
+
+
+def _layer_chunks(config: TransformerConfig, length: int,
+                  global_layer: bool = False) -> tuple[int, int, int]:
     """``(num_chunks, chunk, span)``: a layer over ``length`` tokens runs as ``num_chunks``
     chunks of ``chunk`` outputs, each computed from ``span`` tokens (the chunk and the
-    ``window_size`` tokens its attention reaches back to)."""
+    ``window_size`` tokens its attention reaches back to). A global layer reaches back to the
+    start: it runs whole."""
     chunk = config.layer_chunk_size
-    if not chunk or chunk >= length:
+    if not chunk or chunk >= length or global_layer:
         return 1, length, length
     if length % chunk:
         raise ValueError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
@@ -381,8 +488,21 @@ def _layer_chunks(config: TransformerConfig, length: int) -> tuple[int, int, int
     return length // chunk, chunk, min(length, chunk + config.window_size)
 
 
+def _layer(config: TransformerConfig, deterministic: bool, layer_params, layer, x, segment_ids,
+           positions, dropout_key, d_out=None):
+    """`_layer_in_chunks` for layer ``layer`` (traced), global or local as the config says
+    (a ``lax.cond`` where the model has both)."""
+    def run(global_layer: bool):
+        return _layer_in_chunks(config, deterministic, layer_params, layer, x, segment_ids,
+                                positions, dropout_key, d_out, global_layer)
+
+    if not config.global_layer_indices:
+        return run(False)
+    return jax.lax.cond(_is_global(config)[layer], lambda: run(True), lambda: run(False))
+
+
 def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_params, layer, x,
-                     segment_ids, positions, dropout_key, d_out=None):
+                     segment_ids, positions, dropout_key, d_out=None, global_layer=False):
     """One `DecoderBlock` on ``x (batch, seq_len, d_model)``, chunk by chunk (`_layer_chunks`).
 
     The block is causal with a window of ``window_size`` tokens and otherwise position-wise,
@@ -391,7 +511,7 @@ def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_param
     pass at a time (``d_x`` summed in float32 where spans overlap).
     """
     batch, length, _ = x.shape
-    num_chunks, chunk, span = _layer_chunks(config, length)
+    num_chunks, chunk, span = _layer_chunks(config, length, global_layer)
     if positions is None:  # a chunk's rotary positions are its place in the sequence
         positions = jnp.arange(length)[None]
 
@@ -401,7 +521,7 @@ def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_param
         key = None if dropout_key is None else jax.random.fold_in(
             jax.random.fold_in(dropout_key, layer), index)
         block = lambda p, x: DecoderBlock(config).apply(  # noqa: E731
-            {"params": p}, x, rows(segment_ids), rows(positions), deterministic,
+            {"params": p}, x, rows(segment_ids), rows(positions), deterministic, global_layer,
             rngs=None if key is None else {"dropout": key})
         return start, index * chunk - start, rows(x), block
 
@@ -436,8 +556,8 @@ def _bits_dtype(dtype) -> Any:
 def _layer_stack_forward(config, deterministic, params, x, segment_ids, positions, dropout_key):
     def layer(x, inputs):
         index, layer_params = inputs
-        out = _layer_in_chunks(config, deterministic, layer_params, index, x, segment_ids,
-                               positions, dropout_key)
+        out = _layer(config, deterministic, layer_params, index, x, segment_ids, positions,
+                     dropout_key)
         return out, jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
 
     return jax.lax.scan(layer, x, (jnp.arange(config.num_layers), params))
@@ -469,8 +589,8 @@ def _layer_stack_bwd(config, deterministic, residuals, d_out):
     def layer(d_x, inputs):
         index, layer_params, x_bits = inputs
         x = jax.lax.bitcast_convert_type(x_bits, d_out.dtype)
-        d_params, d_x = _layer_in_chunks(config, deterministic, layer_params, index, x,
-                                         segment_ids, positions, dropout_key, d_out=d_x)
+        d_params, d_x = _layer(config, deterministic, layer_params, index, x, segment_ids,
+                               positions, dropout_key, d_out=d_x)
         return d_x, d_params
 
     d_x, d_params = jax.lax.scan(layer, d_out, (jnp.arange(config.num_layers), params,
@@ -489,15 +609,19 @@ def count_parameters(params) -> int:
 def training_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     """Forward+backward FLOPs per token: 6 per matmul weight, plus windowed attention.
 
-    Each token's query scores and mixes at most ``min(window_size + 1, seq_len)`` keys:
-    2 matmuls of ``2 * heads * head_dim`` FLOPs per key forward, ×3 with the backward. The
-    embedding lookup costs nothing; a tied embedding still counts once, as the output matmul.
+    Each token's query scores and mixes at most ``min(window_size + 1, seq_len)`` keys in a
+    local layer and ``(seq_len + 1) / 2`` on average in a global (causal) one: 2 matmuls of
+    ``2 * heads * head_dim`` FLOPs per key forward, ×3 with the backward. The embedding lookup
+    costs nothing; a tied embedding still counts once, as the output matmul.
     """
     head_dim = config.resolved_head_dim
     attention_width = config.num_heads * head_dim
-    per_layer = 4 * config.d_model * attention_width  # q, k, v, out projections
+    kv_width = config.resolved_num_kv_heads * head_dim
+    per_layer = 2 * config.d_model * (attention_width + kv_width)  # q, out; k, v projections
     per_layer += (3 if config.activation == "swiglu" else 2) * config.d_model * config.mlp_dim
     matmul_weights = config.num_layers * per_layer + config.d_model * config.vocab_size
-    keys_seen = min(config.window_size + 1, seq_len)
-    attention = config.num_layers * 3 * 2 * 2 * attention_width * keys_seen
+    num_global = len(config.global_layer_indices)
+    keys_seen = ((config.num_layers - num_global) * min(config.window_size + 1, seq_len)
+                 + num_global * (seq_len + 1) / 2)
+    attention = 3 * 2 * 2 * attention_width * keys_seen
     return 6.0 * matmul_weights + attention

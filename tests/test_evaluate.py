@@ -125,3 +125,30 @@ def test_generate_cli_is_seeded(run):
     bad = script("generate.py", f"--workdir={workdir}", "--top_p=0")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: top_p=0")
+
+
+def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
+    """The JSON's loss by distance band adds up to the loss and the tokens; --probe=passkey
+    prints a table and writes accuracies per distance and a PNG."""
+    _, workdir = run
+    output, plot = tmp_path / "eval.json", tmp_path / "passkey.png"
+    done = script("evaluate.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
+                  "--probe=passkey", "--probe_trials=3", "--probe_distances=4,40",
+                  f"--probe_plot={plot}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = json.loads(output.read_text())
+    bands = written["loss_by_distance_band"]
+    assert [b["band"] for b in bands] == ["0-W", "W-LW", ">LW"]
+    assert [(b["start"], b["end"]) for b in bands] == [(0, 16), (16, 32), (32, None)]
+    assert sum(b["tokens"] for b in bands) == written["num_tokens"]
+    assert sum(b["loss"] * b["tokens"] for b in bands) / written["num_tokens"] == \
+        pytest.approx(written["loss"], rel=1e-5)
+    assert [r["distance"] for r in written["passkey"]] == [4, 40]
+    assert all(r["trials"] == 3 and r["accuracy"] in (0, 1 / 3, 2 / 3, 1)
+               and r["chance"] == 1 / 8 for r in written["passkey"])
+    assert "distance  accuracy  chance" in done.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = script("evaluate.py", f"--workdir={workdir}", "--probe=passkey",
+                  "--probe_distances=4,x")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --probe_distances=4,x")

@@ -188,9 +188,11 @@ def test_bad_arguments_raise_one_line_value_errors(bad, message):
 
 
 def test_mismatched_shapes_raise():
-    q, k, _ = _qkv((2, 3, 10, 8))
-    with pytest.raises(ValueError, match="same shape"):
-        local_attention(q, k[..., :9, :], k[..., :9, :])
+    q, k, _ = _qkv((2, 4, 10, 8))
+    for bad in (k[..., :9, :], k[:, :3], k[:1]):  # length, kv heads not dividing, batch
+        with pytest.raises(ValueError, match="kv_heads dividing heads") as error:
+            local_attention(q, bad, bad)
+        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("with_masks", [False, True])
@@ -359,3 +361,65 @@ def test_cudnn_packed_documents_match_the_blocked_kernel_on_gpu():
                                 segment_ids=segment_ids, max_segments=8)
     assert resolve_implementation("auto", jnp.bfloat16, has_segment_ids=True,
                                   max_segments=8) == "cudnn"
+
+
+@pytest.mark.parametrize("implementation", ["xla", "dense", "splash"])
+@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query (2 groups of 2), multi-query
+def test_grouped_key_value_heads_equal_the_reference_with_repeated_keys(implementation, kv_heads):
+    """Fewer key/value heads than query heads: the same output and gradients as the dense
+    reference given k and v repeated per query head (the gradients of the repeats summed)."""
+    heads, n, left = 4, 40 if implementation != "splash" else 130, 9
+    q = _qkv((2, heads, n, 16), seed=5)[0]
+    k, v = _qkv((2, kv_heads, n, 16), seed=6)[1:]
+    keys = jax.random.split(jax.random.key(7), 3)
+    segment_ids = jnp.cumsum(jax.random.bernoulli(keys[1], 0.05, (2, 1, n)), axis=-1)
+    kwargs = dict(segment_ids=segment_ids)
+    if implementation == "xla":  # every feature: a key mask and relative positions too
+        kwargs["mask"] = jax.random.bernoulli(keys[0], 0.8, (2, 1, n))
+        kwargs["rel_pos_emb"] = jax.random.normal(keys[2], (heads, left + 1, 16))
+    repeat = lambda x: jnp.repeat(x, heads // kv_heads, axis=1)  # noqa: E731
+
+    def ours(q, k, v):
+        return local_attention(q, k, v, window_size_left=left, window_size_right=0,
+                               implementation=implementation, **kwargs)
+
+    def reference(q, k, v):
+        return dense_local_attention(q, repeat(k), repeat(v), left, 0, **kwargs)
+
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5, rtol=2e-5)
+    cotangent = jax.random.normal(jax.random.key(8), q.shape)
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2)))(
+        q, k, v) for f in (ours, reference)]
+    for ours_grad, their_grad in zip(*grads):
+        assert ours_grad.shape == their_grad.shape
+        np.testing.assert_allclose(ours_grad, their_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_a_window_over_the_whole_sequence_is_causal_attention():
+    """What a global layer runs: the blocked kernel with a window as long as the sequence
+    equals jax's causal attention (forward and gradients), with grouped key/value heads."""
+    q = _qkv((1, 4, 300, 8), seed=9)[0]
+    k, v = _qkv((1, 2, 300, 8), seed=10)[1:]
+
+    def ours(q, k, v):
+        return local_attention(q, k, v, window_size_left=300, window_size_right=0)
+
+    def causal(q, k, v):
+        swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
+
+    np.testing.assert_allclose(ours(q, k, v), causal(q, k, v), atol=2e-5, rtol=2e-5)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+             for f in (ours, causal)]
+    for ours_grad, their_grad in zip(*grads):
+        np.testing.assert_allclose(ours_grad, their_grad, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("left", [64, 1023])  # a window, and one over the whole sequence
+def test_cudnn_grouped_key_value_heads_match_the_blocked_kernel_on_gpu(left):
+    q = _qkv((2, 8, 1024, 64), jnp.bfloat16, seed=11)[0]
+    k, v = _qkv((2, 2, 1024, 64), jnp.bfloat16, seed=12)[1:]
+    run = lambda name: local_attention(q, k, v, window_size_left=left, window_size_right=0,  # noqa: E731
+                                       implementation=name).astype(jnp.float32)
+    np.testing.assert_allclose(run("cudnn"), run("xla"), atol=2e-2, rtol=2e-2)

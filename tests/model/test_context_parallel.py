@@ -178,3 +178,29 @@ def test_no_device_holds_the_whole_sequence():
     dimensions = {int(d) for shape in re.findall(r"\[([\d,]+)\]", hlo)
                   for d in shape.split(",") if d}
     assert 24 in dimensions and 96 not in dimensions  # blocks of 24, never the whole 96
+
+
+@pytest.mark.parametrize("mesh_shape, kv_heads", [
+    (dict(context=2, tensor=2), 2),  # query and key/value heads split alike over tensor
+    (dict(context=4, tensor=2), 1),  # one key/value head: heads stay whole on each device
+])
+def test_grouped_key_value_heads_equal_repeated_heads(mesh_shape, kv_heads):
+    q, _, _, cotangent, key_mask, segment_ids = _attention_inputs(heads=4, seed=3)
+    _, k, v, _, _, _ = _attention_inputs(heads=kv_heads, seed=4)
+    repeat = lambda x: jnp.repeat(x, 4 // kv_heads, axis=1)  # noqa: E731
+
+    def loss(q, k, v):
+        out = context_parallel_attention(q, k, v, mask=key_mask, segment_ids=segment_ids,
+                                         window_size_left=12, window_size_right=0)
+        return (out * cotangent).sum(), out
+
+    def reference(q, k, v):
+        out = _dot_product_attention(q, repeat(k), repeat(v), key_mask, segment_ids, 12, 0)
+        return (out * cotangent).sum(), out
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    (_, out), grads = _in_mesh(_mesh(**mesh_shape), grad(loss), q, k, v)
+    (_, expected), expected_grads = grad(reference)(q, k, v)
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)

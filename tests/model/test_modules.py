@@ -136,3 +136,36 @@ def test_rotary_embedding_rotates_pairs_and_keeps_relative_scores():
 def test_heads_must_divide_features():
     with pytest.raises(ValueError, match="divisible by num_heads=3"):
         LocalSelfAttention(num_heads=3).init(jax.random.key(0), _inputs((1, 4, 8)))
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+def test_grouped_key_value_heads_equal_repeated_heads_and_decode(num_kv_heads):
+    """num_kv_heads < num_heads: the same function as all heads with the key/value kernels
+    repeated per group; the decode cache holds only the key/value heads and decoding step by
+    step equals the full forward."""
+    window, steps, heads = 5, 19, 4
+    x = _inputs((2, steps, 16))
+    grouped = MultiHeadLocalAttention(num_heads=heads, num_kv_heads=num_kv_heads,
+                                      qkv_features=16, window_size_left=window,
+                                      window_size_right=0, rotary_base=10_000.0)
+    params = grouped.init(jax.random.key(1), x)["params"]
+    assert params["key"]["kernel"].shape == (16, num_kv_heads, 4)
+    repeated = jax.tree.map(lambda p: p, params)
+    for name in ("key", "value"):
+        repeated[name] = {k: jnp.repeat(v, heads // num_kv_heads, axis=1 if k == "kernel" else 0)
+                          for k, v in params[name].items()}
+    full = grouped.apply({"params": params}, x)
+    np.testing.assert_allclose(full, grouped.clone(num_kv_heads=None).apply(
+        {"params": repeated}, x), atol=2e-5, rtol=2e-5)
+
+    decoder = grouped.clone(decode=True)
+    cache = decoder.init(jax.random.key(1), x[:, :1])["cache"]
+    assert cache["cached_key"].shape == (2, window + 1, num_kv_heads, 4)
+    step = jax.jit(lambda cache, x: decoder.apply({"params": params, "cache": cache}, x,
+                                                  mutable=["cache"]))
+    out, updated = step(cache, x[:, :3])
+    outputs = [out]
+    for t in range(3, steps):
+        out, updated = step(updated["cache"], x[:, t:t + 1])
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)

@@ -1,12 +1,14 @@
 """Generation: decode caches against full forwards, greedy against argmax, sampling filters."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model.sampling import generate, sample_logits
-from model.transformer import TransformerConfig, TransformerLM
+from model.transformer import TransformerConfig, TransformerLM, unstack_layers
 
 VOCAB = 64
 WINDOW = 4
@@ -110,3 +112,35 @@ def test_bad_sampling_arguments_raise_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(params, tokens, jax.random.key(0), config=config,
                  **(dict(max_new_tokens=3) | kwargs))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_with_global_layers_and_grouped_heads_equals_the_full_forward(scan_layers):
+    """Local layers (rolling caches) and global layers (a cache of every position) together,
+    with 2 key/value heads for 4 query heads: generation's logits equal the full forward's
+    far past the local layers' reach, greedy tokens equal argmax of repeated forwards."""
+    config = _config(num_layers=3, num_heads=4, num_kv_heads=2, global_layers=(1,),
+                     scan_layers=scan_layers)
+    prompt_len, total = 2 * WINDOW + 3, 7 * WINDOW
+    tokens, params = _setup(config, length=total)
+    full = jax.jit(lambda t: TransformerLM(config).apply({"params": params}, t))
+    generated, _ = generate(params, tokens[:, :prompt_len], jax.random.key(0), config=config,
+                            max_new_tokens=total - prompt_len, temperature=0.0)
+    sequence = jnp.concatenate([tokens[:, :prompt_len], generated], axis=1)
+    np.testing.assert_array_equal(generated, jnp.argmax(full(sequence), -1)[:, prompt_len - 1:-1])
+
+    unscanned = dataclasses.replace(config, scan_layers=False)
+    layer_params = unstack_layers(params, config) if scan_layers else params
+    decoder = TransformerLM(unscanned, decode=True, decode_length=total)
+    cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
+    assert cache["layer_1"]["attention"]["cached_key"].shape == (2, total, 2, 8)  # global
+    assert cache["layer_0"]["attention"]["cached_key"].shape == (2, WINDOW + 1, 2, 8)
+    step = jax.jit(lambda cache, t: decoder.apply({"params": layer_params, "cache": cache}, t,
+                                                  mutable=["cache"]))
+    logits, updated = step(cache, tokens[:, :prompt_len])
+    decoded = [logits]
+    for t in range(prompt_len, total):
+        logits, updated = step(updated["cache"], tokens[:, t:t + 1])
+        decoded.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full(tokens), atol=1e-4,
+                               rtol=1e-4)

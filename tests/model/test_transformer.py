@@ -1,5 +1,6 @@
 """The causal LM: shapes, causality, receptive field, packing, layer variants, FLOP estimate."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.transformer import (TransformerConfig, TransformerLM, count_parameters,
-                               training_flops_per_token)
+                               training_flops_per_token, unstack_layers)
 
 VOCAB = 300
 
@@ -230,6 +231,10 @@ def test_parameter_count_and_flops_estimate_match_xla():
     ("dropout_rate", "0.1", "model.dropout_rate='0.1': expected a number"),
     ("attention_implementation", "flash", "model.attention_implementation='flash'"),
     ("rope_base", 1.0, "model.rope_base=1.0"),
+    ("num_kv_heads", 3, "model.num_kv_heads=3: expected None or a positive divisor"),
+    ("global_layers", 5, "model.global_layers=5: expected an int k in 0..2"),
+    ("global_layers", (0, 0), "model.global_layers=(0, 0): expected an int k"),
+    ("global_layers", (2,), "model.global_layers=(2,): expected an int k"),
 ])
 def test_bad_config_values_raise_one_line_errors(field, value, message):
     with pytest.raises(ValueError) as error:
@@ -242,3 +247,50 @@ def test_missing_vocab_size_and_unsupported_combinations():
         TransformerConfig.from_config(dict(num_layers=2))
     with pytest.raises(ValueError, match="supports neither relative positions"):
         _config(attention_implementation="dense", position_embedding="relative")
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(scan_layers=True, remat=True, layer_chunk_size=16),  # local layers chunked, global whole
+])
+def test_global_layers_equal_dense_causal_attention_and_see_the_whole_context(overrides):
+    """Layers 1 and 3 of 4 global (every 2nd), 2 key/value heads: the model equals the same
+    parameters with jax's dense attention (a global layer: causal over the sequence), losses
+    and gradients; the first token changes the last logits, far beyond layers × window."""
+    config = _config(num_layers=4, window_size=3, num_kv_heads=2, global_layers=2, **overrides)
+    assert config.global_layer_indices == (1, 3)
+    dense = dataclasses.replace(config, attention_implementation="dense", scan_layers=False,
+                                remat=False, layer_chunk_size=0)
+    tokens = _tokens(batch=2, length=64)
+    params = nn.unbox(_init(config, tokens))
+    dense_params = unstack_layers(params, config) if config.scan_layers else params
+
+    def loss(config, params):
+        return TransformerLM(config).apply({"params": params}, tokens, targets=tokens).mean()
+
+    value, grads = jax.value_and_grad(loss, argnums=1)(config, params)
+    dense_value, dense_grads = jax.value_and_grad(loss, argnums=1)(dense, dense_params)
+    assert value == pytest.approx(float(dense_value), rel=1e-5)
+    if config.scan_layers:
+        dense_grads = _stacked(dense_grads, config.num_layers)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+
+    logits = jax.jit(lambda t: TransformerLM(config).apply({"params": params}, t))
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % VOCAB)
+    assert np.abs(logits(changed)[:, -1] - logits(tokens)[:, -1]).max() > 1e-4
+    local = dataclasses.replace(config, global_layers=0)
+    local_logits = jax.jit(lambda t: TransformerLM(local).apply({"params": params}, t))
+    np.testing.assert_array_equal(local_logits(changed)[:, -1], local_logits(tokens)[:, -1])
+
+
+def test_flops_count_global_layers_and_fewer_key_value_heads():
+    base = _config(num_layers=4, d_model=128, num_heads=4, mlp_dim=256, window_size=63)
+    grouped = dataclasses.replace(base, num_kv_heads=1)
+    # The k and v projections shrink by 4: 2 * 128 * (128 - 32) weights, 6 FLOPs each.
+    assert training_flops_per_token(base, 1024) - training_flops_per_token(grouped, 1024) == \
+        6 * 4 * 2 * 128 * 96
+    with_global = dataclasses.replace(base, global_layers=(3,))
+    # One layer's keys go from window + 1 = 64 to (1024 + 1) / 2 on average.
+    assert training_flops_per_token(with_global, 1024) - training_flops_per_token(base, 1024) \
+        == pytest.approx(12 * 128 * (1025 / 2 - 64))

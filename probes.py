@@ -1,0 +1,124 @@
+"""Long-range probes of a trained model: how much it gains from distant tokens.
+
+* `loss_by_distance_band`: the loss of the tokens that have 0–W, W–L·W and more than L·W
+  tokens of context before them (W = window_size, L = num_layers): a model of local layers
+  reaches at most L·W tokens back, so its loss beyond that band can only match, never beat,
+  the middle band's; global layers can.
+* `passkey_accuracy`: a random five-digit key planted in validation text at a chosen distance
+  before the question that asks for it (``the pass key is 48213. remember it. `` ... filler
+  ... `` what is the pass key? the pass key is ``). The model ranks the true key against
+  ``candidates - 1`` random others by the log-likelihood of their digits (robust for small
+  byte-level models, which rarely generate the exact digits greedily); accuracy is how often
+  the true key ranks first, chance ``1 / candidates``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import TransformerConfig, TransformerLM
+
+_PLANTED = "the pass key is {key}. remember it. "
+_QUESTION = " what is the pass key? the pass key is "
+_KEY_DIGITS = 5
+
+
+def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.ndarray,
+                          window_size: int, num_layers: int) -> list[dict]:
+    """The loss of the targets at context positions ``[0, W)``, ``[W, L·W)`` and ``[L·W, ...)``.
+
+    Args: the per-position sums of `train.make_eval_step` (``(seq_len,)`` float), the model's
+    window and layer count. Returns one dict per band: ``band`` (a name), ``start``, ``end``
+    (positions; None: open), ``tokens`` and ``loss`` (mean nats per token; None without tokens).
+    The bands' tokens add up to all the tokens, their token-weighted losses to the mean loss.
+    """
+    reach = window_size * num_layers
+    edges = [(0, window_size, "0-W"), (window_size, reach, "W-LW"), (reach, None, ">LW")]
+    bands = []
+    for start, end, name in edges:
+        tokens = float(np.sum(tokens_by_position[start:end]))
+        loss = float(np.sum(loss_by_position[start:end])) / tokens if tokens else None
+        bands.append({"band": name, "start": start, "end": end, "tokens": tokens, "loss": loss})
+    return bands
+
+
+def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.ndarray,
+                     distances: list[int], trials: int = 16, candidates: int = 8,
+                     seed: int = 0) -> list[dict]:
+    """Accuracy of retrieving a planted key against its distance from the question.
+
+    Args:
+      params: the model's parameters; config: its `TransformerConfig`; tokenizer: the run's.
+      filler: int token ids of validation text (at least ``max(distances)`` long), cut at
+        random offsets between the planted key and the question.
+      distances: filler tokens between the planted sentence and the question.
+      trials, candidates: keys per distance; keys ranked per trial (the true one included).
+      seed: the keys and filler offsets follow from it.
+
+    Returns one dict per distance: ``distance``, ``accuracy``, ``chance``, ``trials``.
+    """
+    if trials < 1 or candidates < 2:
+        raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
+                         f"trial and >= 2 candidates")
+    longest = max(distances)
+    if longest > len(filler) or min(distances) < 0:
+        raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
+                         f"{len(filler)} (the validation text's length)")
+    model = TransformerLM(config)
+
+    @jax.jit
+    def digit_log_likelihoods(tokens):  # (rows, length) -> (rows,): the last digits' log p
+        losses = model.apply({"params": params}, tokens[:, :-1], targets=tokens[:, 1:])
+        return -losses[:, -_KEY_DIGITS:].sum(axis=1)
+
+    rng = np.random.default_rng(seed)
+    question = tokenizer.encode(_QUESTION)
+    rows = []
+    for distance in distances:
+        correct = 0
+        for _ in range(trials):
+            keys = rng.choice(10**_KEY_DIGITS - 10**(_KEY_DIGITS - 1), candidates,
+                              replace=False) + 10**(_KEY_DIGITS - 1)
+            start = rng.integers(0, len(filler) - distance + 1)
+            prefix = np.concatenate([tokenizer.encode(_PLANTED.format(key=keys[0])),
+                                     filler[start:start + distance], question])
+            batch = np.stack([np.concatenate([prefix, tokenizer.encode(str(key))])
+                              for key in keys]).astype(np.int32)
+            scores = np.asarray(digit_log_likelihoods(jnp.asarray(batch)))
+            correct += int(np.argmax(scores) == 0)
+        rows.append({"distance": int(distance), "accuracy": correct / trials,
+                     "chance": 1.0 / candidates, "trials": trials})
+    return rows
+
+
+def format_passkey_table(rows: list[dict]) -> str:
+    """The passkey results as a plain-text table."""
+    lines = ["distance  accuracy  chance"]
+    lines += [f"{r['distance']:>8}  {r['accuracy']:>8.2f}  {r['chance']:>6.3f}" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_passkey(rows: list[dict], path: str, reach: int, title: str) -> None:
+    """Accuracy against distance as a PNG, with chance and the local reach L·W marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+              label="accuracy")
+    axes.axhline(rows[0]["chance"], color="gray", linestyle="--", label="chance")
+    axes.axvline(reach, color="red", linestyle=":", label="layers × window")
+    axes.set_xscale("symlog")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("distance from the planted key to the question (tokens)")
+    axes.set_ylabel("passkey accuracy")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
