@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+import cli
 import train
 from configs import default
 from data import packed_examples, validation_batches
@@ -37,12 +37,8 @@ flags.DEFINE_integer("seq_len", 0, "Context length (default: the training seq_le
 flags.DEFINE_integer("max_tokens", 0, "Stop after about this many tokens (0: the whole split).")
 flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("plot", None, "Write a PNG of loss against position in the context.")
-try:  # config_flags applies --config.* overrides already here
-    config_flags.DEFINE_config_dict("config", default.get_config(),
-                                    "Overrides of the run's config: --config.data.*, "
-                                    "--config.mesh.*, --config.batch_size.")
-except (KeyError, AttributeError) as error:
-    train.exit_with_error(train.unknown_config_field(error, sys.argv))
+cli.define_config_dict(default.get_config(), "Overrides of the run's config: --config.data.*, "
+                                             "--config.mesh.*, --config.batch_size.")
 
 _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 
@@ -105,8 +101,7 @@ def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
         for flag in ("output", "plot"):
@@ -114,13 +109,13 @@ def main(argv) -> None:
             if FLAGS[flag].value and not os.path.isdir(folder):
                 raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
                                  f"exist")
-        train.start_distributed()
+        cli.start_distributed()
         result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
                           config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
         if FLAGS.plot and jax.process_index() == 0:
             plot_loss_by_position(result, FLAGS.plot)
     except ValueError as error:  # the user's input: one line, no traceback
-        train.exit_with_error(error)
+        cli.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it
         return
     summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
@@ -132,4 +127,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)
+    cli.run(main)

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
                           measure_in_subprocess, xla_bytes)
 
@@ -95,9 +96,10 @@ def run_generate_point(new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", default="1024,4096,16384,65536")
-    parser.add_argument("--generate", default="1024,16384", help="generated lengths")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=cli.int_list, default="1024,4096,16384,65536")
+    parser.add_argument("--generate", type=cli.int_list, default="1024,16384",
+                        help="generated lengths")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per point")
     parser.add_argument("--memory_cap_gib", type=float, default=20.0)
     parser.add_argument("--json", help="also write the rows to this file")
@@ -124,11 +126,11 @@ def main() -> None:
         rows.append(row)
         print(_describe(row, matmul_rate), flush=True)
 
-    for context in [int(c) for c in args.contexts.split(",") if c]:
+    for context in args.contexts:
         for attention in ("local", "dense"):
             measure([attention, str(context)],
                     {"kind": "train", "attention": attention, "context": context})
-    for new_tokens in [int(n) for n in args.generate.split(",") if n]:
+    for new_tokens in args.generate:
         measure(["generate", str(new_tokens)], {"kind": "generate", "new_tokens": new_tokens})
     print()
     print(markdown_tables(rows, matmul_rate))

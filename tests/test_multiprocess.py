@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-import train
+import cli
 from checkpoints import Checkpoints
 from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
 
@@ -296,9 +296,9 @@ def test_bad_launches_are_one_line_errors(tmp_path):
 ])
 def test_incomplete_launch_variables_are_one_line_errors(environ, message):
     with pytest.raises(ValueError, match=message):
-        train.start_distributed(environ)
+        cli.start_distributed(environ)
 
 
 def test_one_process_launch_does_nothing():
-    train.start_distributed({})
+    cli.start_distributed({})
     assert jax.process_count() == 1

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec
 
 import train
 from checkpoints import Checkpoints
+from model import TransformerConfig, TransformerLM
 from tests.training import config_flags, restore_params, script, tiny_config, train_metrics
 
 EMBED = ("fsdp", "context")  # the mesh axes of a parameter's embed axis (ZeRO-3)
@@ -105,8 +106,7 @@ def _run_steps(config, mesh_shape, batches, devices=None, context=1):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
     config.mesh.context = context
     mesh = train.make_mesh(config, devices)
-    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
-                                                                    vocab_size=384))
+    model = TransformerLM(TransformerConfig.from_config(config.model.to_dict(), vocab_size=384))
     optimizer = train.make_optimizer(config)
     state, shardings = train.create_train_state(config, model, mesh, optimizer)
     step = train.make_train_step(config, model, optimizer, mesh, shardings)
@@ -215,16 +215,15 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
 
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4
     mesh = train.make_mesh(config)
-    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
-                                                                    vocab_size=384))
+    model = TransformerLM(TransformerConfig.from_config(config.model.to_dict(), vocab_size=384))
     abstract, _ = train.create_train_state(config, model, mesh, train.make_optimizer(config),
                                            abstract=True)
-    step, restored, data_state = checkpoints.restore(abstract)
-    assert step == 1 and data_state == {"next_index": 8}
-    embedding = restored.params["embed"]["embedding"]
+    restored = checkpoints.restore(abstract)
+    assert restored.step == 1 and restored.data_state == {"next_index": 8}
+    embedding = restored.state.params["embed"]["embedding"]
     assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
     assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -254,7 +253,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
-    ("--config.model.foo=1", "error: unknown config field 'foo' in --config.model.foo"),
+    ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
