@@ -110,11 +110,12 @@ class Checkpoints:
     def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
         """Starts saving; returns when the arrays are off the devices (see the module doc).
         Raises `CheckpointError` where this save or the one before it failed."""
+        state_checksums = checksums(state)
         self._writing(lambda: self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": checksums(state)}))))
+            checksums=ocp.args.JsonSave({"state": state_checksums}))))
 
     def wait(self) -> None:
         """Blocks until every started save is on disk; `CheckpointError` where one failed."""

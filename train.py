@@ -8,9 +8,10 @@ where the interrupted run was (on CPU the resumed run is bit-identical to an uni
 The path through this file: `train_and_evaluate` reads the config, builds the data
 (data/pipeline.py), the device mesh and the sharded `TrainState` (`create_train_state`: the
 logical axis names of model/transformer.py mapped to mesh axes by ``config.logical_axis_rules``),
-restores the latest checkpoint (checkpoints/), then runs the jitted `make_train_step` (model →
+restores the latest checkpoint (checkpoints.py), then runs the jitted `make_train_step` (model →
 model/attention.py's kernel) with periodic evaluation (`make_eval_step`), logging and
-asynchronous checkpoints. evaluate.py and generate.py reuse `load_for_inference`.
+asynchronous checkpoints. evaluate.py and generate.py reuse `load_for_inference`; the command
+line (flags, one-line errors, a multi-process launch) is cli.py's.
 """
 
 from __future__ import annotations
