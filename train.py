@@ -359,8 +359,10 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
     """
     # The distinct (start, stop) row ranges of this process's devices: equal-sized shards of
     # an even split, so they are one block exactly when their sizes add up to its span.
+    # The sharding is of (rows, positions): any length that the context axis divides.
+    shape = (batch_size, sharding.mesh.shape[LENGTH_AXIS])
     held = sorted({index[0].indices(batch_size)[:2] for index in
-                   sharding.addressable_devices_indices_map((batch_size,)).values()})
+                   sharding.addressable_devices_indices_map(shape).values()})
     start, stop = held[0][0], held[-1][1]
     contiguous = sum(end - begin for begin, end in held) == stop - start
     if not contiguous or batch_size % (stop - start) or start % (stop - start):
