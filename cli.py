@@ -110,10 +110,9 @@ def unknown_config_field(config: ml_collections.ConfigDict, path: str) -> str | 
     node, walked = config, []
     for part in path.split("."):
         name = part.split("[")[0]  # a list field's element, e.g. logical_axis_rules[0]
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            where = ".".join(walked)
-            if not isinstance(node, ml_collections.ConfigDict):
-                return f"--config.{path}: {where}={node!r} is not a group of fields"
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"--config.{path}: {'.'.join(walked)}={node!r} is not a group of fields"
+        if name not in node:
             close = difflib.get_close_matches(name, list(node.keys()), n=1)
             hint = f"; did you mean {'.'.join(walked + close)}?" if close else ""
             return (f"--config.{path}: unknown config field {'.'.join(walked + [name])!r}"
