@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+import cli
 import probes
 import train
 from configs import default
@@ -48,12 +48,8 @@ flags.DEFINE_list("probe_distances", [], "Passkey distances in tokens (default: 
                   "L·W/2, L·W, 2·L·W, 4·L·W for window W, L layers).")
 flags.DEFINE_integer("probe_trials", 16, "Passkey trials per distance.")
 flags.DEFINE_string("probe_plot", None, "Write a PNG of passkey accuracy against distance.")
-try:  # config_flags applies --config.* overrides already here
-    config_flags.DEFINE_config_dict("config", default.get_config(),
-                                    "Overrides of the run's config: --config.data.*, "
-                                    "--config.mesh.*, --config.batch_size.")
-except (KeyError, AttributeError) as error:
-    train.exit_with_error(train.unknown_config_field(error, sys.argv))
+cli.define_config_dict(default.get_config(), "Overrides of the run's config: --config.data.*, "
+                                             "--config.mesh.*, --config.batch_size.")
 
 _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 
@@ -135,8 +131,7 @@ def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
         for flag in ("output", "plot", "probe_plot"):
@@ -144,7 +139,7 @@ def main(argv) -> None:
             if FLAGS[flag].value and not os.path.isdir(folder):
                 raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
                                  f"exist")
-        train.start_distributed()
+        cli.start_distributed()
         result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
                           config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
         if FLAGS.plot and jax.process_index() == 0:
@@ -161,7 +156,7 @@ def main(argv) -> None:
                                                 config_flags.get_override_values(FLAGS["config"]),
                                                 FLAGS.step)
     except ValueError as error:  # the user's input: one line, no traceback
-        train.exit_with_error(error)
+        cli.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it
         return
     if "passkey" in summary:
@@ -176,4 +171,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)
+    cli.run(main)

@@ -9,10 +9,10 @@ rolling attention caches (model/sampling.py); stops a sample at the end-of-docum
 
 from __future__ import annotations
 
-
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
+import cli
 import train
 
 FLAGS = flags.FLAGS
@@ -28,27 +28,26 @@ flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same samples
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
         if FLAGS.max_new_tokens < 1 or FLAGS.num_samples < 1:
             raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} and --num_samples="
                              f"{FLAGS.num_samples}: expected positive ints")
-        train.start_distributed()
-        config, model_cfg, tokenizer, _, params, step = train.load_for_inference(
-            FLAGS.workdir, step=FLAGS.step)
-        prompt = config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
+        cli.start_distributed()
+        run = train.load_for_inference(FLAGS.workdir, step=FLAGS.step)
+        prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
         for sample in range(FLAGS.num_samples):
-            text = train.sample_text(params, model_cfg, tokenizer, prompt, FLAGS.max_new_tokens,
-                                     seed=FLAGS.seed + sample, temperature=FLAGS.temperature,
-                                     top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+            text = train.sample_text(run.params, run.model_config, run.tokenizer, prompt,
+                                     FLAGS.max_new_tokens, seed=FLAGS.seed + sample,
+                                     temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                     top_p=FLAGS.top_p)
             if jax.process_index() == 0:  # every process samples the same text
-                print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {step}) ---\n"
+                print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {run.step}) ---\n"
                       f"{text}")
     except ValueError as error:  # the user's input: one line, no traceback
-        train.exit_with_error(error)
+        cli.exit_with_error(error)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train.parse_flags)
+    cli.run(main)

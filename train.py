@@ -8,23 +8,24 @@ where the interrupted run was (on CPU the resumed run is bit-identical to an uni
 The path through this file: `train_and_evaluate` reads the config, builds the data
 (data/pipeline.py), the device mesh and the sharded `TrainState` (`create_train_state`: the
 logical axis names of model/transformer.py mapped to mesh axes by ``config.logical_axis_rules``),
-restores the latest checkpoint (checkpoints/), then runs the jitted `make_train_step` (model →
+restores the latest checkpoint (checkpoints.py), then runs the jitted `make_train_step` (model →
 model/attention.py's kernel) with periodic evaluation (`make_eval_step`), logging and
-asynchronous checkpoints. evaluate.py and generate.py reuse `load_for_inference`.
+asynchronous checkpoints. evaluate.py and generate.py reuse `load_for_inference`; the command
+line (flags, one-line errors, a multi-process launch) is cli.py's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -33,8 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import cli
 from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
 from data.packing import documents_per_row
@@ -45,15 +48,19 @@ from model import (TransformerConfig, TransformerLM, count_parameters, generate,
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
 LENGTH_AXIS = "context"  # and the sequence over this one (model/context_parallel.py)
-# Fields that must not change when a run resumes: the checkpoint's arrays depend on them
-# (model, tokenizer), or the saved data iterator position does (the examples and their order).
-_FIXED_ON_RESUME = ("model", "data.tokenizer", "data.sentencepiece_model",
-                    "data.sentencepiece_vocab_size", "seed", "seq_len", "batch_size",
-                    "data.source", "data.paths", "data.hf_name", "data.hf_config",
-                    "data.tfds_name", "data.packing", "data.max_documents",
-                    "data.validation_fraction")
+# Fields that must not change when a run resumes, by what depends on them: the arrays of the
+# checkpoint (their shapes and what they mean: the model and its vocabulary) ...
+PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
+                    "data.sentencepiece_vocab_size")
+# ... and the data iterator's saved position (which examples, cut how, in which order).
+DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
+                     "data.hf_name", "data.hf_config", "data.tfds_name", "data.packing",
+                     "data.max_documents", "data.validation_fraction")
 # model.* fields that change neither the parameters nor the data: free to change on resume.
-_MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row")
+_MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
+                                "layer_chunk_size", "loss_chunk_size")
+_MODEL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
+                   if field.default is not dataclasses.MISSING}
 
 
 @flax.struct.dataclass
@@ -432,16 +439,28 @@ def sample_text(params, model_cfg: TransformerConfig, tokenizer: Tokenizer, prom
     return prompt + tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]))
 
 
-def load_for_inference(workdir: str, overrides: dict | None = None, step: int | None = None):
-    """What evaluate.py and generate.py need from a run's checkpoint.
+class LoadedRun(NamedTuple):
+    """A trained run as `load_for_inference` restores it."""
+
+    config: ml_collections.ConfigDict  # the training config, with the overrides applied
+    model_config: TransformerConfig
+    tokenizer: Tokenizer
+    mesh: Mesh
+    params: Any  # the model's float32 parameters, laid out on ``mesh``
+    step: int  # the checkpoint's step
+
+
+def load_for_inference(workdir: str, overrides: dict | None = None,
+                       step: int | None = None) -> LoadedRun:
+    """What evaluate.py and generate.py need from a run's checkpoint (``step``; default the
+    latest).
 
     ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config; the mesh is
     data-parallel over all devices unless ``mesh.*`` overrides say otherwise (the training
-    mesh may need more devices than this machine has). Returns ``(config, model_config,
-    tokenizer, mesh, params, step)`` with params laid out on that mesh.
+    mesh may need more devices than this machine has).
     """
     overrides = dict(overrides or {})
-    fixed = [key for key in overrides if key.startswith(_FIXED_ON_RESUME[:4])]
+    fixed = [key for key in overrides if key.startswith(PARAMETER_FIELDS)]
     if fixed:
         raise ValueError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "
                          f"cannot change after training")
@@ -461,10 +480,10 @@ def load_for_inference(workdir: str, overrides: dict | None = None, step: int | 
         mesh = make_mesh(config)
         abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,
                                          make_optimizer(config), abstract=True)
-        _, state, _ = checkpoints.restore(abstract, step)
+        params = checkpoints.restore(abstract, step).state.params
     finally:
         checkpoints.close()
-    return config, model_cfg, tokenizer, mesh, state.params, step
+    return LoadedRun(config, model_cfg, tokenizer, mesh, params, step)
 
 
 # --- the training loop ------------------------------------------------------------------------
@@ -587,15 +606,18 @@ class _MetricsLog:
 
 def _check_resume_compatible(saved: ml_collections.ConfigDict,
                              config: ml_collections.ConfigDict, directory: str) -> None:
-    for field in _FIXED_ON_RESUME:
+    for field in PARAMETER_FIELDS + DATA_ORDER_FIELDS:
         part, _, name = field.partition(".")
         old = saved.get(part) if not name else saved.get(part, {}).get(name)
         new = config[part] if not name else config[part][name]
         old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
         new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
         if field == "model":
+            # A field that the checkpoint's code did not have yet meant its default.
+            old = _MODEL_DEFAULTS | (old or {})
             old, new = ({k: v for k, v in fields.items() if k not in _MODEL_FIELDS_FREE_ON_RESUME}
-                        for fields in (old or {}, new))
+                        for fields in (old, new))
+        old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # tuples as lists
         if old != new:
             if isinstance(old, dict):
                 key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
@@ -640,7 +662,8 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     abstract, state_shardings = create_train_state(config, model, mesh, optimizer, abstract=True)
     data_state = None
     if checkpoints.latest_step() is not None:
-        _, state, data_state = checkpoints.restore(abstract)
+        restored = checkpoints.restore(abstract)
+        state, data_state = restored.state, restored.data_state
     else:
         state, _ = create_train_state(config, model, mesh, optimizer)
     start_step = int(state.step)
@@ -664,17 +687,17 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
                 f"{dict(mesh.shape)}; " + (f"resuming at step {start_step}" if start_step
                                            else "starting") + f" in {workdir}")
 
-    def run_evaluation(step: int, max_batches: int, write: bool = True) -> dict:
+    def run_evaluation(params, step: int, max_batches: int, write: bool = True) -> dict:
         # In micro-batches: the activations (and logits) of a whole batch may not fit at once.
         batches = validation_batches(validation_examples, micro_batch)
         if max_batches:
             batches = (b for _, b in zip(range(max_batches * config.grad_accum_steps), batches))
-        result = evaluate_batches(eval_step, state.params, batches, sharding, micro_batch,
+        result = evaluate_batches(eval_step, params, batches, sharding, micro_batch,
                                   document_bound=model_cfg.document_bound())
         if write:
             text = {}
             if config.sample_tokens:
-                text["sample"] = sample_text(state.params, model_cfg, tokenizer,
+                text["sample"] = sample_text(params, model_cfg, tokenizer,
                                              config.sample_prompt, config.sample_tokens,
                                              seed=config.seed + step)
             log.write(step, {f"eval/{k}": result[k] for k in ("loss", "perplexity",
@@ -683,21 +706,20 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
                     f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte")
         return result
 
-    def save(step: int) -> None:
+    def save(step: int, state: TrainState) -> None:
         if checkpoints.latest_step() != step:
             checkpoints.save(step, state, batches.state(), config)
 
-    window = {"steps": 0, "compute": 0.0, "total": 0.0, "tokens": 0.0}
+    meter = _ThroughputMeter(flops_per_step, peak_flops)
     try:
         for step in range(start_step + 1, config.num_train_steps + 1):
-            started = time.perf_counter()
             batch = next(batches)
             check_documents_per_row(batch, model_cfg.document_bound())
             batch = to_global_batch(batch, sharding)
             computing = time.perf_counter()
             state, metrics = train_step(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            computed = time.perf_counter()
+            meter.add_step(time.perf_counter() - computing, metrics["tokens"])
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 last = checkpoints.latest_step()
                 raise ValueError(
@@ -709,224 +731,82 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
             # in between repeats both on resume instead of losing the evaluation.
             if (config.eval_every_steps and step % config.eval_every_steps == 0
                     and step != config.num_train_steps):
-                evaluated = time.perf_counter()
-                run_evaluation(step, config.eval_batches)
-                started += time.perf_counter() - evaluated  # evaluation is not step overhead
+                evaluating = time.perf_counter()
+                run_evaluation(state.params, step, config.eval_batches)
+                meter.leave_out(time.perf_counter() - evaluating)  # not step overhead
             saved_seconds = None
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-                save_started = time.perf_counter()
-                save(step)
-                saved_seconds = time.perf_counter() - save_started
-
-            window["steps"] += 1
-            window["compute"] += computed - computing
-            window["tokens"] += metrics["tokens"]
-            iteration_end = time.perf_counter()
+                saving = time.perf_counter()
+                save(step, state)
+                saved_seconds = time.perf_counter() - saving
             if step % config.log_every_steps == 0 or saved_seconds is not None:
-                elapsed = window["total"] + iteration_end - started
-                seconds_per_step = elapsed / window["steps"]
-                scalars = metrics | {
-                    "tokens_per_second": window["tokens"] / elapsed,
-                    "mfu": flops_per_step / seconds_per_step / peak_flops,
-                    "seconds_per_step": seconds_per_step,
-                    # Host time outside the jitted step: data, checkpoint calls, logging.
-                    "overhead_fraction": 1.0 - window["compute"] / elapsed}
+                scalars = metrics | meter.report()
                 if saved_seconds is not None:
                     scalars["checkpoint_save_seconds"] = saved_seconds
                 log.write(step, scalars)
                 log.progress(step, f"loss {metrics['loss']:.4f} "
                              f"{scalars['tokens_per_second']:,.0f} tok/s "
                              f"MFU {scalars['mfu']:.1%}")
-                window = dict.fromkeys(window, 0)
-                window["total"] = time.perf_counter() - iteration_end  # counted in the next window
-            else:
-                window["total"] += iteration_end - started
             if stop.requested():
-                save(step)
+                save(step, state)
                 checkpoints.wait()
                 log.message(f"{signal.Signals(stop.received).name}: saved the checkpoint of "
                             f"step {step} in {checkpoints.directory}; run the same command to "
                             f"resume")
                 return {"stopped_at": step}
         # A finished run run again evaluates without logging the evaluation a second time.
-        return run_evaluation(int(state.step), config.eval_batches,
+        return run_evaluation(state.params, int(state.step), config.eval_batches,
                               write=start_step < config.num_train_steps)
     finally:
         log.close()
 
 
-def main(argv) -> None:
-    from absl import app, flags, logging
+class _ThroughputMeter:
+    """The logged throughput of the steps since the last `report`: wall time (evaluation left
+    out), time in the jitted step, and tokens."""
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    def __init__(self, flops_per_step: float, peak_flops: float):
+        self._flops_per_step, self._peak_flops = flops_per_step, peak_flops
+        self._restart()
+
+    def _restart(self) -> None:
+        self._since = time.perf_counter()
+        self._steps, self._step_seconds, self._tokens = 0, 0.0, 0.0
+
+    def add_step(self, step_seconds: float, tokens: float) -> None:
+        self._steps += 1
+        self._step_seconds += step_seconds
+        self._tokens += tokens
+
+    def leave_out(self, seconds: float) -> None:
+        self._since += seconds
+
+    def report(self) -> dict:
+        """The rates since the last report (or the start); starts a new window (the time
+        spent logging them counts in the next one)."""
+        elapsed = time.perf_counter() - self._since
+        seconds_per_step = elapsed / self._steps
+        rates = {"tokens_per_second": self._tokens / elapsed,
+                 "mfu": self._flops_per_step / seconds_per_step / self._peak_flops,
+                 "seconds_per_step": seconds_per_step,
+                 # Host time outside the jitted step: data, checkpoint calls, logging.
+                 "overhead_fraction": 1.0 - self._step_seconds / elapsed}
+        self._restart()
+        return rates
+
+
+def main(argv) -> None:
+    del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
     try:
-        start_distributed()
+        cli.start_distributed()
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except ValueError as error:  # the user's input: one line, no traceback
-        exit_with_error(error)
-
-
-def exit_with_error(error: Exception) -> None:
-    """Prints ``error: ...`` (one line) and exits 1, for the user's mistakes. Exits at once:
-    after a failed restore, orbax's abandoned reads would print tracebacks at shutdown (the
-    checkpoint manager is already closed, nothing is left to write)."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
-def unknown_config_field(error: Exception, argv: list[str]) -> ValueError:
-    """The one-line error for a ``--config.KEY`` that the config does not have."""
-    name = str(error.args[0] if error.args else error).strip("'\"")
-    flags_given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    return ValueError(f"unknown config field {name!r} in {', '.join(flags_given)}: see "
-                      f"configs/default.py for the fields")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing for train.py, evaluate.py and generate.py, with a bad
-    ``--config.KEY=VALUE`` (an unknown field, a value of the wrong type) as one line."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except (KeyError, AttributeError) as error:  # a --config.KEY that the config lacks
-        exit_with_error(unknown_config_field(error, argv))
-    except (flags.Error, TypeError, ValueError) as error:
-        exit_with_error(ValueError((str(error).strip().splitlines() or [repr(error)])[0]))
-
-
-def start_distributed(environ=None) -> None:
-    """Joins a multi-process run where the launcher asks for one; does nothing otherwise.
-
-    Call it before anything touches a device. The launch is read from ``environ`` (default
-    ``os.environ``):
-
-    * plain: ``JAX_COORDINATOR_ADDRESS=HOST:PORT`` (process 0's host; it serves there),
-      ``JAX_NUM_PROCESSES=N`` and ``JAX_PROCESS_ID=0..N-1`` in each process;
-    * SLURM (``srun``, ``SLURM_NTASKS`` > 1), Open MPI (``mpirun``, ``OMPI_COMM_WORLD_SIZE``
-      > 1) or multi-host Cloud TPU: JAX's cluster detection finds the address, count and id
-      (a ``JAX_*`` variable above overrides what it finds).
-
-    CPU processes exchange collectives through gloo. ``JAX_INITIALIZATION_TIMEOUT`` (seconds,
-    default 120) bounds the wait for the other processes and ``JAX_HEARTBEAT_TIMEOUT`` (default
-    20) how long a dead process goes unnoticed: the others then exit non-zero rather than wait
-    forever in a collective. Raises a one-line ValueError for a bad or inconsistent launch
-    (a missing or bad count or id, a coordinator that does not answer in time, processes
-    started with different counts).
-    """
-    env = os.environ if environ is None else environ
-
-    def integer(name, minimum, default=None):
-        value = env.get(name)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
-        return number
-
-    address = env.get("JAX_COORDINATOR_ADDRESS") or None
-    count = integer("JAX_NUM_PROCESSES", 1)
-    index = integer("JAX_PROCESS_ID", 0)
-    initialization_timeout = integer("JAX_INITIALIZATION_TIMEOUT", 1, 120)
-    heartbeat_timeout = integer("JAX_HEARTBEAT_TIMEOUT", 1, 20)
-    # What JAX's cluster detection (jax/_src/clusters) recognises as a multi-process launch.
-    cluster = next((name for name, present in (
-        ("SLURM", int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env),
-        ("Open MPI", int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-         and "OMPI_MCA_orte_hnp_uri" in env),
-        ("Cloud TPU", "," in env.get("TPU_WORKER_HOSTNAMES", ""))) if present), None)
-    if cluster is None:
-        given = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": count,
-                 "JAX_PROCESS_ID": index}
-        if all(value is None for value in given.values()):
-            return  # one process
-        missing = [name for name, value in given.items() if value is None]
-        if missing:
-            set_ = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
-            raise ValueError(f"a multi-process launch needs JAX_COORDINATOR_ADDRESS (process "
-                             f"0's HOST:PORT), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0..N-1); "
-                             f"{set_} came without {' and '.join(missing)}")
-        if index >= count:
-            raise ValueError(f"JAX_PROCESS_ID={index}: expected 0..{count - 1} "
-                             f"(JAX_NUM_PROCESSES={count})")
-    launch = (f"{cluster} launch" if cluster else
-              f"process {index} of {count} with coordinator {address}")
-    if index:  # JAX's client aborts the process where the coordinator does not answer
-        _wait_for_coordinator(address, initialization_timeout, launch)
-    try:
-        # The heartbeat and shutdown timeouts stop a process whose peer died instead of
-        # leaving it in a collective or the exit barrier for JAX's defaults (100 s, 300 s).
-        jax.distributed.initialize(
-            address, count, index, initialization_timeout=initialization_timeout,
-            heartbeat_timeout_seconds=heartbeat_timeout,
-            shutdown_timeout_seconds=heartbeat_timeout)
-    except (RuntimeError, ValueError, TypeError) as error:  # XlaRuntimeError is a RuntimeError
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise ValueError(f"{launch}: could not join the other processes ({reason}; "
-                         f"JAX_INITIALIZATION_TIMEOUT={initialization_timeout} s): check that "
-                         f"every process was started with the same coordinator address and "
-                         f"process count") from None
-    _check_same_launch(initialization_timeout)
-
-
-def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> None:
-    """Returns once ``HOST:PORT`` accepts connections; a one-line ValueError after
-    ``timeout_seconds`` (process 0 starts its service there when it starts)."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
-                return
-        except (OSError, ValueError) as error:
-            if time.monotonic() > deadline or isinstance(error, (ValueError, socket.gaierror)):
-                raise ValueError(f"{launch}: the coordinator {address} did not answer within "
-                                 f"JAX_INITIALIZATION_TIMEOUT={timeout_seconds} s ({error}); "
-                                 f"start process 0 there, or fix JAX_COORDINATOR_ADDRESS") \
-                    from None
-        time.sleep(0.5)
-
-
-def _check_same_launch(timeout_seconds: int) -> None:
-    """Raises a one-line ValueError where the processes disagree on the process count (a
-    process counting more peers than exist would otherwise wait for them at its first
-    collective). Through JAX's coordination key-value store (jax 0.10 has no public API for
-    it)."""
-    from jax._src import distributed
-
-    state = distributed.global_state
-    state.client.key_value_set(f"launch/num_processes/{state.process_id}",
-                               str(state.num_processes))
-    for peer in range(state.num_processes):
-        try:
-            theirs = state.client.blocking_key_value_get(f"launch/num_processes/{peer}",
-                                                         timeout_seconds * 1000)
-        except RuntimeError:
-            theirs = "no answer"
-        if theirs != str(state.num_processes):
-            # Every process finds the disagreement: leaving together, none of them is stopped
-            # by the coordination service for a peer that vanished before it could report.
-            jax.distributed.shutdown()
-            raise ValueError(f"process {state.process_id} was started with "
-                             f"{state.num_processes} processes, process {peer} with {theirs}: "
-                             f"give every process the same JAX_NUM_PROCESSES")
+        cli.exit_with_error(error)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-        "Training config file (a path, optionally with ':ARG' for its get_config).",
-        lock_config=True)
+    cli.define_config_file(cli.DEFAULT_CONFIG, "Training config file (a path, optionally with "
+                           "':ARG' for its get_config).")
     flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics and TensorBoard logs.")
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

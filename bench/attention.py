@@ -35,6 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
                           measure_in_subprocess, peak_rss_bytes, xla_bytes)
 
@@ -138,13 +139,14 @@ def run_point(method: str, seq_len: int, window: int, heads: int, head_dim: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1024,4096,16384,65536")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=cli.int_list, default="1024,4096,16384,65536")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--heads", type=int, default=None, help="default 4; 16 on a GPU")
-    parser.add_argument("--head_dims", default=None, help="default 64; 64,128 on a GPU")
+    parser.add_argument("--head_dims", type=cli.int_list, default=None,
+                        help="default 64; 64,128 on a GPU")
     parser.add_argument("--dtype", default=None, help="default float32; bfloat16 on a GPU")
-    parser.add_argument("--documents", default=None,
+    parser.add_argument("--documents", type=cli.int_list, default=None,
                         help="document lengths (0: one stream); default 0; 0,8192 on a GPU")
     parser.add_argument("--methods", default=None,
                         help=f"default {','.join(CPU_METHODS)}; on a GPU {','.join(GPU_METHODS)}")
@@ -155,12 +157,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
 
     if args.point:
         cap = cap_memory(args.memory_cap_gib) if args.memory_cap_gib else 0
         print(json.dumps(run_point(args.point, sizes[0], args.window, args.heads,
-                                   int(args.head_dims), args.dtype, int(args.documents),
+                                   args.head_dims[0], args.dtype, args.documents[0],
                                    args.repeats, cap)))
         return
 
@@ -168,9 +170,9 @@ def main() -> None:
 
     accelerator = jax.default_backend() != "cpu"
     heads = args.heads or (16 if accelerator else 4)
-    head_dims = [int(d) for d in (args.head_dims or ("64,128" if accelerator else "64")).split(",")]
+    head_dims = args.head_dims or ([64, 128] if accelerator else [64])
     dtype = args.dtype or ("bfloat16" if accelerator else "float32")
-    documents = [int(d) for d in (args.documents or ("0,8192" if accelerator else "0")).split(",")]
+    documents = args.documents or ([0, 8192] if accelerator else [0])
     methods = (args.methods or ",".join(GPU_METHODS if accelerator else CPU_METHODS)).split(",")
     matmul_rate = matmul_flops_per_second()
     print(f"{jax.devices()[0].device_kind}: float32 matmul (4096²) {matmul_rate / 1e12:.3f} "

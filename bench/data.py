@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from bench.common import measure_in_subprocess  # noqa: E402
 from configs.data import get_config  # noqa: E402
 from data import TrainBatches, make_tokenizer, packed_examples  # noqa: E402
@@ -39,7 +40,7 @@ def _tokenize_twice(config, tokenizer, seq_len):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq_len", type=int, default=16384)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=40)

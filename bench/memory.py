@@ -23,19 +23,29 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from bench.common import cap_memory, measure_in_subprocess, peak_bytes  # noqa: E402
 
 SETTINGS = {"chunked": {}, "whole_layers": {"layer_chunk_size": 0}}
 DEFAULT_CONTEXTS = "65536,131072,262144,524288,1048576,2097152"
 
 
-def parse_mesh(text: str) -> dict:
-    """``"data=1,fsdp=2"`` -> ``{"data": 1, "fsdp": 2}`` (the other axes 1)."""
-    mesh = {}
-    for part in filter(None, text.split(",")):
-        axis, _, size = part.partition("=")
-        mesh[axis.strip()] = int(size)
-    return mesh
+def parse_meshes(text: str) -> list[dict]:
+    """``"data=1;fsdp=2,tensor=2"`` -> ``[{"data": 1}, {"fsdp": 2, "tensor": 2}]`` (the other
+    axes 1)."""
+    from train import MESH_AXES
+
+    meshes = []
+    for mesh_text in filter(str.strip, text.split(";")):
+        mesh = {}
+        for part in filter(None, mesh_text.split(",")):
+            axis, _, size = part.partition("=")
+            if axis.strip() not in MESH_AXES or not size.strip().isdigit():
+                raise ValueError(f"argument --meshes: {part!r}: expected AXIS=SIZE with AXIS "
+                                 f"one of {list(MESH_AXES)}")
+            mesh[axis.strip()] = int(size)
+        meshes.append(mesh)
+    return meshes
 
 
 def run_point(setting: str, context: int, mesh: dict, vocab_size: int) -> dict:
@@ -71,8 +81,8 @@ def run_point(setting: str, context: int, mesh: dict, vocab_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS)
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=cli.int_list, default=DEFAULT_CONTEXTS)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--meshes", default="data=1",
                         help="';'-separated meshes, e.g. 'data=1;fsdp=2;data=2,tensor=2'")
@@ -93,12 +103,18 @@ def main() -> None:
                                    point["vocab_size"])))
         return
 
+    settings = [s for s in args.settings.split(",") if s]
+    for setting in settings:
+        if setting not in SETTINGS:
+            parser.error(f"argument --settings: {setting!r}: expected some of {list(SETTINGS)}")
+    try:
+        meshes = parse_meshes(args.meshes)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
-    for mesh in [parse_mesh(m) for m in args.meshes.split(";") if m.strip()]:
-        for context in [int(c) for c in args.contexts.split(",") if c]:
-            for setting in [s for s in args.settings.split(",") if s]:
-                if setting not in SETTINGS:
-                    parser.error(f"--settings: {setting!r}: expected some of {list(SETTINGS)}")
+    for mesh in meshes:
+        for context in args.contexts:
+            for setting in settings:
                 point = {"setting": setting, "context": context, "mesh": mesh,
                          "vocab_size": args.vocab_size}
                 row = measure_in_subprocess(__file__, ["--point", json.dumps(point)], point,

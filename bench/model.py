@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
 from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
                           measure_in_subprocess, xla_bytes)
 
@@ -112,11 +113,12 @@ def decode_cache_bytes(num_kv_heads: int, decode_length: int = 16384) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", default="1024,4096,16384,65536")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=cli.int_list, default="1024,4096,16384,65536")
     parser.add_argument("--attentions", default="local,dense",
                         help="local, dense, global (one global layer in four)")
-    parser.add_argument("--generate", default="1024,16384", help="generated lengths")
+    parser.add_argument("--generate", type=cli.int_list, default="1024,16384",
+                        help="generated lengths")
     parser.add_argument("--cache", action="store_true",
                         help="also print the decode cache bytes against num_kv_heads")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per point")
@@ -151,11 +153,11 @@ def main() -> None:
         rows.append(row)
         print(_describe(row, matmul_rate), flush=True)
 
-    for context in [int(c) for c in args.contexts.split(",") if c]:
+    for context in args.contexts:
         for attention in args.attentions.split(","):
             measure([attention, str(context)],
                     {"kind": "train", "attention": attention, "context": context})
-    for new_tokens in [int(n) for n in args.generate.split(",") if n]:
+    for new_tokens in args.generate:
         measure(["generate", str(new_tokens)], {"kind": "generate", "new_tokens": new_tokens})
     print()
     print(markdown_tables(rows, matmul_rate))

@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
+
 
 def main(argv) -> None:
     del argv
@@ -32,6 +34,8 @@ def main(argv) -> None:
 
     import train
     from checkpoints import Checkpoints
+    from data import make_tokenizer
+    from model import TransformerLM
 
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
@@ -43,7 +47,10 @@ def main(argv) -> None:
     config.eval_batches = 1
     config.sample_tokens = 0
     workdir = tempfile.mkdtemp(prefix="bench_train_")
-    train.train_and_evaluate(config, workdir)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except ValueError as error:  # a bad --config.* value: one line, as train.py
+        cli.exit_with_error(error)
 
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rows = [r for r in rows if "seconds_per_step" in r and r["step"] > 2]  # after compilation
@@ -57,14 +64,14 @@ def main(argv) -> None:
 
     # The same state, saved synchronously: what the asynchronous save keeps off the loop.
     checkpoints = Checkpoints(workdir, read_only=True)
-    tokenizer = train.make_tokenizer(config.data, workdir)
+    tokenizer = make_tokenizer(config.data, workdir)
     abstract, _ = train.create_train_state(
-        config, train.TransformerLM(train.model_config(config, tokenizer)),
+        config, TransformerLM(train.model_config(config, tokenizer)),
         train.make_mesh(config), train.make_optimizer(config), abstract=True)
-    step, state, data_state = checkpoints.restore(abstract)
+    restored = checkpoints.restore(abstract)
     synchronous = Checkpoints(tempfile.mkdtemp(prefix="bench_save_"))
     started = time.perf_counter()
-    synchronous.save(step, state, data_state, config)
+    synchronous.save(restored.step, restored.state, restored.data_state, config)
     synchronous.wait()
     sync_seconds = time.perf_counter() - started
     synchronous.close()
@@ -98,13 +105,12 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
     FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
-                                    lock_config=True)
-    flags.DEFINE_integer("steps", 60, "Steps to run (the first two, compiling, are not timed).")
-    flags.DEFINE_integer("save_every", 20, "Steps between checkpoint saves.")
+    cli.define_config_file(cli.DEFAULT_CONFIG, "Training config.")
+    flags.DEFINE_integer("steps", 60, "Steps to run (the first two, compiling, are not timed).",
+                         lower_bound=4)
+    flags.DEFINE_integer("save_every", 20, "Steps between checkpoint saves.", lower_bound=1)
     flags.DEFINE_string("json", None, "Also write the figures to this file.")
-    app.run(main)
+    cli.run(main)

@@ -4,7 +4,8 @@
   its test suites; about 2% of files (by a hash of the path) form the validation split.
 * ``text``: local files, folders or globs (``data.paths``); one document per file, or per
   ``data.document_separator`` line. ``data.validation_paths`` holds the validation text;
-  where empty, the hash split.
+  where empty, the hash split, and where that holds out no document (one large file, a few
+  files), the last ``validation_fraction`` of the last document (from a line start).
 * ``hf``: a HuggingFace ``datasets`` dataset (``data.hf_name``, or a local loader such as
   ``json``/``text`` with ``data.paths`` as its files), streaming where asked.
 * ``tfds``: a TensorFlow Datasets dataset through ``tfds.data_source`` (no TensorFlow).
@@ -47,6 +48,8 @@ def source_identity(config, split: str) -> dict:
         if config.validation_paths:
             identity["validation_files"] = _files_signature(
                 _text_files(config.validation_paths, "data.validation_paths"))
+        else:
+            identity["split"] = "hash, else the last document's tail"
     elif config.source == "hf":
         identity |= {k: config[k] for k in ("hf_name", "hf_config", "hf_text_field",
                                             "hf_train_split", "hf_validation_split")}
@@ -132,22 +135,58 @@ def _read_text(path: str) -> str:
 
 
 def _text_documents(config, split: str) -> Iterator[str]:
-    held_out = bool(config.validation_paths)
-    if held_out:
-        field = "data.validation_paths" if split == "validation" else "data.paths"
-        files = _text_files(config[field.split(".")[1]], field)
-    else:
-        files = _text_files(config.paths, "data.paths")
-    for path, relative in files:
-        text = _read_text(path)
-        if config.document_separator:
-            documents = _split_documents(text, config.document_separator)
-            keys = [f"{relative}#{i}" for i in range(len(documents))]
-        else:
-            documents, keys = [text], [relative]
-        for key, document in zip(keys, documents):
-            if held_out or in_validation(key, config.validation_fraction) == (split == "validation"):
+    validation = split == "validation"
+    if config.validation_paths:
+        field = "data.validation_paths" if validation else "data.paths"
+        for path, relative in _text_files(config[field.split(".")[1]], field):
+            for _, document in _keyed_documents(path, relative, config.document_separator):
                 yield document
+        return
+    files = _text_files(config.paths, "data.paths")
+    fraction = config.validation_fraction
+    if fraction == 0 or _hash_holds_out_some(files, config.document_separator, fraction):
+        for path, relative in files:
+            for key, document in _keyed_documents(path, relative, config.document_separator):
+                if in_validation(key, fraction) == validation:
+                    yield document
+        return
+    # The hash held out nothing: the validation split is the last document's tail.
+    last_file = len(files) - 1
+    for index, (path, relative) in enumerate(files):
+        if validation and index < last_file:
+            continue
+        documents = [d for _, d in _keyed_documents(path, relative, config.document_separator)]
+        if index == last_file and documents:
+            *documents, last = documents
+            cut = _tail_start(last, fraction)
+            documents = [last[cut:]] if validation else documents + [last[:cut]]
+        yield from documents
+
+
+def _keyed_documents(path: str, relative: str, separator: str) -> list[tuple[str, str]]:
+    """``(key, document)`` of a file: the key (its relative path, ``#i`` for the i-th
+    document after ``separator`` lines) places it in the hash split."""
+    text = _read_text(path)
+    if not separator:
+        return [(relative, text)]
+    return [(f"{relative}#{i}", d) for i, d in enumerate(_split_documents(text, separator))]
+
+
+def _hash_holds_out_some(files: list[tuple[str, str]], separator: str, fraction: float) -> bool:
+    for path, relative in files:
+        keys = ([relative] if not separator else
+                [key for key, _ in _keyed_documents(path, relative, separator)])
+        if any(in_validation(key, fraction) for key in keys):
+            return True
+    return False
+
+
+def _tail_start(document: str, fraction: float) -> int:
+    """Where the last ``fraction`` of ``document`` starts: the first line start from there
+    on, or the character itself where no line starts later."""
+    cut = len(document) - max(1, round(len(document) * fraction))
+    line_start = document.find("\n", max(cut - 1, 0)) + 1
+    return line_start if 0 < line_start < len(document) else cut
 
 
 def _split_documents(text: str, separator: str) -> list[str]:

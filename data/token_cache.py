@@ -47,6 +47,13 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
                 _build(base, config, split, tokenizer)
                 tokens = _load(base)
     if tokens.size == 0:
+        if split == "validation" and config.source in ("stdlib", "text") \
+                and not config.validation_paths:
+            raise ValueError(f"data.source={config.source!r}: the validation split is empty "
+                             f"(data.validation_fraction={config.validation_fraction} of the "
+                             f"corpus held out): raise data.validation_fraction"
+                             + (" or set data.validation_paths" if config.source == "text"
+                                else ""))
         raise ValueError(f"data.source={config.source!r} split {split!r} has no text "
                          f"(empty corpus)")
     return tokens

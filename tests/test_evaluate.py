@@ -77,6 +77,7 @@ def test_context_parallel_evaluation_matches_a_direct_computation(run):
     assert result["loss"] == pytest.approx(loss / tokens, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     config, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "loss.png"
@@ -113,6 +114,7 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_generate_cli_is_seeded(run):
     _, workdir = run
     args = [f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=24", "--seed=3"]

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import pytest
 
-import train
+import cli
 from checkpoints import Checkpoints
 from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
 
@@ -202,6 +202,7 @@ def _assert_same_run(runs, name, steps=range(1, STEPS + 1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
     _assert_same_run(runs, "two")
 
@@ -221,6 +222,7 @@ def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
         assert all(shape[0] == config.batch_size // 2 for shape, _ in fed)  # and no more
 
 
+@pytest.mark.slow
 def test_evaluate_in_two_processes_matches_one(runs):
     import evaluate
 
@@ -232,6 +234,7 @@ def test_evaluate_in_two_processes_matches_one(runs):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_two_processes_and_one(runs):
     # 2 -> 1: the checkpoint of step 12 that 2 processes wrote, resumed in one.
     assert f"resuming at step {3 * CHECKPOINT_EVERY}" in runs["two_to_one_output"]
@@ -244,6 +247,7 @@ def test_checkpoints_move_between_two_processes_and_one(runs):
         np.testing.assert_allclose(got[step]["loss"], expected[step]["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs):
     assert runs["returncodes"][1] == -signal.SIGKILL, "the run ended before it could be killed"
     assert runs["returncodes"][0] not in (0, None), runs["killed_output"][-3000:]
@@ -267,6 +271,7 @@ def _one_line_error(process: subprocess.Popen, timeout: float) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_launches_are_one_line_errors(tmp_path):
     flags = ["--config=configs/tiny.py", f"--config.data.cache_dir={tmp_path / 'cache'}"]
     # Processes started with different counts: both stop at once.
@@ -296,9 +301,9 @@ def test_bad_launches_are_one_line_errors(tmp_path):
 ])
 def test_incomplete_launch_variables_are_one_line_errors(environ, message):
     with pytest.raises(ValueError, match=message):
-        train.start_distributed(environ)
+        cli.start_distributed(environ)
 
 
 def test_one_process_launch_does_nothing():
-    train.start_distributed({})
+    cli.start_distributed({})
     assert jax.process_count() == 1

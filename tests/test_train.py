@@ -4,7 +4,9 @@ sharded step equals the 1-device step on several meshes; bad input is one line."
 import glob
 import os
 import random
+import re
 import signal
+import subprocess
 import time
 
 import jax
@@ -14,7 +16,9 @@ from jax.sharding import PartitionSpec
 
 import train
 from checkpoints import Checkpoints
-from tests.training import config_flags, restore_params, script, tiny_config, train_metrics
+from model import TransformerConfig, TransformerLM
+from tests.training import (ROOT, config_flags, restore_params, script, tiny_config,
+                            train_metrics)
 
 EMBED = ("fsdp", "context")  # the mesh axes of a parameter's embed axis (ZeRO-3)
 
@@ -38,6 +42,7 @@ def test_tiny_config_trains_and_its_loss_falls(tmp_path):
     assert "checkpoint_save_seconds" in metrics[30]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     config = tiny_config(tmp_path / "cache", num_train_steps=16, checkpoint_every_steps=4,
                          eval_every_steps=0, **{"model.dropout_rate": 0.1})
@@ -75,6 +80,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     config = tiny_config(tmp_path / "cache", num_train_steps=10_000,
                          checkpoint_every_steps=10_000, eval_every_steps=0)
@@ -105,8 +111,7 @@ def _run_steps(config, mesh_shape, batches, devices=None, context=1):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
     config.mesh.context = context
     mesh = train.make_mesh(config, devices)
-    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
-                                                                    vocab_size=384))
+    model = TransformerLM(TransformerConfig.from_config(config.model.to_dict(), vocab_size=384))
     optimizer = train.make_optimizer(config)
     state, shardings = train.create_train_state(config, model, mesh, optimizer)
     step = train.make_train_step(config, model, optimizer, mesh, shardings)
@@ -215,16 +220,15 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
 
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4
     mesh = train.make_mesh(config)
-    model = train.TransformerLM(train.TransformerConfig.from_config(config.model.to_dict(),
-                                                                    vocab_size=384))
+    model = TransformerLM(TransformerConfig.from_config(config.model.to_dict(), vocab_size=384))
     abstract, _ = train.create_train_state(config, model, mesh, train.make_optimizer(config),
                                            abstract=True)
-    step, restored, data_state = checkpoints.restore(abstract)
-    assert step == 1 and data_state == {"next_index": 8}
-    embedding = restored.params["embed"]["embedding"]
+    restored = checkpoints.restore(abstract)
+    assert restored.step == 1 and restored.data_state == {"next_index": 8}
+    embedding = restored.state.params["embed"]["embedding"]
     assert embedding.sharding.spec == PartitionSpec("tensor", EMBED)
     assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -254,7 +258,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
-    ("--config.model.foo=1", "error: unknown config field 'foo' in --config.model.foo"),
+    ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
@@ -273,6 +277,18 @@ def test_an_empty_data_file_is_a_one_line_error(tmp_path):
                   f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_one_large_text_file_trains_and_evaluates_on_its_tail(tmp_path):
+    # One file is one document; its last 2% is the validation split (data/sources.py).
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(open(p).read() for p in sorted(glob.glob(f"{ROOT}/data/*.py"))))
+    config = tiny_config(tmp_path / "cache", num_train_steps=3, eval_every_steps=0,
+                         sample_tokens=0, **{"data.source": "text", "data.paths": str(corpus)})
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    # Every byte of the tail and its end of document is a target, but its first byte.
+    tail = len(corpus.read_bytes()) * 0.02
+    assert 0.9 * tail < result["num_tokens"] < 1.1 * tail and np.isfinite(result["loss"])
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +375,42 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_work
         assert last.startswith(f"error: the checkpoint {workdir}/checkpoints/{latest} cannot be "
                                f"restored"), last
         assert _snapshot(workdir / "checkpoints") == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_the_same_command_resumes(tmp_path):
+    # A 1.5 MB file system: the tiny run's checkpoints (~0.5 MB each, every 2 steps) fill it.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): "
+                    f"{mounted.stderr.strip()}")
+    try:
+        args = ["--config=configs/tiny.py", "--config.checkpoint_every_steps=2",
+                f"--workdir={disk}/run", f"--config.data.cache_dir={tmp_path}/cache"]
+        full = script("train.py", *args)
+        assert full.returncode == 1, full.stderr[-2000:]
+        lines = full.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in full.stdout, full.stderr[-3000:]
+        intact = sorted(int(p.name) for p in (disk / "run" / "checkpoints").iterdir()
+                        if p.name.isdigit())
+        assert intact and intact[-1] < 20
+        assert re.fullmatch(
+            rf"error: saving a checkpoint in {re.escape(str(disk))}/run/checkpoints failed "
+            rf"\(.+\); the complete checkpoints there \(steps {', '.join(map(str, intact))}\) "
+            rf"are intact: free space \(or fix the folder\) and run the same command to resume "
+            rf"from step {intact[-1]}",
+            lines[0]), lines[0]
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = script("train.py", *args)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"resuming at step {intact[-1]}" in resumed.stdout
+        assert sorted(train_metrics(disk / "run")) == list(range(1, 21))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_make_mesh_and_batch_checks():

@@ -68,5 +68,4 @@ def restore_params(workdir, step=None):
     """The parameters (numpy) of ``workdir``'s checkpoint (latest where step is None)."""
     import train
 
-    *_, params, _ = train.load_for_inference(str(workdir), step=step)
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, train.load_for_inference(str(workdir), step=step).params)

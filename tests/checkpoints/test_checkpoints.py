@@ -24,9 +24,9 @@ def test_round_trip_and_a_tampered_checksum_is_reported(tmp_path):
     checkpoints.wait()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             _state())
-    step, state, data = checkpoints.restore(abstract)
-    assert step == 7 and data == {"next_index": 3}
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(_state())):
+    restored = checkpoints.restore(abstract)
+    assert restored.step == 7 and restored.data_state == {"next_index": 3}
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(_state())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # Arrays that still decode but differ from what was saved (the checksum stands in for them).

@@ -89,3 +89,25 @@ def test_tfds_source_with_mock_data(data_config):
         data_config.tfds_text_field = "body"
         with pytest.raises(ValueError, match="data.tfds_text_field='body' is not a field"):
             list(sources.read_documents(data_config, "train"))
+
+
+def test_one_text_file_holds_out_its_tail(data_config, tmp_path):
+    # One file is one document: the hash split (2%) cannot hold out part of it.
+    lines = [f"line {i:03d} of the only file\n" for i in range(400)]
+    _write(tmp_path / "corpus.txt", "".join(lines))
+    data_config.update(source="text", paths=str(tmp_path / "corpus.txt"))
+    train, = sources.read_documents(data_config, "train")
+    validation, = sources.read_documents(data_config, "validation")
+    assert train + validation == "".join(lines)
+    # The last 2% (8 lines of 400), from a line start.
+    assert validation == "".join(lines[-8:])
+    # Several files, none held out by the hash: the last file's tail.
+    _write(tmp_path / "b.txt", "".join(lines[:100]))
+    data_config.paths = f"{tmp_path / 'corpus.txt'},{tmp_path / 'b.txt'}"
+    assert not any(sources.in_validation(name, 0.02) for name in ("corpus.txt", "b.txt"))
+    assert list(sources.read_documents(data_config, "validation")) == ["".join(lines[98:100])]
+    assert list(sources.read_documents(data_config, "train")) == ["".join(lines),
+                                                                  "".join(lines[:98])]
+    # No hold-out at all where asked for none.
+    data_config.validation_fraction = 0.0
+    assert list(sources.read_documents(data_config, "validation")) == []

@@ -53,8 +53,12 @@ def test_stale_and_corrupt_caches_are_rebuilt(data_config, tmp_path):
 def test_empty_corpus_is_a_clear_error(data_config, tmp_path):
     config = _text_config(data_config, tmp_path, ["only"])
     config.validation_fraction = 0.0
-    with pytest.raises(ValueError, match="split 'validation' has no text"):
+    with pytest.raises(ValueError, match=r"data.source='text': the validation split is empty "
+                                         r"\(data.validation_fraction=0.0 of the corpus held out\): "
+                                         r"raise data.validation_fraction or set "
+                                         r"data.validation_paths"):
         tokenized_split(config, "validation", ByteTokenizer(), config.cache_dir)
+
 
 
 def test_max_documents_is_part_of_the_key_and_failures_leave_no_files(data_config, tmp_path):

@@ -1,6 +1,6 @@
 """Checkpoints of a training run: orbax's ``CheckpointManager`` under ``<workdir>/checkpoints``.
 
-``<workdir>/checkpoints/<step>/`` holds three items:
+``<workdir>/checkpoints/<step>/`` holds four items:
 
 * ``state``: the `train.TrainState` (step, parameters, optimizer state, PRNG key), saved
   from its sharded arrays and restored onto whatever shardings the caller asks for, so a run
@@ -12,14 +12,18 @@
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and the
 files are written in a background thread. A step's folder appears only when its save is
-complete, so a run killed mid-save leaves the previous checkpoints as they were.
+complete, so a run killed mid-save leaves the previous checkpoints as they were; a save that
+fails (a full disk) is one `CheckpointError` naming the intact checkpoints, raised by the
+``save`` or ``wait`` that finds it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +49,29 @@ def checksums(state) -> list[int]:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing or cannot be read (a one-line message for the user)."""
+    """A checkpoint that is missing, cannot be read or could not be written (a one-line
+    message for the user)."""
+
+
+class RestoredCheckpoint(NamedTuple):
+    step: int
+    state: Any  # the saved pytree, on the shardings that `Checkpoints.restore` was given
+    data_state: dict  # the training iterator's state (`data.TrainBatches.state()`)
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's error logs (each with a traceback, one per writer thread) of a failed
+    background save: the failure reaches `Checkpoints.save` or `Checkpoints.wait`, which
+    report it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _silence_abandoned_work() -> None:
+    """After a failed restore or save, orbax's abandoned reads and writes end later (on a
+    closed event loop, or in their threads) and would each print a traceback."""
+    sys.unraisablehook = threading.excepthook = lambda *args: None
 
 
 class Checkpoints:
@@ -69,6 +95,10 @@ class Checkpoints:
             # Unfinished saves of a killed run are removed when the next run starts.
             cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        absl_logger = logging.getLogger("absl")  # orbax logs through absl
+        if not any(isinstance(f, _QuietOrbaxErrors) for f in absl_logger.filters):
+            absl_logger.addFilter(_QuietOrbaxErrors())
+        self._failed_save: CheckpointError | None = None
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -78,19 +108,41 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
-        """Starts saving; returns when the arrays are off the devices (see the module doc)."""
-        self._manager.save(step, args=ocp.args.Composite(
+        """Starts saving; returns when the arrays are off the devices (see the module doc).
+        Raises `CheckpointError` where this save or the one before it failed."""
+        state_checksums = checksums(state)
+        self._writing(lambda: self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": checksums(state)})))
+            checksums=ocp.args.JsonSave({"state": state_checksums}))))
 
     def wait(self) -> None:
-        """Blocks until every started save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is on disk; `CheckpointError` where one failed."""
+        self._writing(self._manager.wait_until_finished)
 
     def close(self) -> None:
-        self._manager.close()
+        if self._failed_save is None:  # after a failure, closing would wait for it again
+            self._manager.close()
+
+    def _writing(self, write) -> None:
+        if self._failed_save is not None:
+            raise self._failed_save
+        try:
+            write()
+        except Exception as error:  # orbax and tensorstore raise many types (OSError, ...)
+            _silence_abandoned_work()
+            # From the disk: the manager's own list may already drop a checkpoint that its
+            # failed save was to replace. A step's folder gets its plain name when complete.
+            steps = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+            self._failed_save = CheckpointError(
+                f"saving a checkpoint in {self.directory} failed ({type(error).__name__}: "
+                f"{_first_line(error)}); the complete checkpoints there "
+                + (f"(steps {', '.join(map(str, steps))}) are intact: free space (or fix "
+                   f"the folder) and run the same command to resume from step {max(steps)}"
+                   if steps else "are none: free space (or fix the folder) and run the same "
+                                 "command to start again"))
+            raise self._failed_save from None
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -109,8 +161,8 @@ class Checkpoints:
         restored = self._restore(step, config=ocp.args.JsonRestore())
         return step, ml_collections.ConfigDict(restored.config)
 
-    def restore(self, abstract_state, step: int | None = None):
-        """``(step, state, data_state)`` of the checkpoint at ``step`` (default the latest).
+    def restore(self, abstract_state, step: int | None = None) -> RestoredCheckpoint:
+        """The checkpoint at ``step`` (default the latest).
 
         ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` with the target
         ``sharding`` on each leaf; the restored arrays get those shardings.
@@ -123,18 +175,21 @@ class Checkpoints:
                 f"the checkpoint {os.path.join(self.directory, str(step))} is corrupt: its "
                 f"arrays do not match the checksums saved with them; it was left as it is: "
                 f"move it out of {self.directory} to use the one before it")
-        return step, restored.state, dict(restored.data)
+        return RestoredCheckpoint(step, restored.state, dict(restored.data))
 
     def _restore(self, step: int, **items):
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax and tensorstore raise many types for a bad file
-            # The other reads of the failed restore end later, on a closed event loop, and
-            # would each print a traceback; the user gets this one line instead.
-            sys.unraisablehook = threading.excepthook = lambda *args: None
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            reason = reason.split(" See full TensorStore details")[0][:300]
+            _silence_abandoned_work()
+            reason = _first_line(error)
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
                 f"({type(error).__name__}: {reason}); it was left as it is: move it out of "
                 f"{self.directory} to use the one before it") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an orbax or tensorstore error, without TensorStore's details."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return reason.split(" See full TensorStore details")[0][:300]

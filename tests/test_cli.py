@@ -1,0 +1,77 @@
+"""cli.py: every command-line mistake in train.py, evaluate.py, generate.py and bench/ is one
+line naming the culprit, exit status 1, no traceback; found before any work (no compile)."""
+
+import ml_collections
+import pytest
+
+import cli
+from configs import default
+from tests.training import script
+
+TRAIN = ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("train.py", ["--config=configs/no_such_config.py"],
+     "error: --config=configs/no_such_config.py: no such file (the configs here: "),
+    ("train.py", ["--config.no_such_field=2"],
+     "error: --config.no_such_field: unknown config field 'no_such_field' "),
+    ("train.py", ["--config.seq_len=64", "--config.model.no_such_field=1", "--config.seed=3"],
+     "error: --config.model.no_such_field: unknown config field 'model.no_such_field' "),
+    ("train.py", TRAIN + ["--config.seq_len=64", "--config.mesh.contxt=2"],
+     "error: --config.mesh.contxt: unknown config field 'mesh.contxt'; did you mean "
+     "mesh.context?"),
+    ("train.py", TRAIN + ["--config.seed.x=1"],
+     "error: --config.seed.x: seed=0 is not a group of fields"),
+    ("train.py", TRAIN + ["--config.batch_size=abc"],
+     "error: flag --config.batch_size=abc: invalid literal for int()"),
+    ("train.py", TRAIN + ["--no_such_flag=1"], "error: Unknown command line flag 'no_such_flag'"),
+    ("train.py", TRAIN + ["configs/tiny.py"],
+     "error: unexpected arguments ['configs/tiny.py']: flags are --NAME=VALUE"),
+    ("evaluate.py", ["--workdir=/nonexistent", "--config.data.no_such_field=1"],
+     "error: --config.data.no_such_field: unknown config field 'data.no_such_field' "),
+    ("evaluate.py", ["--workdir=/nonexistent", "--config.data.max_documents=many"],
+     "error: flag --config.data.max_documents=many: invalid literal for int()"),
+    ("evaluate.py", ["--workdir=/nonexistent", "--seq_len=long"],
+     "error: flag --seq_len=long: invalid literal for int()"),
+    ("evaluate.py", [], "error: flag --workdir=None: Flag --workdir must have a value"),
+    ("generate.py", ["--workdir=/nonexistent", "--temperature=hot"],
+     "error: flag --temperature=hot: could not convert string to float"),
+    ("generate.py", ["--workdir=/nonexistent", "--promt=x"],
+     "error: Unknown command line flag 'promt'"),
+    ("bench/train.py", ["--config=configs/no_such_config.py"],
+     "error: --config=configs/no_such_config.py: no such file"),
+    ("bench/train.py", ["--config.model.no_such_field=1"],
+     "error: --config.model.no_such_field: unknown config field 'model.no_such_field' "),
+    ("bench/train.py", ["--steps=2"], "error: flag --steps=2: 2 is not integer >= 4"),
+    ("bench/attention.py", ["--sizes=1024,4k"],
+     "error: argument --sizes: '1024,4k': expected comma-separated ints"),
+    ("bench/attention.py", ["--window=wide"], "error: argument --window: invalid int value"),
+    ("bench/attention.py", ["--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
+    ("bench/memory.py", ["--meshes=data=1;fsdq=2"],
+     "error: argument --meshes: 'fsdq=2': expected AXIS=SIZE with AXIS one of"),
+    ("bench/memory.py", ["--settings=chunked,tiled"],
+     "error: argument --settings: 'tiled': expected some of ['chunked', 'whole_layers']"),
+    ("bench/model.py", ["--contexts=1024,x"],
+     "error: argument --contexts: '1024,x': expected comma-separated ints"),
+    ("bench/data.py", ["--batch_size=8.5"], "error: argument --batch_size: invalid int value"),
+])
+def test_command_line_mistakes_are_one_line(name, args, message):
+    done = script(name, *args)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stdout
+
+
+def test_unknown_config_field_names_the_first_missing_part():
+    config = default.get_config()
+    assert cli.unknown_config_field(config, "model.d_model") is None
+    assert cli.unknown_config_field(config, "logical_axis_rules") is None
+    assert cli.unknown_config_field(config, "data.pathz").startswith(
+        "--config.data.pathz: unknown config field 'data.pathz'; did you mean data.paths?")
+    assert cli.unknown_config_field(config, "modle.d_model.x").startswith(
+        "--config.modle.d_model.x: unknown config field 'modle'; did you mean model?")
+    nested = ml_collections.ConfigDict({"a": {"b": 1}})
+    assert cli.unknown_config_field(nested, "a.b.c") == (
+        "--config.a.b.c: a.b=1 is not a group of fields")
