@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 from typing import Any, NamedTuple
 
@@ -70,8 +71,51 @@ class _QuietOrbaxErrors(logging.Filter):
 
 def _silence_abandoned_work() -> None:
     """After a failed restore or save, orbax's abandoned reads and writes end later (on a
-    closed event loop, or in their threads) and would each print a traceback."""
+    closed event loop, or in their threads) and would each print a traceback: from Python
+    threads, or from TensorStore's C++ threads straight to file descriptor 2 (its asyncio
+    callbacks on orbax's closed loop). Python's ``sys.stderr`` keeps the real stderr for the
+    one-line error; descriptor 2 goes to /dev/null."""
     sys.unraisablehook = threading.excepthook = lambda *args: None
+    if not _SILENCED:
+        sys.stderr.flush()
+        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        _SILENCED.append(True)
+
+
+_SILENCED: list = []
+
+
+class _SaveOutput:
+    """What file descriptor 2 receives while an asynchronous save is in flight, held back:
+    given back once the save has succeeded, dropped where it failed (then it is TensorStore's
+    tracebacks of the abandoned writes, which can come before the failure is noticed)."""
+
+    def __init__(self):
+        self._stderr_fd: int | None = None
+        self._held = None
+
+    def hold(self) -> None:
+        if self._stderr_fd is None and not _SILENCED:
+            sys.stderr.flush()
+            self._held = tempfile.TemporaryFile()
+            self._stderr_fd = os.dup(2)
+            os.dup2(self._held.fileno(), 2)
+
+    def release(self, give_back: bool) -> None:
+        if self._stderr_fd is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self._stderr_fd, 2)
+        os.close(self._stderr_fd)
+        self._stderr_fd = None
+        self._held.seek(0)
+        held = self._held.read()
+        self._held.close()
+        if give_back and held:
+            os.write(2, held)
 
 
 class Checkpoints:
@@ -99,6 +143,7 @@ class Checkpoints:
         if not any(isinstance(f, _QuietOrbaxErrors) for f in absl_logger.filters):
             absl_logger.addFilter(_QuietOrbaxErrors())
         self._failed_save: CheckpointError | None = None
+        self._save_output = _SaveOutput()
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -115,7 +160,7 @@ class Checkpoints:
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": state_checksums}))))
+            checksums=ocp.args.JsonSave({"state": state_checksums}))), starts_a_save=True)
 
     def wait(self) -> None:
         """Blocks until every started save is on disk; `CheckpointError` where one failed."""
@@ -124,13 +169,17 @@ class Checkpoints:
     def close(self) -> None:
         if self._failed_save is None:  # after a failure, closing would wait for it again
             self._manager.close()
+            self._save_output.release(give_back=True)
 
-    def _writing(self, write) -> None:
+    def _writing(self, write, starts_a_save: bool = False) -> None:
+        """Runs ``write`` (which first waits for the save in flight); a failure becomes the
+        run's one `CheckpointError`."""
         if self._failed_save is not None:
             raise self._failed_save
         try:
             write()
         except Exception as error:  # orbax and tensorstore raise many types (OSError, ...)
+            self._save_output.release(give_back=False)
             _silence_abandoned_work()
             # From the disk: the manager's own list may already drop a checkpoint that its
             # failed save was to replace. A step's folder gets its plain name when complete.
@@ -143,6 +192,9 @@ class Checkpoints:
                    if steps else "are none: free space (or fix the folder) and run the same "
                                  "command to start again"))
             raise self._failed_save from None
+        self._save_output.release(give_back=True)  # the save in flight has succeeded
+        if starts_a_save:
+            self._save_output.hold()
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.all_steps()

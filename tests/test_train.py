@@ -396,18 +396,20 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_same_command_resumes(tmp_
         assert len(lines) == 1 and "Traceback" not in full.stdout, full.stderr[-3000:]
         intact = sorted(int(p.name) for p in (disk / "run" / "checkpoints").iterdir()
                         if p.name.isdigit())
-        assert intact and intact[-1] < 20
+        assert not intact or intact[-1] < 20
+        # Usually a save or two fit first; on a loaded machine the first may already fail.
+        kept = (rf"\(steps {', '.join(map(str, intact))}\) are intact: free space \(or fix the "
+                rf"folder\) and run the same command to resume from step {intact[-1]}"
+                if intact else r"are none: free space \(or fix the folder\) and run the same "
+                               r"command to start again")
         assert re.fullmatch(
             rf"error: saving a checkpoint in {re.escape(str(disk))}/run/checkpoints failed "
-            rf"\(.+\); the complete checkpoints there \(steps {', '.join(map(str, intact))}\) "
-            rf"are intact: free space \(or fix the folder\) and run the same command to resume "
-            rf"from step {intact[-1]}",
-            lines[0]), lines[0]
+            rf"\(.+\); the complete checkpoints there {kept}", lines[0]), lines[0]
 
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         resumed = script("train.py", *args)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert f"resuming at step {intact[-1]}" in resumed.stdout
+        assert (f"resuming at step {intact[-1]}" if intact else "starting") in resumed.stdout
         assert sorted(train_metrics(disk / "run")) == list(range(1, 21))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
