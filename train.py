@@ -670,6 +670,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     train_step = make_train_step(config, model, optimizer, mesh, state_shardings)
     eval_step = make_eval_step(config, model, mesh, state_shardings.params, tokenizer)
     sharding = batch_sharding(mesh)
+    document_bound = model_cfg.document_bound()  # rows checked where cuDNN's layout runs
     # This process reads only the rows its devices hold: of the batch cut into blocks of
     # `local` rows, the block that starts at rows.start.
     rows = process_rows(sharding, config.batch_size)
@@ -693,7 +694,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
         if max_batches:
             batches = (b for _, b in zip(range(max_batches * config.grad_accum_steps), batches))
         result = evaluate_batches(eval_step, params, batches, sharding, micro_batch,
-                                  document_bound=model_cfg.document_bound())
+                                  document_bound=document_bound)
         if write:
             text = {}
             if config.sample_tokens:
@@ -714,7 +715,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     try:
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(batches)
-            check_documents_per_row(batch, model_cfg.document_bound())
+            check_documents_per_row(batch, document_bound)
             batch = to_global_batch(batch, sharding)
             computing = time.perf_counter()
             state, metrics = train_step(state, batch)

@@ -36,14 +36,20 @@ def test_decode_logits_equal_full_forward_far_past_the_window(position_embedding
 
     decoder = TransformerLM(config, decode=True)
     cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
+    np.testing.assert_allclose(_decode(decoder, params, cache, tokens, prompt_len), full,
+                               atol=1e-4, rtol=1e-4)
+
+
+def _decode(decoder, params, cache, tokens, prompt_len):
+    """Logits of a prefill of ``tokens[:, :prompt_len]``, then one decode step per token."""
     step = jax.jit(lambda cache, t: decoder.apply({"params": params, "cache": cache}, t,
                                                   mutable=["cache"]))
     logits, updated = step(cache, tokens[:, :prompt_len])
     decoded = [logits]
-    for t in range(prompt_len, total):
+    for t in range(prompt_len, tokens.shape[1]):
         logits, updated = step(updated["cache"], tokens[:, t:t + 1])
         decoded.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full, atol=1e-4, rtol=1e-4)
+    return jnp.concatenate(decoded, axis=1)
 
 
 def test_greedy_generation_equals_argmax_of_repeated_full_forwards():
@@ -135,12 +141,5 @@ def test_decode_with_global_layers_and_grouped_heads_equals_the_full_forward(sca
     cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
     assert cache["layer_1"]["attention"]["cached_key"].shape == (2, total, 2, 8)  # global
     assert cache["layer_0"]["attention"]["cached_key"].shape == (2, WINDOW + 1, 2, 8)
-    step = jax.jit(lambda cache, t: decoder.apply({"params": layer_params, "cache": cache}, t,
-                                                  mutable=["cache"]))
-    logits, updated = step(cache, tokens[:, :prompt_len])
-    decoded = [logits]
-    for t in range(prompt_len, total):
-        logits, updated = step(updated["cache"], tokens[:, t:t + 1])
-        decoded.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(decoded, axis=1), full(tokens), atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(_decode(decoder, layer_params, cache, tokens, prompt_len),
+                               full(tokens), atol=1e-4, rtol=1e-4)
