@@ -228,6 +228,13 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         config = self.config
+        shape = x.shape
+        if sequence_shards() == 1:
+            # On rows of tokens: XLA:CPU fuses (batch, length, ·) elementwise gating with
+            # (rows, ·) views of the matmuls' outputs, and those fusions ran 3× slower than
+            # plain ones (16% of a small model's step, bench/step.py). Where the sequence is
+            # split over devices, merging it with the batch would gather it.
+            x = x.reshape(-1, shape[-1])
         dense = functools.partial(nn.Dense, dtype=config.compute_dtype, use_bias=False)
         up = lambda name: dense(config.mlp_dim, kernel_init=_init(_DENSE_INIT, "embed", "mlp"),  # noqa: E731
                                 name=name)(x)
@@ -235,10 +242,9 @@ class Mlp(nn.Module):
             hidden = nn.silu(up("gate")) * up("up")
         else:
             hidden = nn.gelu(up("up"))
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
         return dense(config.d_model, kernel_init=_init(_DENSE_INIT, "mlp", "embed"),
-                     name="down")(hidden)
+                     name="down")(hidden).reshape(shape)
 
 
 class DecoderBlock(nn.Module):
