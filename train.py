@@ -100,6 +100,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{name}={config[name]!r}: expected a number >= 0")
     if config.learning_rate == 0:
         raise ValueError("learning_rate=0: expected a positive number")
+    if config.decay_schedule not in DECAY_SCHEDULES:
+        raise ValueError(f"decay_schedule={config.decay_schedule!r}: expected one of "
+                         f"{list(DECAY_SCHEDULES)}")
     if config.warmup_steps >= config.num_train_steps:
         raise ValueError(f"warmup_steps={config.warmup_steps}: expected fewer than "
                          f"num_train_steps={config.num_train_steps}")
@@ -183,12 +186,22 @@ def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0) 
 
 # --- state, optimizer, steps ------------------------------------------------------------------
 
+DECAY_SCHEDULES = ("cosine", "linear")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to ``learning_rate * min_learning_rate_ratio``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-        decay_steps=config.num_train_steps,
-        end_value=config.learning_rate * config.min_learning_rate_ratio)
+    """Linear warmup from 0, then ``config.decay_schedule`` (cosine or linear) down to
+    ``learning_rate * min_learning_rate_ratio`` at ``num_train_steps``."""
+    end_value = config.learning_rate * config.min_learning_rate_ratio
+    if config.decay_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+            decay_steps=config.num_train_steps, end_value=end_value)
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+        optax.linear_schedule(config.learning_rate, end_value,
+                              config.num_train_steps - config.warmup_steps),
+    ], boundaries=[config.warmup_steps])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -705,6 +718,8 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
                                                                "bits_per_byte")}, text)
         log.message(f"step {step}: eval loss {result['loss']:.4f}, perplexity "
                     f"{result['perplexity']:.3f}, {result['bits_per_byte']:.3f} bits/byte")
+        if write and config.sample_tokens:  # what the model writes now, as the user sees it
+            log.message("\n".join(f"  | {line}" for line in text["sample"].splitlines()))
         return result
 
     def save(step: int, state: TrainState) -> None:

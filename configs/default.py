@@ -16,14 +16,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameters, dropout and the data order all follow from it
 
-    # Optimisation: AdamW, linear warmup then cosine decay, global-norm clipping.
+    # Optimisation: AdamW, linear warmup then a decay, global-norm clipping.
     config.num_train_steps = 360
     config.batch_size = 2  # global: sequences per optimizer step, over all devices and hosts
     config.seq_len = 2048  # training context
     config.grad_accum_steps = 1  # the batch is split into this many micro-batches, scanned
     config.learning_rate = 3e-3  # peak
     config.warmup_steps = 30
-    config.min_learning_rate_ratio = 0.1  # the cosine decays to learning_rate * this
+    config.decay_schedule = "cosine"  # cosine | linear, after the warmup
+    config.min_learning_rate_ratio = 0.1  # the decay ends at learning_rate * this
     config.weight_decay = 0.1  # on matrices only (not norms)
     config.adam_b1 = 0.9
     config.adam_b2 = 0.95

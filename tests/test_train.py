@@ -437,3 +437,12 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(100)) == pytest.approx(0.1)
     assert float(schedule(50)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 40 / 90)))
+    config.decay_schedule = "linear"
+    schedule = train.learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(100)) == pytest.approx(0.1)
+    assert float(schedule(55)) == pytest.approx(1.0 - 0.9 * 45 / 90)
+    config.decay_schedule = "step"
+    with pytest.raises(ValueError, match=r"^decay_schedule='step': expected one of \['cosine', "
+                                         r"'linear'\]$"):
+        train.validate_config(config)
