@@ -163,7 +163,7 @@ def main(argv) -> None:
     if "passkey" in summary:
         print(probes.format_passkey_table(summary["passkey"]), file=sys.stderr)
         if FLAGS.probe_plot:
-            probes.plot_passkey(summary["passkey"], FLAGS.probe_plot, reach,
+            probes.plot_passkey({"accuracy": summary["passkey"]}, FLAGS.probe_plot, reach,
                                 f"passkey, step {result['step']}")
     print(json.dumps(summary, indent=1))
     if FLAGS.output:

@@ -18,11 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.passkey import KEY_DIGITS, passkey_parts, random_keys
 from model import TransformerConfig, TransformerLM
-
-_PLANTED = "the pass key is {key}. remember it. "
-_QUESTION = " what is the pass key? the pass key is "
-_KEY_DIGITS = 5
 
 
 def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.ndarray,
@@ -71,20 +68,18 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     @jax.jit
     def digit_log_likelihoods(tokens):  # (rows, length) -> (rows,): the last digits' log p
         losses = model.apply({"params": params}, tokens[:, :-1], targets=tokens[:, 1:])
-        return -losses[:, -_KEY_DIGITS:].sum(axis=1)
+        return -losses[:, -KEY_DIGITS:].sum(axis=1)
 
     rng = np.random.default_rng(seed)
-    question = tokenizer.encode(_QUESTION)
     rows = []
     for distance in distances:
         correct = 0
         for _ in range(trials):
-            keys = rng.choice(10**_KEY_DIGITS - 10**(_KEY_DIGITS - 1), candidates,
-                              replace=False) + 10**(_KEY_DIGITS - 1)
+            keys = random_keys(rng, candidates)
             start = rng.integers(0, len(filler) - distance + 1)
-            prefix = np.concatenate([tokenizer.encode(_PLANTED.format(key=keys[0])),
-                                     filler[start:start + distance], question])
-            batch = np.stack([np.concatenate([prefix, tokenizer.encode(str(key))])
+            planted, question, _ = passkey_parts(tokenizer, keys[0])
+            prefix = np.concatenate([planted, filler[start:start + distance], question])
+            batch = np.stack([np.concatenate([prefix, passkey_parts(tokenizer, key)[2]])
                               for key in keys]).astype(np.int32)
             scores = np.asarray(digit_log_likelihoods(jnp.asarray(batch)))
             correct += int(np.argmax(scores) == 0)
@@ -100,17 +95,20 @@ def format_passkey_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_passkey(rows: list[dict], path: str, reach: int, title: str) -> None:
-    """Accuracy against distance as a PNG, with chance and the local reach L·W marked."""
+def plot_passkey(curves: dict[str, list[dict]], path: str, reach: int, title: str) -> None:
+    """Accuracy against distance as a PNG, one line per ``curves`` entry (label -> the rows of
+    `passkey_accuracy`), with chance and the local reach L·W marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-              label="accuracy")
-    axes.axhline(rows[0]["chance"], color="gray", linestyle="--", label="chance")
+    for label, rows in curves.items():
+        axes.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                  label=label)
+    axes.axhline(next(iter(curves.values()))[0]["chance"], color="gray", linestyle="--",
+                 label="chance")
     axes.axvline(reach, color="red", linestyle=":", label="layers × window")
     axes.set_xscale("symlog")
     axes.set_ylim(-0.02, 1.02)

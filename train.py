@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cli
 from checkpoints import Checkpoints
+from configs import data as data_config
 from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
 from data.packing import documents_per_row
 from data.tokenizers import Tokenizer
@@ -55,12 +56,13 @@ PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
 # ... and the data iterator's saved position (which examples, cut how, in which order).
 DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
                      "data.hf_name", "data.hf_config", "data.tfds_name", "data.packing",
-                     "data.max_documents", "data.validation_fraction")
+                     "data.max_documents", "data.validation_fraction", "data.passkey_fraction")
 # model.* fields that change neither the parameters nor the data: free to change on resume.
 _MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
                                 "layer_chunk_size", "loss_chunk_size")
 _MODEL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
                    if field.default is not dataclasses.MISSING}
+_DATA_DEFAULTS = data_config.get_config().to_dict()
 
 
 @flax.struct.dataclass
@@ -621,7 +623,9 @@ def _check_resume_compatible(saved: ml_collections.ConfigDict,
                              config: ml_collections.ConfigDict, directory: str) -> None:
     for field in PARAMETER_FIELDS + DATA_ORDER_FIELDS:
         part, _, name = field.partition(".")
-        old = saved.get(part) if not name else saved.get(part, {}).get(name)
+        # A data field that the checkpoint's code did not have yet meant its default.
+        old = saved.get(part) if not name else saved.get(part, {}).get(
+            name, _DATA_DEFAULTS.get(name) if part == "data" else None)
         new = config[part] if not name else config[part][name]
         old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
         new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
@@ -662,7 +666,8 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
     # Data: the tokenizer decides the vocabulary; examples are cut to seq_len.
     tokenizer = make_tokenizer(config.data, workdir)
     model_cfg = model_config(config, tokenizer)
-    train_examples = packed_examples(config.data, "train", tokenizer, config.seq_len)
+    train_examples = packed_examples(config.data, "train", tokenizer, config.seq_len,
+                                     seed=config.seed)
     validation_examples = packed_examples(config.data, "validation", tokenizer, config.seq_len)
 
     # Devices, the sharded state and the steps.

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sentencepiece_model = ""  # empty: trained into <workdir>/sentencepiece.model
     config.sentencepiece_vocab_size = 8192
     config.packing = "documents"  # documents: attention stays in each document; stream: not
+    # Training rows that get a random pass key planted and asked for later (data/passkey.py;
+    # needs packing "stream"): teaches the retrieval that `evaluate.py --probe=passkey` tests.
+    config.passkey_fraction = 0.0
     config.cache_dir = ""  # tokenized splits; empty: ~/.cache/local_attention_lm
     config.prefetch = 2  # batches prepared ahead by background threads
     return config

@@ -19,6 +19,7 @@ import numpy as np
 
 from data import sources
 from data.packing import PackedExamples
+from data.passkey import PasskeyRows, check_passkey_fraction
 from data.token_cache import tokenized_split
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 
@@ -71,13 +72,21 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     return SentencePieceTokenizer(model_path)
 
 
-def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int) -> PackedExamples:
-    """The ``split`` ('train' or 'validation') packed into examples of ``seq_len`` tokens."""
+def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
+                    seed: int = 0) -> PackedExamples | PasskeyRows:
+    """The ``split`` ('train' or 'validation') packed into examples of ``seq_len`` tokens;
+    with ``data.passkey_fraction`` the training split's rows get pass keys planted (from
+    ``seed``, see `PasskeyRows`)."""
     if config.packing not in PACKING:
         raise ValueError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
+    fraction = config.get("passkey_fraction", 0.0)  # configs saved before the field: none
+    check_passkey_fraction(fraction, config.packing)
     tokens = tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
-    return PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
-                          isolate_documents=config.packing == "documents")
+    examples = PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
+                              isolate_documents=config.packing == "documents")
+    if split == "train" and fraction:
+        return PasskeyRows(examples, tokenizer, fraction, seed)
+    return examples
 
 
 class TrainBatches:

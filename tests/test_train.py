@@ -257,6 +257,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.model.num_heads=3", "error: model.d_model=32 is not divisible by "
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),
+    ("--config.data.passkey_fraction=0.5", "error: data.passkey_fraction=0.5 needs "
+                                           "data.packing='stream', not 'documents'"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
     ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),

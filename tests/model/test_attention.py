@@ -105,12 +105,13 @@ def test_rel_pos_emb_shared_across_heads_and_longer_than_sequence():
     np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=2e-5)
 
 
-def test_dropout_is_deterministic_per_key_and_drops_the_requested_fraction():
+@pytest.mark.parametrize("window", [8, 16])  # the band schedule, the looped one (2·33 >= 64)
+def test_dropout_is_deterministic_per_key_and_drops_the_requested_fraction(window):
     n, rate = 64, 0.3
     q, k, _ = _qkv((2, 2, n, n))
     # With v = identity the output row i is the (dropped, rescaled) attention weights of i.
     v = jnp.broadcast_to(jnp.eye(n), q.shape)
-    kwargs = dict(window_size_left=16, window_size_right=16, block_size=16)
+    kwargs = dict(window_size_left=window, window_size_right=window, block_size=16)
     f = lambda key: local_attention(q, k, v, dropout_rate=rate, dropout_rng=key, **kwargs)  # noqa: E731
     first, again, other = f(jax.random.key(7)), f(jax.random.key(7)), f(jax.random.key(8))
     np.testing.assert_array_equal(first, again)
@@ -124,10 +125,11 @@ def test_dropout_is_deterministic_per_key_and_drops_the_requested_fraction():
     assert abs(float(dropped_fraction) - rate) < 0.03
 
 
-def test_dropout_gradients_match_finite_differences():
+@pytest.mark.parametrize("left", [5, 30])  # the band schedule, the looped one
+def test_dropout_gradients_match_finite_differences(left):
     q, k, v = _qkv((1, 2, 24, 4))
     key = jax.random.key(9)
-    f = lambda q, k, v: local_attention(q, k, v, window_size_left=5, window_size_right=2,  # noqa: E731
+    f = lambda q, k, v: local_attention(q, k, v, window_size_left=left, window_size_right=2,  # noqa: E731
                                         dropout_rate=0.2, dropout_rng=key, block_size=8)
     check_grads(f, (q, k, v), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
@@ -152,13 +154,14 @@ def test_bfloat16_within_tolerance_of_float32():
         np.testing.assert_allclose(g.astype(jnp.float32), r, atol=5e-2, rtol=5e-2)
 
 
-def test_memory_is_linear_in_sequence_length():
+@pytest.mark.parametrize("window", [256, 16383])  # local; global (the looped schedule)
+def test_memory_is_linear_in_sequence_length(window):
     # A dense (n, n) score matrix at n = 16384 with 4 heads would take 4 GiB; the blocked
     # kernel's forward+backward needs O(n·d) plus one chunk.
     n, heads, d = 16384, 4, 64
     spec = jax.ShapeDtypeStruct((1, heads, n, d), jnp.float32)
     grad = jax.jit(jax.grad(lambda q, k, v: local_attention(
-        q, k, v, window_size_left=256, window_size_right=0).sum(), argnums=(0, 1, 2)))
+        q, k, v, window_size_left=window, window_size_right=0).sum(), argnums=(0, 1, 2)))
     temp_bytes = grad.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
     inputs_bytes = heads * n * d * 4
     assert temp_bytes < 24 * inputs_bytes, temp_bytes
@@ -413,6 +416,47 @@ def test_a_window_over_the_whole_sequence_is_causal_attention():
              for f in (ours, causal)]
     for ours_grad, their_grad in zip(*grads):
         np.testing.assert_allclose(ours_grad, their_grad, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("n,block", [(300, None), (257, 64), (130, 16)])
+def test_a_global_window_with_segments_and_grouped_heads_equals_jax_attention(n, block, dtype):
+    """The looped schedule that global layers run (each query block visits only the key
+    blocks at or before it) against jax.nn.dot_product_attention with a causal and
+    same-document mask: packed documents, 4 query heads over 2 key/value heads, lengths that
+    are not multiples of the block."""
+    q = _qkv((2, 4, n, 16), seed=11)[0].astype(dtype)
+    k, v = (x.astype(dtype) for x in _qkv((2, 2, n, 16), seed=12)[1:])
+    segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(13), 0.01, (2, 1, n)), axis=-1)
+
+    def ours(q, k, v):
+        return local_attention(q, k, v, window_size_left=n - 1, window_size_right=0,
+                               segment_ids=segment_ids, block_size=block)
+
+    def reference(q, k, v):
+        swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        position = jnp.arange(n)
+        visible = ((position[:, None] >= position[None, :])
+                   & (segment_ids[..., :, None] == segment_ids[..., None, :]))
+        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=visible))
+
+    # bfloat16 against the float32 reference of the same (rounded) inputs; tolerances as in
+    # test_bfloat16_within_tolerance_of_float32.
+    tolerance = 5e-5 if dtype == jnp.float32 else 5e-2
+    as_float32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out = ours(q, k, v)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out.astype(jnp.float32), reference(*as_float32), atol=tolerance,
+                               rtol=tolerance)
+    cotangent = jax.random.normal(jax.random.key(14), q.shape)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * cotangent),
+                             argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), argnums=(0, 1, 2))(
+        *as_float32)
+    for ours_grad, their_grad in zip(grads, expected):
+        assert ours_grad.dtype == dtype
+        np.testing.assert_allclose(ours_grad.astype(jnp.float32), their_grad, atol=2 * tolerance,
+                                   rtol=2 * tolerance)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
