@@ -41,6 +41,27 @@ def test_sentencepiece_trained_in_workdir_on_first_use_then_reused(data_config, 
     assert make_tokenizer(data_config).name == tokenizer.name
 
 
+def test_sentencepiece_is_lossless_on_code(data_config, tmp_path):
+    """Indentation, blank lines, runs of spaces, tabs and unseen characters survive a round
+    trip, and the bytes the ids stand for add up to the text's: bits per byte count it all."""
+    def source(i):
+        return (f"class Thing{i}:\n    def method(self, x):\n        if x:\n            return "
+                f"x  + {i}\n\n\n    value = [1,  2]\t# done\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"module{i}.py").write_text(source(i) * 5)
+    data_config.update(source="text", paths=str(corpus), validation_fraction=0.0,
+                       tokenizer="sentencepiece", sentencepiece_vocab_size=400)
+    tokenizer = make_tokenizer(data_config, str(tmp_path / "run"))
+    text = "  " + source(77) + "\r\n    ünïcode ∑ 🙂  \n\n  "
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.byte_lengths()[ids].sum() == len(text.encode("utf-8"))
+    # Indentation is learnt as pieces of spaces, not one token per space.
+    assert len(tokenizer.encode(" " * 12)) <= 3
+
+
 def test_sentencepiece_trains_on_book_length_documents(data_config, tmp_path):
     book = "\n".join(f"line {i} of a long book with words like w{i % 97}" for i in range(3000))
     (tmp_path / "book.txt").write_text(book)  # one ~120k-character document
