@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 
 WINDOW, LAYERS, CONTEXT = 32, 2, 384
+MODELS = {"local": 0, "global": LAYERS}  # name -> model.global_layers (the last layer global)
 
 
 def experiment_config(global_layers: int, steps: int):
@@ -47,6 +48,7 @@ def experiment_config(global_layers: int, steps: int):
     config.model.window_size = WINDOW
     config.model.global_layers = global_layers
     config.data.packing = "stream"
+    config.data.tokenizer = "bytes"  # a key's digits are single tokens
     config.data.passkey_fraction = 1.0
     return config
 
@@ -59,9 +61,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32, help="keys per distance")
     parser.add_argument("--plot", default="passkey.png", help="the PNG to write")
     parser.add_argument("--workdir", default=None, help="default: a new temporary folder")
+    parser.add_argument("--train_only", choices=sorted(MODELS), default=None,
+                        help="train only this model (in --workdir), e.g. the two at once in "
+                             "two processes; a later run without it probes both")
     args = parser.parse_args()
     if args.steps < 1:
         cli.exit_with_error(f"--steps={args.steps}: expected an int >= 1")
+    if args.train_only and not args.workdir:
+        cli.exit_with_error("--train_only needs --workdir (where the other model trains too)")
+    cli.restart_with_huge_pages()
 
     import evaluate
     import probes
@@ -69,11 +77,17 @@ def main() -> None:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
     results = {}
-    for name, global_layers in (("local", 0), ("global", LAYERS)):
+    for name, global_layers in MODELS.items():
+        if args.train_only not in (None, name):
+            continue
         run = os.path.join(workdir, name)
         started = time.perf_counter()
         try:
             final = train.train_and_evaluate(experiment_config(global_layers, args.steps), run)
+            if args.train_only:
+                print(f"{name}: trained {args.steps} steps in "
+                      f"{time.perf_counter() - started:.0f} s ({run})")
+                return
             rows, reach = evaluate.passkey(run, args.distances, args.trials)
         except ValueError as error:
             cli.exit_with_error(str(error))

@@ -3,8 +3,8 @@ whole loop, with and without huge pages for XLA's temporaries.
 
     python bench/step.py [--steps=300] [--config.KEY=VALUE ...]
 
-The shape is issue 11's: 4 layers, d_model 128, context 64, batch 12 (the default config's
-other fields: 4 heads, SwiGLU of 768, window 256, float32, AdamW with clipping). Each point
+The shape is issue 11's: 4 layers, d_model 128, context 64, batch 12, UTF-8 bytes (the default
+config's other fields: 4 heads, SwiGLU of 768, window 256, float32, AdamW with clipping). Each point
 runs in its own process, once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` (glibc maps
 XLA's temporaries in 4 KiB pages, faulted in afresh each step) and once with ``=1`` (what
 `cli.restart_with_huge_pages` gives train.py, evaluate.py and generate.py):
@@ -32,7 +32,8 @@ from absl import logging  # noqa: E402
 import cli  # noqa: E402
 from bench.common import REPO_ROOT  # noqa: E402
 
-SHAPE = {"model.num_layers": 4, "model.d_model": 128, "seq_len": 64, "batch_size": 12}
+SHAPE = {"model.num_layers": 4, "model.d_model": 128, "seq_len": 64, "batch_size": 12,
+         "data.tokenizer": "bytes"}
 HUGE_PAGES = {"off": "glibc.malloc.hugetlb=0", "on": "glibc.malloc.hugetlb=1"}
 _LOG_EVERY = 25
 

@@ -3,7 +3,7 @@
 
     python bench/sweep.py [--budget_seconds=150] [--points=NAME,...] [--out=runs/sweep]
 
-Each point of `GRID` (changes to the default config: tokenizer, model size, context, batch,
+Each point of `GRID` (the fields it sets: tokenizer, model size, context, batch,
 learning rate, schedule) runs as ``python train.py`` would:
 
 1. a probe: a few steps, for the seconds per step of the point on this machine;
@@ -31,25 +31,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from bench.common import REPO_ROOT  # noqa: E402
 
-_SENTENCEPIECE = {"data.tokenizer": "sentencepiece"}
-_CONTEXT_1024 = {"seq_len": 1024, "batch_size": 4}  # the same tokens per step as the default
+# Every point sets all the fields the sweep varies, so a point means the same run whatever
+# configs/default.py holds; the table shows where a point differs from configs/default.py.
+_BYTES = {"data.tokenizer": "bytes", "seq_len": 2048, "batch_size": 2, "learning_rate": 3e-3,
+          "decay_schedule": "cosine", "min_learning_rate_ratio": 0.1, "model.num_layers": 4,
+          "model.d_model": 256, "model.num_heads": 4, "model.mlp_dim": 768}
+_SP8192 = _BYTES | {"data.tokenizer": "sentencepiece", "data.sentencepiece_vocab_size": 8192,
+                    "seq_len": 1024, "batch_size": 4}  # the same tokens per step
+_LINEAR = {"decay_schedule": "linear", "min_learning_rate_ratio": 0.0}
 
-# name -> changes to configs/default.py
+# name -> config fields
 GRID = {
-    "default": {},
-    "bytes ctx1024": _CONTEXT_1024,
-    "bytes lr 6e-3": {"learning_rate": 6e-3},
-    "sp2048": _SENTENCEPIECE | _CONTEXT_1024 | {"data.sentencepiece_vocab_size": 2048},
-    "sp4096": _SENTENCEPIECE | _CONTEXT_1024 | {"data.sentencepiece_vocab_size": 4096},
-    "sp8192": _SENTENCEPIECE | _CONTEXT_1024 | {"data.sentencepiece_vocab_size": 8192},
+    "bytes (the old default)": _BYTES,
+    "bytes lr 6e-3": _BYTES | {"learning_rate": 6e-3},
+    "sp2048": _SP8192 | {"data.sentencepiece_vocab_size": 2048},
+    "sp4096": _SP8192 | {"data.sentencepiece_vocab_size": 4096},
+    "sp8192": _SP8192,
+    # Around the best tokenizer of the points above:
+    "sp8192 lr 6e-3": _SP8192 | {"learning_rate": 6e-3},
+    "sp8192 d384": _SP8192 | {"model.d_model": 384, "model.num_heads": 6, "model.mlp_dim": 1152},
+    "sp8192 6 layers": _SP8192 | {"model.num_layers": 6},
+    "sp8192 batch 8": _SP8192 | {"batch_size": 8},
+    "sp8192 ctx2048": _SP8192 | {"seq_len": 2048, "batch_size": 2},
+    "sp8192 linear to 0": _SP8192 | _LINEAR,
 }
 
 _PROBE_STEPS = 8
 _EVALUATIONS = 6
 
 
-def _flags(changes: dict) -> list[str]:
-    return [f"--config.{key}={value}" for key, value in changes.items()]
+def _flags(fields: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in fields.items()]
 
 
 def _run(command: list[str]) -> float:
@@ -68,11 +80,11 @@ def _metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def seconds_per_step(name: str, changes: dict, out: str) -> tuple[float, float]:
+def seconds_per_step(name: str, fields: dict, out: str) -> tuple[float, float]:
     """The probe: ``(seconds per training step after compilation, the probe's wall seconds)``."""
     workdir = os.path.join(out, name, "probe")
     shutil.rmtree(workdir, ignore_errors=True)
-    wall = _run(["train.py", f"--workdir={workdir}", *_flags(changes | {
+    wall = _run(["train.py", f"--workdir={workdir}", *_flags(fields | {
         "num_train_steps": _PROBE_STEPS, "warmup_steps": 1, "log_every_steps": 1,
         "eval_every_steps": 0, "eval_batches": 1, "checkpoint_every_steps": _PROBE_STEPS,
         "sample_tokens": 0})])
@@ -81,17 +93,17 @@ def seconds_per_step(name: str, changes: dict, out: str) -> tuple[float, float]:
     return sorted(steps)[len(steps) // 2], wall
 
 
-def run_point(name: str, changes: dict, budget_seconds: float, out: str) -> dict:
-    step_seconds, probe_wall = seconds_per_step(name, changes, out)
+def run_point(name: str, fields: dict, budget_seconds: float, out: str) -> dict:
+    step_seconds, probe_wall = seconds_per_step(name, fields, out)
     steps = max(20, int(budget_seconds / step_seconds))
     workdir = os.path.join(out, name, "run")
     shutil.rmtree(workdir, ignore_errors=True)
     every = max(1, steps // _EVALUATIONS)
-    run_changes = changes | {
+    run_fields = fields | {
         "num_train_steps": steps, "warmup_steps": min(30, steps // 10),
         "eval_every_steps": every, "eval_batches": 8, "checkpoint_every_steps": steps,
         "log_every_steps": 5, "sample_tokens": 0}
-    train_wall = _run(["train.py", f"--workdir={workdir}", *_flags(run_changes)])
+    train_wall = _run(["train.py", f"--workdir={workdir}", *_flags(run_fields)])
     rows = _metrics(workdir)
     # Training seconds at each logged step: the logged windows' seconds per step (evaluation
     # left out) added up, the first window's (compilation) at the median step's rate.
@@ -110,25 +122,40 @@ def run_point(name: str, changes: dict, budget_seconds: float, out: str) -> dict
     _run(["evaluate.py", f"--workdir={workdir}", f"--output={result_path}"])
     with open(result_path) as f:
         final = json.load(f)
-    return {"name": name, "changes": changes, "steps": steps,
-            "tokens": steps * _value(changes, "batch_size") * _value(changes, "seq_len"),
+    return {"name": name, "fields": fields, "steps": steps,
+            "tokens": steps * fields["batch_size"] * fields["seq_len"],
             "seconds_per_step": step_seconds, "training_seconds": training_seconds,
             "train_py_wall_seconds": train_wall, "probe_wall_seconds": probe_wall,
             "bits_per_byte": final["bits_per_byte"], "curve": curve}
 
 
-def _value(changes: dict, key: str):
+def _default(key: str):
+    """configs/default.py's value of a dotted field (``model.d_model``)."""
     from configs import default
 
-    return changes.get(key, default.get_config()[key])
+    part, _, name = key.rpartition(".")
+    config = default.get_config()
+    return (config[part] if part else config)[name]
+
+
+def _differences(fields: dict) -> dict:
+    """The fields whose values differ from configs/default.py's."""
+    return {key: value for key, value in fields.items() if _default(key) != value}
+
+
+def _short(key: str) -> str:
+    """A config key as the table shows it: ``data.sentencepiece_vocab_size`` -> ``vocab``."""
+    return {"data.sentencepiece_vocab_size": "vocab", "data.tokenizer": "tokenizer",
+            "min_learning_rate_ratio": "min_lr_ratio"}.get(key, key.rpartition(".")[2])
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| point | changes to configs/default.py | steps | tokens | s/step | training s | "
-             "train.py wall s | validation bits/byte |",
+    lines = ["| point | differences from configs/default.py | steps | tokens | s/step | "
+             "training s | train.py wall s | validation bits/byte |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: r["bits_per_byte"]):
-        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(none)"
+        changes = ", ".join(f"{_short(k)}={v}" for k, v in _differences(r["fields"]).items()) \
+            or "(the default)"
         lines.append(f"| {r['name']} | {changes} | {r['steps']} | {r['tokens']:,} | "
                      f"{r['seconds_per_step']:.3f} | {r['training_seconds']:.0f} | "
                      f"{r['train_py_wall_seconds']:.0f} | **{r['bits_per_byte']:.3f}** |")

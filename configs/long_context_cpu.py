@@ -25,4 +25,5 @@ def get_config():
     # Documents restart attention; "stream" lets one run across file boundaries, so that
     # every position has a full window of context.
     config.data.packing = "stream"
+    config.data.tokenizer = "bytes"  # bench/model.py's vocabulary: its figures apply
     return config

@@ -21,4 +21,5 @@ def get_config():
     config.model.mlp_dim = 64
     config.model.window_size = 16
     config.data.max_documents = 40
+    config.data.tokenizer = "bytes"  # nothing to train first
     return config

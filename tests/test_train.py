@@ -434,7 +434,7 @@ def test_make_mesh_and_batch_checks():
 
 def test_learning_rate_schedule_warms_up_then_decays():
     config = tiny_config("unused", num_train_steps=100, warmup_steps=10, learning_rate=1.0,
-                         min_learning_rate_ratio=0.1)
+                         min_learning_rate_ratio=0.1, decay_schedule="cosine")
     schedule = train.learning_rate_schedule(config)
     assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(100)) == pytest.approx(0.1)

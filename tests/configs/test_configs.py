@@ -31,7 +31,7 @@ def test_config_is_valid(name, config):
     train.validate_config(config)
     model = TransformerConfig.from_config(config.model.to_dict(), vocab_size=384)
     assert train.axis_rules(config)
-    assert config.seq_len >= 2048 or name == "tiny"
+    assert config.seq_len >= 1024 or name == "tiny"  # long context, or a smoke test
     assert training_flops_per_token(model, config.seq_len) > 0
     config.mesh.data = config.mesh.fsdp = 1
     config.mesh.tensor = -1
