@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.passkey import KEY_DIGITS, passkey_parts, random_keys
+from data.passkey import KEY_DIGITS, key_distance, passkey_parts, random_keys
 from model import TransformerConfig, TransformerLM
 
 
@@ -54,7 +54,9 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
       trials, candidates: keys per distance; keys ranked per trial (the true one included).
       seed: the keys and filler offsets follow from it.
 
-    Returns one dict per distance: ``distance``, ``accuracy``, ``chance``, ``trials``.
+    Returns one dict per distance: ``distance``, ``key_distance`` (tokens from the key's last
+    token to the question's end: beyond L·W no answer token of a local model sees the key),
+    ``accuracy``, ``chance``, ``trials``.
     """
     if trials < 1 or candidates < 2:
         raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
@@ -83,36 +85,42 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
                               for key in keys]).astype(np.int32)
             scores = np.asarray(digit_log_likelihoods(jnp.asarray(batch)))
             correct += int(np.argmax(scores) == 0)
-        rows.append({"distance": int(distance), "accuracy": correct / trials,
+        rows.append({"distance": int(distance),
+                     "key_distance": key_distance(tokenizer, int(distance)),
+                     "accuracy": correct / trials,
                      "chance": 1.0 / candidates, "trials": trials})
     return rows
 
 
 def format_passkey_table(rows: list[dict]) -> str:
     """The passkey results as a plain-text table."""
-    lines = ["distance  accuracy  chance"]
-    lines += [f"{r['distance']:>8}  {r['accuracy']:>8.2f}  {r['chance']:>6.3f}" for r in rows]
+    lines = ["distance  key distance  accuracy  chance"]
+    lines += [f"{r['distance']:>8}  {r['key_distance']:>12}  {r['accuracy']:>8.2f}  "
+              f"{r['chance']:>6.3f}" for r in rows]
     return "\n".join(lines)
 
 
 def plot_passkey(curves: dict[str, list[dict]], path: str, reach: int, title: str) -> None:
-    """Accuracy against distance as a PNG, one line per ``curves`` entry (label -> the rows of
-    `passkey_accuracy`), with chance and the local reach L·W marked."""
+    """Accuracy against the key's distance as a PNG, one line per ``curves`` entry (label ->
+    the rows of `passkey_accuracy`), with chance and the local reach L·W marked."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4))
     for label, rows in curves.items():
-        axes.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+        axes.plot([r["key_distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
                   label=label)
     axes.axhline(next(iter(curves.values()))[0]["chance"], color="gray", linestyle="--",
                  label="chance")
     axes.axvline(reach, color="red", linestyle=":", label="layers × window")
-    axes.set_xscale("symlog")
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("distance from the planted key to the question (tokens)")
+    axes.set_xlabel("tokens from the planted key to the question's end")
     axes.set_ylabel("passkey accuracy")
     axes.set_title(title)
     axes.legend()

@@ -56,7 +56,8 @@ PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
 # ... and the data iterator's saved position (which examples, cut how, in which order).
 DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
                      "data.hf_name", "data.hf_config", "data.tfds_name", "data.packing",
-                     "data.max_documents", "data.validation_fraction", "data.passkey_fraction")
+                     "data.max_documents", "data.validation_fraction", "data.passkey_fraction",
+                     "data.passkey_questions")
 # model.* fields that change neither the parameters nor the data: free to change on resume.
 _MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
                                 "layer_chunk_size", "loss_chunk_size")

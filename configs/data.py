@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Training rows that get a random pass key planted and asked for later (data/passkey.py;
     # needs packing "stream"): teaches the retrieval that `evaluate.py --probe=passkey` tests.
     config.passkey_fraction = 0.0
+    config.passkey_questions = 1  # per planted key: more copies to learn from in each row
     config.cache_dir = ""  # tokenized splits; empty: ~/.cache/local_attention_lm
     config.prefetch = 2  # batches prepared ahead by background threads
     return config

@@ -23,9 +23,20 @@ def random_keys(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def passkey_parts(tokenizer, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The token ids (int32) of the planted sentence, the question and the answer (the key's
-    digits) for ``key``."""
-    return (tokenizer.encode(PLANTED.format(key=key)), tokenizer.encode(QUESTION),
-            tokenizer.encode(str(key)))
+    digits) for ``key``. The sentence holds the key as the answer's very ids (its text before
+    and after the key tokenized apart), so copying it is exact with any tokenizer."""
+    before, after = PLANTED.split("{key}")
+    answer = tokenizer.encode(str(key))
+    planted = np.concatenate([tokenizer.encode(before), answer, tokenizer.encode(after)])
+    return planted.astype(np.int32), tokenizer.encode(QUESTION), answer
+
+
+def key_distance(tokenizer, distance: int) -> int:
+    """Tokens from a planted key's last token to the end of the question that asks for it, with
+    ``distance`` tokens of text between the planted sentence and the question: a stack of
+    local layers that reaches fewer tokens back cannot see the key from any answer token."""
+    return len(tokenizer.encode(PLANTED.split("{key}")[1])) + distance + len(
+        tokenizer.encode(QUESTION))
 
 
 def check_passkey_fraction(fraction, packing: str) -> None:
@@ -45,21 +56,28 @@ class PasskeyRows:
     Example ``i`` of ``examples`` (a `data.packing.PackedExamples` with ``stream`` packing)
     gets, with probability ``fraction``, a random key: its planted sentence overwrites the
     text at a random position and, a random distance later, the question and the key's digits
-    overwrite the text there, within the row's real (unpadded) tokens. Whether, which key,
-    where and how far apart follow from ``(seed, i)`` alone, so a resumed run (which restores
-    its position in the shuffled order) reads the same rows; each epoch plants the same keys.
+    overwrite the text there, within the row's real (unpadded) tokens; ``questions`` > 1 asks
+    again at random places after the first answer. Each answer is a copy that the loss
+    rewards, and copying forms late in training (a plateau), so more questions per key teach
+    retrieval in fewer steps. Whether, which key, where and how far apart follow from
+    ``(seed, i)`` alone, so a resumed run (which restores its position in the shuffled order)
+    reads the same rows; each epoch plants the same keys.
     The loss covers the planted tokens like any others: the model learns to copy the key.
     """
 
-    def __init__(self, examples, tokenizer, fraction: float, seed: int):
+    def __init__(self, examples, tokenizer, fraction: float, seed: int, questions: int = 1):
         check_passkey_fraction(fraction, "documents" if examples.isolate_documents else "stream")
-        longest = sum(len(part) for part in passkey_parts(tokenizer, 10**KEY_DIGITS - 1))
+        if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+            raise ValueError(f"data.passkey_questions={questions!r}: expected an int >= 1")
+        planted, question, answer = passkey_parts(tokenizer, 10**KEY_DIGITS - 1)
+        longest = len(planted) + questions * (len(question) + len(answer))
         if examples.seq_len + 1 < longest:
             raise ValueError(f"data.passkey_fraction={fraction} with seq_len={examples.seq_len}: "
-                             f"a planted key and its question take {longest} tokens; expected "
-                             f"seq_len >= {longest - 1}")
+                             f"a planted key and {questions} question(s) take {longest} tokens; "
+                             f"expected seq_len >= {longest - 1} or fewer "
+                             f"data.passkey_questions")
         self.examples, self.tokenizer = examples, tokenizer
-        self.fraction, self.seed = float(fraction), int(seed)
+        self.fraction, self.seed, self.questions = float(fraction), int(seed), questions
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -71,15 +89,20 @@ class PasskeyRows:
         if rng.random() >= self.fraction:
             return example
         planted, question, answer = passkey_parts(self.tokenizer, int(random_keys(rng, 1)[0]))
+        asked = np.concatenate([question, answer])
         # The row's tokens: inputs then the last target (the targets are inputs shifted by one).
         real = int(example["loss_mask"].sum())
         tokens = np.concatenate([example["inputs"], example["targets"][-1:]])
-        room = real + 1 - len(planted) - len(question) - len(answer)
+        room = real + 1 - len(planted) - self.questions * len(asked)
         if room < 0:  # the corpus's short last row
             return example
+        # The first question at a uniform distance after the planted sentence (long distances as
+        # often as short ones), the later ones at sorted random places in the text after it.
         distance = int(rng.integers(0, room + 1))
         start = int(rng.integers(0, room - distance + 1))
-        ask = start + len(planted) + distance
+        later = np.sort(rng.integers(0, room - distance - start + 1, self.questions - 1))
+        first = start + len(planted) + distance
+        for ask in [first] + [first + int(gap) + i * len(asked) for i, gap in enumerate(later, 1)]:
+            tokens[ask:ask + len(asked)] = asked
         tokens[start:start + len(planted)] = planted
-        tokens[ask:ask + len(question) + len(answer)] = np.concatenate([question, answer])
         return example | {"inputs": tokens[:-1], "targets": tokens[1:]}

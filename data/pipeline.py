@@ -85,7 +85,8 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
     examples = PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
                               isolate_documents=config.packing == "documents")
     if split == "train" and fraction:
-        return PasskeyRows(examples, tokenizer, fraction, seed)
+        return PasskeyRows(examples, tokenizer, fraction, seed,
+                           config.get("passkey_questions", 1))
     return examples
 
 

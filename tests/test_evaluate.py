@@ -146,9 +146,11 @@ def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
     assert sum(b["loss"] * b["tokens"] for b in bands) / written["num_tokens"] == \
         pytest.approx(written["loss"], rel=1e-5)
     assert [r["distance"] for r in written["passkey"]] == [4, 40]
+    # Bytes: ". remember it. " and the question lie between the key and the question's end too.
+    assert [r["key_distance"] for r in written["passkey"]] == [4 + 54, 40 + 54]
     assert all(r["trials"] == 3 and r["accuracy"] in (0, 1 / 3, 2 / 3, 1)
                and r["chance"] == 1 / 8 for r in written["passkey"])
-    assert "distance  accuracy  chance" in done.stderr
+    assert "distance  key distance  accuracy  chance" in done.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     done = script("evaluate.py", f"--workdir={workdir}", "--probe=passkey",
                   "--probe_distances=4,x")

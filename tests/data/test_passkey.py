@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data import ByteTokenizer, PackedExamples, TrainBatches, packed_examples
-from data.passkey import PLANTED, QUESTION, PasskeyRows
+from data import ByteTokenizer, PackedExamples, TrainBatches, make_tokenizer, packed_examples
+from data.passkey import PLANTED, QUESTION, PasskeyRows, key_distance, passkey_parts
 
 TOKENIZER = ByteTokenizer()
 # Lowercase filler without digits, so that every digit in a row belongs to a planted key.
@@ -44,6 +44,32 @@ def test_planted_rows_hold_a_key_asked_for_later_and_the_rest_is_unchanged():
         distances.append(text.index(QUESTION) - found.start() - len(PLANTED.format(key=0)))
     assert 0.3 < planted / len(EXAMPLES) < 0.7
     assert min(distances) < 60 and max(distances) > 120  # random distances across the row
+
+
+def test_more_questions_ask_for_the_same_key_after_the_planted_sentence():
+    rows = PasskeyRows(EXAMPLES, TOKENIZER, fraction=1.0, seed=0, questions=3)
+    first_distances = []
+    for index in range(len(EXAMPLES) - 1):  # the last row is short
+        example, original = rows[index], EXAMPLES[index]
+        text = _text(example)
+        keys = re.findall(r"\d{5}", text)
+        assert len(keys) == 4 and len(set(keys)) == 1  # planted once, answered three times
+        planted_at = text.index(PLANTED.format(key=keys[0]))
+        asked_at = [m.start() for m in re.finditer(re.escape(QUESTION + keys[0]), text)]
+        assert len(asked_at) == 3 and planted_at < asked_at[0]
+        first_distances.append(asked_at[0] - planted_at - len(PLANTED.format(key=keys[0])))
+        # Everything outside the planted sentence and the questions is the packed row's.
+        tokens = np.concatenate([example["inputs"], example["targets"][-1:]])
+        kept = np.ones(len(tokens), bool)
+        for start, length in [(planted_at, len(PLANTED.format(key=keys[0])))] + [
+                (at, len(QUESTION) + 5) for at in asked_at]:
+            kept[start:start + length] = False
+        original_tokens = np.concatenate([original["inputs"], original["targets"][-1:]])
+        np.testing.assert_array_equal(tokens[kept], original_tokens[kept])
+    assert min(first_distances) < 10 and max(first_distances) > 60
+    # One question: the rows of a single question per key (what runs before the field read).
+    one = PasskeyRows(EXAMPLES, TOKENIZER, fraction=1.0, seed=0, questions=1)
+    assert len(re.findall(r"\d{5}", _text(one[3]))) == 2
 
 
 def test_planting_is_a_function_of_seed_and_index_so_a_resumed_run_reads_the_same_rows():
@@ -86,3 +112,33 @@ def test_fraction_zero_changes_nothing_and_bad_values_are_one_line_errors(tmp_pa
     with pytest.raises(ValueError, match="seq_len >= ") as error:
         PasskeyRows(PackedExamples(TEXT, 40, 256, 257, False), TOKENIZER, 0.5, 0)
     assert "\n" not in str(error.value)
+    for questions in (0, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(
+                f"data.passkey_questions={questions!r}: expected an int >= 1")):
+            PasskeyRows(EXAMPLES, TOKENIZER, 0.5, 0, questions)
+    with pytest.raises(ValueError, match="or fewer data.passkey_questions"):
+        PasskeyRows(EXAMPLES, TOKENIZER, 0.5, 0, questions=6)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
+def test_the_planted_sentence_holds_the_answers_ids(kind, data_config, tmp_path):
+    """The key in the planted sentence is the answer's ids (a SentencePiece tokenization of the
+    whole sentence could merge digits with their neighbours), and key_distance counts from it."""
+    tokenizer = TOKENIZER
+    if kind == "sentencepiece":
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("".join(PLANTED.format(key=10_000 + 7 * i) + "filler text. "
+                                  + QUESTION + str(10_000 + 7 * i) + "\n" for i in range(300)))
+        data_config.update(source="text", paths=str(corpus), validation_fraction=0.0,
+                           tokenizer="sentencepiece", sentencepiece_vocab_size=300)
+        tokenizer = make_tokenizer(data_config, str(tmp_path / "run"))
+    before = tokenizer.encode(PLANTED.split("{key}")[0])
+    for key in (48213, 10007, 99999):
+        planted, question, answer = passkey_parts(tokenizer, key)
+        assert tokenizer.decode(planted) == PLANTED.format(key=key)
+        assert tokenizer.decode(question) == QUESTION and tokenizer.decode(answer) == str(key)
+        np.testing.assert_array_equal(planted[len(before):len(before) + len(answer)], answer)
+        after = len(planted) - len(before) - len(answer)
+        assert key_distance(tokenizer, 7) == after + 7 + len(question)
+    if kind == "bytes":
+        assert key_distance(tokenizer, 0) == len(". remember it. ") + len(QUESTION)
