@@ -23,6 +23,7 @@ import re
 import socket
 import sys
 import time
+import traceback
 
 import ml_collections
 from absl import app, flags
@@ -81,8 +82,30 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
                         f"{', '.join(configs)})")
     spec = importlib.util.spec_from_file_location("checked_config", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*([argument] if colon else []))
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            exit_with_error(f"--config={path}: {file} defines no get_config() (a config file "
+                            f"returns its ConfigDict from get_config, as configs/default.py)")
+        config = module.get_config(*([argument] if colon else []))
+    except Exception as error:  # the user's Python: where it failed, in one line
+        message = error.msg if isinstance(error, SyntaxError) else _first_line(error)
+        exit_with_error(f"--config={path}: {_where(error, file)}{type(error).__name__}: "
+                        f"{message}")
+    if not isinstance(config, ml_collections.ConfigDict):
+        exit_with_error(f"--config={path}: get_config() returned a {type(config).__name__}; "
+                        f"expected an ml_collections.ConfigDict")
+    return config
+
+
+def _where(error: Exception, file: str) -> str:
+    """``"FILE:LINE: "`` of the deepest line of ``file`` in ``error``'s traceback (a
+    SyntaxError's own position), or "" where the file is not in it."""
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f"{error.filename or file}:{error.lineno}: "
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(frame.filename) == os.path.abspath(file)]
+    return f"{file}:{lines[-1]}: " if lines else ""
 
 
 def _flag_argument(argv: list[str], name: str) -> str | None:

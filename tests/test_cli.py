@@ -68,6 +68,28 @@ def test_command_line_mistakes_are_one_line(name, args, message):
     assert "Traceback" not in done.stdout
 
 
+@pytest.mark.parametrize("source, message", [
+    ("def get_config(:\n", "bad.py:1: SyntaxError: "),
+    ("import ml_collections\n\ndef get_config():\n    return undefined_name\n",
+     "bad.py:4: NameError: name 'undefined_name' is not defined"),
+    ("from configs import default\n\ndef get_config():\n    config = default.get_config()\n"
+     "    config.seq_len = 1 / 0\n    return config\n",
+     "bad.py:5: ZeroDivisionError: division by zero"),
+    ("CONFIG = {}\n", "defines no get_config()"),
+    ("def get_config():\n    return {'seq_len': 64}\n",
+     "get_config() returned a dict; expected an ml_collections.ConfigDict"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_its_line(source, message, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(source)
+    done = script("train.py", f"--config={bad}", f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --config={bad}: "), done.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_config_field_names_the_first_missing_part():
     config = default.get_config()
     assert cli.unknown_config_field(config, "model.d_model") is None
