@@ -16,6 +16,7 @@ line (flags, one-line errors, a multi-process launch) is cli.py's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -567,7 +568,8 @@ def _logged_step(line: str) -> float:
 
 
 class _MetricsLog:
-    """metrics.jsonl, TensorBoard events and the console, from process 0 only."""
+    """metrics.jsonl, TensorBoard events and the console, from process 0 only. A write that
+    fails (a full disk, a folder in the way) is a one-line ValueError; the checkpoints stay."""
 
     def __init__(self, workdir: str, resume_step: int, total_steps: int):
         self.enabled = jax.process_index() == 0
@@ -575,30 +577,44 @@ class _MetricsLog:
         self._writer = self._bar = None
         if not self.enabled:
             return
-        # Steps after the checkpoint we resume from were logged by the interrupted run and are
-        # about to be run again: drop them so that each step appears once.
-        if os.path.exists(self._path):
-            with open(self._path) as f:
-                kept = [line for line in f if _logged_step(line) <= resume_step]
-            with open(self._path, "w") as f:
-                f.writelines(kept)
-        from tensorboardX import SummaryWriter
-        self._writer = SummaryWriter(workdir)
+        with self._writing():
+            # Steps after the checkpoint we resume from were logged by the interrupted run and
+            # are about to be run again: drop them so that each step appears once. Through a
+            # new file, so that a failed write leaves the old log whole.
+            if os.path.exists(self._path):
+                with open(self._path) as f:
+                    kept = [line for line in f if _logged_step(line) <= resume_step]
+                with open(self._path + ".new", "w") as f:
+                    f.writelines(kept)
+                os.replace(self._path + ".new", self._path)
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(workdir)
         if sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=resume_step, unit="step",
                              dynamic_ncols=True)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as error:
+            raise ValueError(f"writing the logs in {os.path.dirname(self._path)} failed "
+                             f"({type(error).__name__}: {error.strerror or error}); the "
+                             f"checkpoints saved so far are kept: free space (or fix the "
+                             f"folder) and run the same command to resume") from None
+
     def write(self, step: int, scalars: dict, text: dict | None = None) -> None:
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, value, step)
-        for name, value in (text or {}).items():
-            self._writer.add_text(name, value, step)
-        with open(self._path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._writer.flush()
+        with self._writing():
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, step)
+            for name, value in (text or {}).items():
+                self._writer.add_text(name, value, step)
+            with open(self._path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._writer.flush()
 
     def progress(self, step: int, summary: str) -> None:
         if not self.enabled:
@@ -617,7 +633,8 @@ class _MetricsLog:
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
-            self._writer.close()
+            with self._writing():
+                self._writer.close()
 
 
 def _check_resume_compatible(saved: ml_collections.ConfigDict,

@@ -417,6 +417,28 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_same_command_resumes(tmp_
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_logs_that_cannot_be_written_are_one_line_errors(tmp_path):
+    """At the start (a folder where metrics.jsonl goes) and mid-run (a write that fails)."""
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    done = script("train.py", "--config=configs/tiny.py", f"--workdir={run}",
+                  f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        f"error: writing the logs in {run} failed (IsADirectoryError: Is a directory); the "
+        f"checkpoints saved so far are kept: free space (or fix the folder) and run the same "
+        f"command to resume"), done.stderr[-2000:]
+
+    log = train._MetricsLog(str(tmp_path / "later"), resume_step=0, total_steps=10)
+    log.write(1, {"loss": 2.0})
+    os.remove(tmp_path / "later" / "metrics.jsonl")
+    os.mkdir(tmp_path / "later" / "metrics.jsonl")
+    with pytest.raises(ValueError, match=r"^writing the logs in .*later failed \(IsADirectory"):
+        log.write(2, {"loss": 1.0})
+    log.close()
+
+
 def test_make_mesh_and_batch_checks():
     config = tiny_config("unused")
     assert train.make_mesh(config).shape == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
