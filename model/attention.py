@@ -54,7 +54,12 @@ class _Plan(NamedTuple):
     # pass). True: each query block loops over only the key blocks its window reaches
     # (windows about as wide as the sequence, where most of the band lies outside it).
     loop_over_key_blocks: bool
-    seq_len: int
+    seq_len: int  # of the keys
+    # The queries are positions [query_offset, query_offset + query_len) of the keys' sequence
+    # (all of it, except under context parallelism, where a device's queries see keys before
+    # its own block); only the looped schedule takes a part.
+    query_len: int
+    query_offset: int
     left: int  # window sizes clamped to seq_len - 1 (a longer window sees nothing more)
     right: int
     rel_offset: int  # row of rel_pos_emb for j - i = -left (the clamp drops rows before it)
@@ -84,7 +89,7 @@ class _Plan(NamedTuple):
     @property
     def padded_keys(self) -> int:
         if self.loop_over_key_blocks:
-            return self.padded_len
+            return _round_up(self.seq_len, self.block)
         return self.block * (self.num_blocks + self.views - 1)
 
 
@@ -110,17 +115,21 @@ def _make_plan(
     dropout_rate: float,
     precision: lax.PrecisionLike,
     has_rel_pos_emb: bool = False,
+    query_len: int | None = None,
+    query_offset: int = 0,
 ) -> _Plan:
+    query_len = seq_len if query_len is None else query_len
     left = min(window_size_left, seq_len - 1)
     right = min(window_size_right, seq_len - 1)
     # A window over at least half the sequence (a global layer's is all of it) loops over the
     # key blocks each query block reaches: the band would compute about as many blocks
     # again that lie wholly before position 0 or past the end. Relative positions keep the
-    # band (its skew covers the window in one pass).
-    loop = not has_rel_pos_emb and 2 * (left + right + 1) >= seq_len
+    # band (its skew covers the window in one pass). Queries that are only a part of the
+    # keys' sequence loop too.
+    loop = not has_rel_pos_emb and (2 * (left + right + 1) >= seq_len or query_len != seq_len)
     if loop:
-        block = min(block_size or _default_loop_block(batch), _round_up(seq_len, 8))
-        num_blocks = -(-seq_len // block)
+        block = min(block_size or _default_loop_block(batch), _round_up(query_len, 8))
+        num_blocks = -(-query_len // block)
         blocks_per_chunk, num_chunks = 1, num_blocks
     else:
         block = min(block_size or _default_block(left + right + 1), _round_up(seq_len, 8))
@@ -134,6 +143,8 @@ def _make_plan(
     return _Plan(
         loop_over_key_blocks=loop,
         seq_len=seq_len,
+        query_len=query_len,
+        query_offset=query_offset,
         left=left,
         right=right,
         rel_offset=window_size_left - left,
@@ -341,14 +352,22 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                          dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
-                         max_segments):
-    """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core."""
+                         max_segments, query_offset=0):
+    """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core.
+
+    ``query_offset`` (static; for model/context_parallel.py): q may hold only the positions
+    ``[query_offset, query_offset + q_len)`` of k and v's sequence (then without
+    rel_pos_emb); ``mask`` and ``segment_ids`` describe the keys. The output has q's shape."""
     del max_segments  # segment ids of any kind are exact here
     groups = _query_groups(q, k)
     *lead, seq_len, head_dim = k.shape
+    query_len = q.shape[-2]
+    assert query_offset + query_len <= seq_len and (
+        rel_pos_emb is None or query_len == seq_len), "queries must lie in the keys' sequence"
     batch = math.prod(lead)  # one row per key/value head; its query heads are its groups
     plan = _make_plan(batch * groups, seq_len, window_size_left, window_size_right, block_size,
-                      dropout_rate, precision, has_rel_pos_emb=rel_pos_emb is not None)
+                      dropout_rate, precision, has_rel_pos_emb=rel_pos_emb is not None,
+                      query_len=query_len, query_offset=query_offset)
 
     def flat(x, trailing):
         return jnp.broadcast_to(x, (*lead, *trailing)).reshape(batch, *trailing)
@@ -357,8 +376,8 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
     # query block b's window starts in key block b, and enough after for the last block's views.
     # Padding keys are marked invalid. The query heads of one key/value head share its key
     # blocks: query blocks are (batch, num_blocks, groups, block, head_dim).
-    q_rows = _grouped(q * (head_dim ** -0.5), groups)  # (batch, groups, seq_len, head_dim)
-    q_rows = jnp.pad(q_rows, [(0, 0), (0, 0), (0, plan.padded_len - seq_len), (0, 0)])
+    q_rows = _grouped(q * (head_dim ** -0.5), groups)  # (batch, groups, query_len, head_dim)
+    q_rows = jnp.pad(q_rows, [(0, 0), (0, 0), (0, plan.padded_len - query_len), (0, 0)])
     q_blocks = jnp.moveaxis(q_rows.reshape(batch, groups, plan.num_blocks, plan.block, head_dim),
                             1, 2)
     key_pad = (plan.keys_before, plan.padded_keys - plan.keys_before - seq_len)
@@ -369,7 +388,9 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
     segments = None
     if segment_ids is not None:
         ids = flat(segment_ids.astype(jnp.int32), (seq_len,))
-        segments = (_pad_seq(ids, 0, plan.padded_len - seq_len), _pad_seq(ids, *key_pad))
+        query_ids = ids[:, query_offset:query_offset + query_len]
+        segments = (_pad_seq(query_ids, 0, plan.padded_len - query_len),
+                    _pad_seq(ids, *key_pad))
     rel = None
     if rel_pos_emb is not None:
         width = plan.left + plan.right + 1
@@ -381,7 +402,7 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
     out = _blocked_attention(plan, q_blocks, blocks(k_pad), blocks(v_pad), blocks(key_valid),
                              segments, rel, dropout_rng)  # (batch, num_blocks, groups, block, d)
     out = jnp.moveaxis(out, 2, 1).reshape(batch, groups, plan.padded_len, head_dim)
-    return out[:, :, :seq_len].reshape(q.shape)
+    return out[:, :, :query_len].reshape(q.shape)
 
 
 def _pad_seq(x: jax.Array, before: int, after: int) -> jax.Array:
@@ -547,8 +568,9 @@ def _unchunk(x: jax.Array) -> jax.Array:
 
 def _key_block_range(plan: _Plan, query_block):
     """The first and last key block (int32 scalars) that query block ``query_block`` sees."""
-    first_key = jnp.maximum(query_block * plan.block - plan.left, 0)
-    last_key = jnp.minimum((query_block + 1) * plan.block - 1 + plan.right, plan.seq_len - 1)
+    first_query = plan.query_offset + query_block * plan.block
+    first_key = jnp.maximum(first_query - plan.left, 0)
+    last_key = jnp.minimum(first_query + plan.block - 1 + plan.right, plan.seq_len - 1)
     return first_key // plan.block, last_key // plan.block
 
 
@@ -563,8 +585,8 @@ def _block_pair(plan: _Plan, query_block, key_block, q_blocks, k_blocks, key_val
     scores = jnp.einsum("bpqd,bkd->bpqk", q, k, precision=plan.precision,
                         preferred_element_type=jnp.float32)
     positions = jnp.arange(plan.block)
-    key_minus_query = ((key_block - query_block) * plan.block + positions[None, :]
-                       - positions[:, None])
+    key_minus_query = ((key_block - query_block) * plan.block - plan.query_offset
+                       + positions[None, :] - positions[:, None])
     visible = _visible(plan, key_minus_query, row(key_valid, key_block),
                        *((None, None) if segments is None else
                          (row(segments[0], query_block), row(segments[1], key_block))))

@@ -9,7 +9,9 @@ through ``lax.ppermute``, only what its queries can see beyond its own block: th
 ``window_size_right`` after it (a halo exchange). Communication per layer is
 O(window · heads · head_dim) per device however long the context, and no device holds more
 than ``n + window_size_left + window_size_right`` positions. A window longer than ``n`` is
-gathered from several neighbours (one ``ppermute`` per neighbour, still only the window).
+gathered from several neighbours (one ``ppermute`` per neighbour, still only the window); a
+global layer's (the whole sequence) thus gathers every earlier block, and the blocked kernel
+computes only the device's own queries, at their offset into those keys.
 
 The devices at the two ends of the sequence receive nothing from beyond it: ``ppermute`` gives
 them zeros, and an exchanged key-validity mask (false there) hides those keys. The backward
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from model.attention import local_attention
+from model.attention import _xla_local_attention, local_attention, resolve_implementation
 
 
 def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size_left=128,
@@ -76,6 +78,15 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     # Halo widths, capped at what lies before (after) the last (first) block.
     before = min(window_size_left, seq_len - local_len)
     after = min(window_size_right, seq_len - local_len)
+    # Halos longer than the block (a global layer's: every earlier block) would make padded
+    # queries most of the work: the blocked kernel then takes the device's own queries at
+    # their offset into the keys instead (the looped schedule; not with rel_pos_emb).
+    queries_at_offset = before + after >= local_len and rel_pos_emb is None and (
+        resolve_implementation(kernel_options.get("implementation", "auto"), q.dtype,
+                               has_mask=True, dropout_rate=dropout_rate,
+                               window_size_right=window_size_right,
+                               has_segment_ids=segment_ids is not None,
+                               max_segments=kernel_options.get("max_segments")) == "xla")
 
     def broadcast_spec(shape, lead_spec):
         """The spec of an array that broadcasts against ``lead_spec``'s axes (right-aligned)."""
@@ -110,14 +121,22 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                     _halo(keys, length_axis_name, shards, after, from_previous=False)]
         extended = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=-2),
                                 *[r for r in received if r is not None])
-        # Queries padded to the keys' length, so that positions line up; the outputs of the
-        # padding are dropped (no gradient flows back through them).
-        q = inputs["q"]
-        q = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(before, after), (0, 0)])
         segments = extended.get("segment_ids")
         rng = inputs.get("dropout_rng")
         if rng is not None:
             rng = jax.random.fold_in(rng, lax.axis_index(tuple(mesh.axis_names)))
+        if queries_at_offset:
+            return _xla_local_attention(
+                inputs["q"], extended["k"], extended["v"], extended["valid"][..., 0], None,
+                window_size_left, window_size_right, dropout_rate, rng,
+                None if segments is None else segments[..., 0],
+                block_size=kernel_options.get("block_size"),
+                precision=kernel_options.get("precision"), max_segments=None,
+                query_offset=before)
+        # Queries padded to the keys' length, so that positions line up; the outputs of the
+        # padding are dropped (no gradient flows back through them).
+        q = inputs["q"]
+        q = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(before, after), (0, 0)])
         out = local_attention(
             q, extended["k"], extended["v"], extended["valid"][..., 0],
             inputs.get("rel_pos_emb"), window_size_left, window_size_right, dropout_rate, rng,

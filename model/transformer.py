@@ -270,12 +270,6 @@ class DecoderBlock(nn.Module):
                                  "longest sequence (prompt + new tokens) its caches hold")
             window = self.decode_length - 1
         elif global_layer:
-            if sequence_shards() > 1:
-                raise ValueError(
-                    f"model.global_layers={config.global_layers!r} with mesh.context="
-                    f"{sequence_shards()}: a global layer attends the whole sequence, and "
-                    f"context parallelism exchanges only window_size halos; set mesh.context=1 "
-                    f"or model.global_layers=0")
             window = max(x.shape[-2] - 1, 0)
         kv_heads_name = "kv_heads" if config.resolved_num_kv_heads < config.num_heads else "heads"
         attention = MultiHeadLocalAttention(

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from model import local_attention
-from model.attention import _packed_layout, resolve_implementation
+from model.attention import _packed_layout, _xla_local_attention, resolve_implementation
 from tests.model.reference import dense_local_attention
 
 # (batch, heads, seq_len, head_dim, window_size_left, window_size_right, block_size):
@@ -457,6 +457,47 @@ def test_a_global_window_with_segments_and_grouped_heads_equals_jax_attention(n,
         assert ours_grad.dtype == dtype
         np.testing.assert_allclose(ours_grad.astype(jnp.float32), their_grad, atol=2 * tolerance,
                                    rtol=2 * tolerance)
+
+
+@pytest.mark.parametrize("offset,length,left,right,block", [
+    (192, 64, 255, 0, None),  # the last of 4 devices' blocks under a global layer
+    (64, 64, 255, 0, 16),  # a middle block: keys after the queries too (unseen, causal)
+    (50, 37, 20, 9, 16),  # an offset and length that are not multiples of the block
+])
+def test_queries_at_an_offset_into_the_keys_equal_the_whole_sequences_rows(offset, length, left,
+                                                                         right, block):
+    """context_parallel's path for long halos: queries that are positions [offset, offset +
+    length) of the keys' sequence give those rows of the whole sequence's attention (dense
+    reference), forward and gradients, with a key mask, documents and grouped heads."""
+    n = 256
+    q = _qkv((2, 4, n, 16), seed=21)[0]
+    k, v = _qkv((2, 2, n, 16), seed=22)[1:]
+    mask = jax.random.bernoulli(jax.random.key(23), 0.9, (2, 1, n))
+    segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(24), 0.02, (2, 1, n)), axis=-1)
+    rows = slice(offset, offset + length)
+
+    def ours(q_part, k, v):
+        return _xla_local_attention(q_part, k, v, mask, None, left, right, 0.0, None,
+                                    segment_ids, block_size=block, precision=None,
+                                    max_segments=None, query_offset=offset)
+
+    def reference(q_part, k, v):
+        whole = q.at[:, :, rows].set(q_part)
+        out = dense_local_attention(whole, jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1),
+                                    left, right, mask=mask, segment_ids=segment_ids)
+        return out[:, :, rows]
+
+    cotangent = jax.random.normal(jax.random.key(25), (2, 4, length, 16))
+    value_and_grads = [jax.jit(jax.value_and_grad(
+        lambda *a, f=f: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))) for f in (ours,
+                                                                              reference)]
+    (value, grads), (expected, expected_grads) = (f(q[:, :, rows], k, v)
+                                                  for f in value_and_grads)
+    np.testing.assert_allclose(ours(q[:, :, rows], k, v), reference(q[:, :, rows], k, v),
+                               atol=2e-5)
+    assert value == pytest.approx(float(expected), rel=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=5e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")

@@ -152,6 +152,10 @@ def _model_case(length=96, **fields):
     (dict(context=4), dict(scan_layers=True, remat=True)),  # blocks of 24, window 12
     (dict(context=8), dict(remat=True)),  # blocks of 12: exactly one window
     (dict(data=2, context=2, tensor=2), dict(position_embedding="relative", scan_layers=True)),
+    # Global layers: every earlier block's keys reach each device, its queries at their offset.
+    (dict(context=4), dict(global_layers=2, num_kv_heads=1)),
+    (dict(context=2, tensor=2), dict(global_layers=(0,), scan_layers=True, remat=True)),
+    (dict(context=8), dict(global_layers=1)),  # every layer global
 ])
 def test_model_loss_and_gradients_equal_the_unsharded_model(mesh_shape, fields):
     config, params, batch = _model_case(**fields)
