@@ -7,8 +7,9 @@ forward+backward+update) for configs/pg19.py at batch 1 with the blocked ``xla``
 a bytes vocabulary (384) and packed documents (segment ids and positions), lowered and compiled, never run: ``compiled.memory_analysis()`` gives
 the peak for any context on a CPU (arguments + outputs − donated + temporaries). Each point is
 its own process. Settings compared in one run: ``chunked`` (the preset: layers recomputed in
-16k-token chunks) and ``whole_layers`` (``model.layer_chunk_size=0``: each layer recomputed
-over the whole sequence at once). With ``--meshes``, every mesh runs on as many simulated CPU
+16k-token chunks), ``whole_layers`` (``model.layer_chunk_size=0``: each layer recomputed
+over the whole sequence at once) and ``global_4`` (whole layers, one global layer in four,
+which under context parallelism gathers every earlier block's keys and values). With ``--meshes``, every mesh runs on as many simulated CPU
 devices as it has, and the figures are per device.
 """
 
@@ -26,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from bench.common import cap_memory, measure_in_subprocess, peak_bytes  # noqa: E402
 
-SETTINGS = {"chunked": {}, "whole_layers": {"layer_chunk_size": 0}}
+SETTINGS = {"chunked": {}, "whole_layers": {"layer_chunk_size": 0},
+            # One global layer in four, whole layers (what context parallelism runs with).
+            "global_4": {"layer_chunk_size": 0, "global_layers": 4}}
 DEFAULT_CONTEXTS = "65536,131072,262144,524288,1048576,2097152"
 
 
