@@ -9,7 +9,8 @@ the peak for any context on a CPU (arguments + outputs − donated + temporaries
 its own process. Settings compared in one run: ``chunked`` (the preset: layers recomputed in
 16k-token chunks), ``whole_layers`` (``model.layer_chunk_size=0``: each layer recomputed
 over the whole sequence at once) and ``global_4`` (whole layers, one global layer in four,
-which under context parallelism gathers every earlier block's keys and values). With ``--meshes``, every mesh runs on as many simulated CPU
+which under context parallelism gathers every earlier block's keys and values; ``_kv4``: with
+4 key/value heads instead of 16). With ``--meshes``, every mesh runs on as many simulated CPU
 devices as it has, and the figures are per device.
 """
 
@@ -29,7 +30,8 @@ from bench.common import cap_memory, measure_in_subprocess, peak_bytes  # noqa: 
 
 SETTINGS = {"chunked": {}, "whole_layers": {"layer_chunk_size": 0},
             # One global layer in four, whole layers (what context parallelism runs with).
-            "global_4": {"layer_chunk_size": 0, "global_layers": 4}}
+            "global_4": {"layer_chunk_size": 0, "global_layers": 4},
+            "global_4_kv4": {"layer_chunk_size": 0, "global_layers": 4, "num_kv_heads": 4}}
 DEFAULT_CONTEXTS = "65536,131072,262144,524288,1048576,2097152"
 
 
