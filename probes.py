@@ -7,9 +7,9 @@
 * `passkey_accuracy`: a random five-digit key planted in validation text at a chosen distance
   before the question that asks for it (``the pass key is 48213. remember it. `` ... filler
   ... `` what is the pass key? the pass key is ``). The model ranks the true key against
-  ``candidates - 1`` random others by the log-likelihood of their digits (robust for small
-  byte-level models, which rarely generate the exact digits greedily); accuracy is how often
-  the true key ranks first, chance ``1 / candidates``.
+  ``candidates - 1`` random others by the log-likelihood of their tokens (robust for small
+  models, which rarely generate the exact digits greedily); accuracy is how often the true
+  key ranks first, chance ``1 / candidates``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.passkey import KEY_DIGITS, key_distance, passkey_parts, random_keys
+from data.passkey import key_distance, passkey_parts, random_keys
 from model import TransformerConfig, TransformerLM
 
 
@@ -65,13 +65,7 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     if longest > len(filler) or min(distances) < 0:
         raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
                          f"{len(filler)} (the validation text's length)")
-    model = TransformerLM(config)
-
-    @jax.jit
-    def digit_log_likelihoods(tokens):  # (rows, length) -> (rows,): the last digits' log p
-        losses = model.apply({"params": params}, tokens[:, :-1], targets=tokens[:, 1:])
-        return -losses[:, -KEY_DIGITS:].sum(axis=1)
-
+    score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id)
     rng = np.random.default_rng(seed)
     rows = []
     for distance in distances:
@@ -81,15 +75,37 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
             start = rng.integers(0, len(filler) - distance + 1)
             planted, question, _ = passkey_parts(tokenizer, keys[0])
             prefix = np.concatenate([planted, filler[start:start + distance], question])
-            batch = np.stack([np.concatenate([prefix, passkey_parts(tokenizer, key)[2]])
-                              for key in keys]).astype(np.int32)
-            scores = np.asarray(digit_log_likelihoods(jnp.asarray(batch)))
+            scores = score(prefix, [passkey_parts(tokenizer, key)[2] for key in keys])
             correct += int(np.argmax(scores) == 0)
         rows.append({"distance": int(distance),
                      "key_distance": key_distance(tokenizer, int(distance)),
                      "accuracy": correct / trials,
                      "chance": 1.0 / candidates, "trials": trials})
     return rows
+
+
+def answer_log_likelihoods(model: TransformerLM, params, pad_id: int):
+    """``score(prefix, answers)``: the log-likelihood (float32 ``(len(answers),)``) of each
+    answer's token ids after the ``prefix`` ids, in one batch. Answers may have different
+    lengths (a SentencePiece tokenization of five digits has one to five pieces): each row is
+    padded after its answer, and only the answer's tokens count."""
+    @jax.jit
+    def masked_sums(tokens, counted):  # (rows, length) int32, (rows, length - 1) float32
+        losses = model.apply({"params": params}, tokens[:, :-1], targets=tokens[:, 1:])
+        return -(losses * counted).sum(axis=1)
+
+    def score(prefix: np.ndarray, answers: list[np.ndarray]) -> np.ndarray:
+        width = len(prefix) + max(len(answer) for answer in answers)
+        tokens = np.full((len(answers), width), pad_id, np.int32)
+        counted = np.zeros((len(answers), width - 1), np.float32)
+        tokens[:, :len(prefix)] = prefix
+        for row, answer in enumerate(answers):
+            tokens[row, len(prefix):len(prefix) + len(answer)] = answer
+            # The loss at position i is that of token i + 1.
+            counted[row, len(prefix) - 1:len(prefix) - 1 + len(answer)] = 1.0
+        return np.asarray(masked_sums(jnp.asarray(tokens), jnp.asarray(counted)))
+
+    return score
 
 
 def format_passkey_table(rows: list[dict]) -> str:
