@@ -1,7 +1,7 @@
 """Does the passkey probe separate local from global attention? Two tiny models trained briefly.
 
     python bench/passkey.py [--steps 4000] [--distances 0,16,...] [--trials 32]
-                            [--plot passkey.png] [--workdir runs/passkey] [--train_only NAME]
+                            [--plot passkey.png] [--workdir DIR] [--train_only local|global]
 
 Both models are the same (2 layers, window 32, so the local layers reach L·W = 64 tokens back,
 context 384, batch 8, the stdlib corpus with a pass key planted in every training row and
@@ -63,7 +63,7 @@ def main() -> None:
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4000, help="training steps per model")
     parser.add_argument("--distances", type=cli.int_list, default="0,16,32,64,128,192,256,300",
-                        help="tokens of text between the planted key and the question")
+                        help="tokens of text between the planted sentence and the question")
     parser.add_argument("--trials", type=int, default=32, help="keys per distance")
     parser.add_argument("--plot", default="passkey.png", help="the PNG to write")
     parser.add_argument("--workdir", default=None, help="default: a new temporary folder")

@@ -39,8 +39,11 @@ def key_distance(tokenizer, distance: int) -> int:
         tokenizer.encode(QUESTION))
 
 
-def check_passkey_fraction(fraction, packing: str) -> None:
-    """One-line ValueErrors for a ``data.passkey_fraction`` that cannot be planted."""
+def check_passkey_settings(fraction, questions, packing: str) -> None:
+    """One-line ValueErrors for a ``data.passkey_fraction`` that cannot be planted or a
+    ``data.passkey_questions`` that is not a count."""
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ValueError(f"data.passkey_questions={questions!r}: expected an int >= 1")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"data.passkey_fraction={fraction!r}: expected a number in [0, 1]")
@@ -66,11 +69,12 @@ class PasskeyRows:
     """
 
     def __init__(self, examples, tokenizer, fraction: float, seed: int, questions: int = 1):
-        check_passkey_fraction(fraction, "documents" if examples.isolate_documents else "stream")
-        if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
-            raise ValueError(f"data.passkey_questions={questions!r}: expected an int >= 1")
-        planted, question, answer = passkey_parts(tokenizer, 10**KEY_DIGITS - 1)
-        longest = len(planted) + questions * (len(question) + len(answer))
+        check_passkey_settings(fraction, questions,
+                               "documents" if examples.isolate_documents else "stream")
+        # A key is at most KEY_DIGITS tokens (one per digit), whatever the tokenizer.
+        before, after = (tokenizer.encode(part) for part in PLANTED.split("{key}"))
+        longest = (len(before) + len(after) + KEY_DIGITS
+                   + questions * (len(tokenizer.encode(QUESTION)) + KEY_DIGITS))
         if examples.seq_len + 1 < longest:
             raise ValueError(f"data.passkey_fraction={fraction} with seq_len={examples.seq_len}: "
                              f"a planted key and {questions} question(s) take {longest} tokens; "

@@ -19,7 +19,7 @@ import numpy as np
 
 from data import sources
 from data.packing import PackedExamples
-from data.passkey import PasskeyRows, check_passkey_fraction
+from data.passkey import PasskeyRows, check_passkey_settings
 from data.token_cache import tokenized_split
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 
@@ -80,13 +80,13 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
     if config.packing not in PACKING:
         raise ValueError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
     fraction = config.get("passkey_fraction", 0.0)  # configs saved before the field: none
-    check_passkey_fraction(fraction, config.packing)
+    questions = config.get("passkey_questions", 1)
+    check_passkey_settings(fraction, questions, config.packing)
     tokens = tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
     examples = PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
                               isolate_documents=config.packing == "documents")
     if split == "train" and fraction:
-        return PasskeyRows(examples, tokenizer, fraction, seed,
-                           config.get("passkey_questions", 1))
+        return PasskeyRows(examples, tokenizer, fraction, seed, questions)
     return examples
 
 

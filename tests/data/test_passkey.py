@@ -104,6 +104,8 @@ def test_fraction_zero_changes_nothing_and_bad_values_are_one_line_errors(tmp_pa
     planted = packed_examples(config(passkey_fraction=1.0), "train", TOKENIZER, 256, seed=4)
     assert "the pass key is" in _text(planted[3])
     for fields, message in ((dict(passkey_fraction=1.5), "data.passkey_fraction=1.5: expected"),
+                            (dict(passkey_questions=0),  # checked even with no keys planted
+                             "data.passkey_questions=0: expected an int >= 1"),
                             (dict(passkey_fraction=0.5, packing="documents"),
                              "needs data.packing='stream'")):
         with pytest.raises(ValueError, match=re.escape(message)) as error:
