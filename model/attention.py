@@ -119,6 +119,9 @@ def _make_plan(
     query_offset: int = 0,
 ) -> _Plan:
     query_len = seq_len if query_len is None else query_len
+    if has_rel_pos_emb and (query_len, query_offset) != (seq_len, 0):
+        raise ValueError("queries at an offset into the keys need rel_pos_emb=None: only the "
+                         "looped schedule takes them, and it has no relative positions")
     left = min(window_size_left, seq_len - 1)
     right = min(window_size_right, seq_len - 1)
     # A window over at least half the sequence (a global layer's is all of it) loops over the
@@ -362,8 +365,9 @@ def _xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_si
     groups = _query_groups(q, k)
     *lead, seq_len, head_dim = k.shape
     query_len = q.shape[-2]
-    assert query_offset + query_len <= seq_len and (
-        rel_pos_emb is None or query_len == seq_len), "queries must lie in the keys' sequence"
+    if query_offset + query_len > seq_len:
+        raise ValueError(f"queries [{query_offset}, {query_offset + query_len}) must lie in the "
+                         f"keys' sequence of {seq_len}")
     batch = math.prod(lead)  # one row per key/value head; its query heads are its groups
     plan = _make_plan(batch * groups, seq_len, window_size_left, window_size_right, block_size,
                       dropout_rate, precision, has_rel_pos_emb=rel_pos_emb is not None,

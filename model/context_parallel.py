@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from model.attention import _xla_local_attention, local_attention, resolve_implementation
+from model.attention import (_check_arguments, _xla_local_attention, local_attention,
+                             resolve_implementation)
 
 
 def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size_left=128,
@@ -49,6 +50,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     per device (the key folded with the device's mesh index), so it differs from the unsharded
     draw. Raises a one-line ValueError if ``seq_len`` is not divisible by the sequence shards.
     """
+    _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                     dropout_rate, dropout_rng, segment_ids)
     mesh = jax.sharding.get_abstract_mesh()
     grouped = q.ndim >= 3 and k.shape[-3] != q.shape[-3]
     axes, kv_axes = (_logical_mesh_axes(q.ndim, mesh, heads) for heads in
@@ -78,9 +81,10 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     # Halo widths, capped at what lies before (after) the last (first) block.
     before = min(window_size_left, seq_len - local_len)
     after = min(window_size_right, seq_len - local_len)
-    # Halos longer than the block (a global layer's: every earlier block) would make padded
-    # queries most of the work: the blocked kernel then takes the device's own queries at
-    # their offset into the keys instead (the looped schedule; not with rel_pos_emb).
+    # Halos at least as long as the device's block (a global layer's: every earlier block)
+    # would make padded queries most of the work: the blocked kernel then takes the device's
+    # own queries at their offset into the keys instead (the looped schedule; not with
+    # rel_pos_emb).
     queries_at_offset = before + after >= local_len and rel_pos_emb is None and (
         resolve_implementation(kernel_options.get("implementation", "auto"), q.dtype,
                                has_mask=True, dropout_rate=dropout_rate,
