@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags
@@ -33,7 +34,7 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 
 
-def exit_with_error(error: Exception | str) -> None:
+def exit_with_error(error: Exception | str) -> NoReturn:
     """Prints ``error: ...`` (one line) and exits 1, for the user's mistakes. Exits at once:
     after a failed restore or save, orbax's abandoned reads and writes would print tracebacks
     at shutdown (nothing is left to write)."""
@@ -73,7 +74,9 @@ def _define(define) -> None:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config(ARG)`` of ``FILE[:ARG]``; a one-line error where the file does not exist."""
+    """``get_config(ARG)`` of ``FILE[:ARG]``; a one-line error (naming the file's line where
+    it can) where the file does not exist, does not run, has no ``get_config`` or returns
+    something other than a ConfigDict."""
     file, colon, argument = path.partition(":")
     if not os.path.isfile(file):
         configs = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs",

@@ -568,8 +568,10 @@ def _logged_step(line: str) -> float:
 
 
 class _MetricsLog:
-    """metrics.jsonl, TensorBoard events and the console, from process 0 only. A write that
-    fails (a full disk, a folder in the way) is a one-line ValueError; the checkpoints stay."""
+    """metrics.jsonl, TensorBoard events and the console, from process 0 only. A write of
+    metrics.jsonl or a TensorBoard flush that fails (a full disk, a folder in the way) is a
+    one-line ValueError; the checkpoints stay. (tensorboardX writes events on a thread of its
+    own, whose failures it prints itself.)"""
 
     def __init__(self, workdir: str, resume_step: int, total_steps: int):
         self.enabled = jax.process_index() == 0
@@ -584,9 +586,13 @@ class _MetricsLog:
             if os.path.exists(self._path):
                 with open(self._path) as f:
                     kept = [line for line in f if _logged_step(line) <= resume_step]
-                with open(self._path + ".new", "w") as f:
-                    f.writelines(kept)
-                os.replace(self._path + ".new", self._path)
+                try:
+                    with open(self._path + ".new", "w") as f:
+                        f.writelines(kept)
+                    os.replace(self._path + ".new", self._path)
+                finally:
+                    if os.path.exists(self._path + ".new"):
+                        os.remove(self._path + ".new")
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(workdir)
         if sys.stderr.isatty():
@@ -629,12 +635,18 @@ class _MetricsLog:
         if self.enabled:
             (self._bar.write if self._bar is not None else print)(text)
 
-    def close(self) -> None:
+    def close(self, quietly: bool = False) -> None:
+        """Closes the writers; ``quietly``: a failure raises nothing (another error is on its
+        way out, which it must not replace)."""
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
-            with self._writing():
-                self._writer.close()
+            try:
+                with self._writing():
+                    self._writer.close()
+            except ValueError:
+                if not quietly:
+                    raise
 
 
 def _check_resume_compatible(saved: ml_collections.ConfigDict,
@@ -750,6 +762,7 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
             checkpoints.save(step, state, batches.state(), config)
 
     meter = _ThroughputMeter(flops_per_step, peak_flops)
+    failed = False
     try:
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(batches)
@@ -796,8 +809,11 @@ def _train(config, workdir: str, checkpoints: Checkpoints, stop: _StopSignal) ->
         # A finished run run again evaluates without logging the evaluation a second time.
         return run_evaluation(state.params, int(state.step), config.eval_batches,
                               write=start_step < config.num_train_steps)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        log.close()
+        log.close(quietly=failed)
 
 
 class _ThroughputMeter:

@@ -55,7 +55,7 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]
     ("bench/memory.py", ["--meshes=data=1;fsdq=2"],
      "error: argument --meshes: 'fsdq=2': expected AXIS=SIZE with AXIS one of"),
     ("bench/memory.py", ["--settings=chunked,tiled"],
-     "error: argument --settings: 'tiled': expected some of ['chunked', 'whole_layers']"),
+     "error: argument --settings: 'tiled': expected some of ['chunked', 'whole_layers', "),
     ("bench/model.py", ["--contexts=1024,x"],
      "error: argument --contexts: '1024,x': expected comma-separated ints"),
     ("bench/data.py", ["--batch_size=8.5"], "error: argument --batch_size: invalid int value"),
