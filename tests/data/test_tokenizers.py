@@ -85,3 +85,30 @@ def test_bad_tokenizer_settings(data_config, tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message) as error:
         make_tokenizer(data_config, str(tmp_path / "run"))
     assert "\n" not in str(error.value)
+
+
+def test_a_lossy_sentencepiece_model_is_flagged_when_loaded(data_config, tmp_path, caplog):
+    """A model with SentencePiece's default normalisation (as trained elsewhere, or here before
+    training became lossless) loads with a warning: bits per byte would undercount."""
+    import sentencepiece
+
+    lines = [f"def function_{i}(value):\n    return value + {i}\n" for i in range(300)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "lossy"), vocab_size=300,
+        minloglevel=2)
+    data_config.sentencepiece_model = str(tmp_path / "lossy.model")
+    data_config.tokenizer = "sentencepiece"
+    with caplog.at_level("WARNING"):
+        lossy = make_tokenizer(data_config)
+    assert not lossy.lossless
+    assert "lossy.model is lossy: decode(encode(text)) != text" in caplog.text
+
+    caplog.clear()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "code.py").write_text("".join(lines))
+    data_config.update(source="text", paths=str(corpus), validation_fraction=0.0,
+                       sentencepiece_model="", sentencepiece_vocab_size=300)
+    with caplog.at_level("WARNING"):
+        assert make_tokenizer(data_config, str(tmp_path / "run")).lossless
+    assert "lossy" not in caplog.text
