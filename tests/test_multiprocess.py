@@ -36,10 +36,20 @@ CHECKPOINT_EVERY = 4
 TIMEOUT = 300  # seconds for any one launch: a hang fails the test rather than the suite
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one given before in this session: two launches started
+    together (step 3 below) must not get the same coordinator port, which the system may
+    hand out again once the probing socket is closed."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def _environment(devices: int, **variables) -> dict:
