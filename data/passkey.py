@@ -21,22 +21,28 @@ def random_keys(rng: np.random.Generator, count: int) -> np.ndarray:
     return rng.choice(10**KEY_DIGITS - low, count, replace=False) + low
 
 
+def _fixed_ids(tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The token ids (int32) of the planted sentence's text before and after the key, and of
+    the question: the parts that are the same for every key."""
+    before, after = PLANTED.split("{key}")
+    return tokenizer.encode(before), tokenizer.encode(after), tokenizer.encode(QUESTION)
+
+
 def passkey_parts(tokenizer, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The token ids (int32) of the planted sentence, the question and the answer (the key's
     digits) for ``key``. The sentence holds the key as the answer's very ids (its text before
     and after the key tokenized apart), so copying it is exact with any tokenizer."""
-    before, after = PLANTED.split("{key}")
+    before, after, question = _fixed_ids(tokenizer)
     answer = tokenizer.encode(str(key))
-    planted = np.concatenate([tokenizer.encode(before), answer, tokenizer.encode(after)])
-    return planted.astype(np.int32), tokenizer.encode(QUESTION), answer
+    return np.concatenate([before, answer, after]).astype(np.int32), question, answer
 
 
 def key_distance(tokenizer, distance: int) -> int:
     """Tokens from a planted key's last token to the end of the question that asks for it, with
     ``distance`` tokens of text between the planted sentence and the question: a stack of
     local layers that reaches fewer tokens back cannot see the key from any answer token."""
-    return len(tokenizer.encode(PLANTED.split("{key}")[1])) + distance + len(
-        tokenizer.encode(QUESTION))
+    _, after, question = _fixed_ids(tokenizer)
+    return len(after) + distance + len(question)
 
 
 def check_passkey_settings(fraction, questions, packing: str) -> None:
@@ -72,9 +78,8 @@ class PasskeyRows:
         check_passkey_settings(fraction, questions,
                                "documents" if examples.isolate_documents else "stream")
         # A key is at most KEY_DIGITS tokens (one per digit), whatever the tokenizer.
-        before, after = (tokenizer.encode(part) for part in PLANTED.split("{key}"))
-        longest = (len(before) + len(after) + KEY_DIGITS
-                   + questions * (len(tokenizer.encode(QUESTION)) + KEY_DIGITS))
+        before, after, question = _fixed_ids(tokenizer)
+        longest = len(before) + len(after) + KEY_DIGITS + questions * (len(question) + KEY_DIGITS)
         if examples.seq_len + 1 < longest:
             raise ValueError(f"data.passkey_fraction={fraction} with seq_len={examples.seq_len}: "
                              f"a planted key and {questions} question(s) take {longest} tokens; "
