@@ -69,29 +69,29 @@ class _QuietOrbaxErrors(logging.Filter):
         return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def _silence_abandoned_work() -> None:
-    """After a failed restore or save, orbax's abandoned reads and writes end later (on a
-    closed event loop, or in their threads) and would each print a traceback: from Python
-    threads, or from TensorStore's C++ threads straight to file descriptor 2 (its asyncio
-    callbacks on orbax's closed loop). Python's ``sys.stderr`` keeps the real stderr for the
-    one-line error; descriptor 2 goes to /dev/null."""
-    sys.unraisablehook = threading.excepthook = lambda *args: None
-    if not _SILENCED:
-        sys.stderr.flush()
-        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        _SILENCED.append(True)
-
-
 _SILENCED: list = []
 
 
-class _SaveOutput:
-    """What file descriptor 2 receives while an asynchronous save is in flight, held back:
-    given back once the save has succeeded, dropped where it failed (then it is TensorStore's
-    tracebacks of the abandoned writes, which can come before the failure is noticed)."""
+class _MainThreadOnly:
+    """A text stream that writes only what the main thread writes (and drops the rest)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+class _HeldStderr:
+    """What file descriptor 2 receives while a restore or an asynchronous save is in flight,
+    held back: given back once it has succeeded, dropped where it failed (then it is
+    TensorStore's tracebacks of the abandoned reads or writes, which can come before the
+    failure is noticed, and go on after it)."""
 
     def __init__(self):
         self._stderr_fd: int | None = None
@@ -104,18 +104,42 @@ class _SaveOutput:
             self._stderr_fd = os.dup(2)
             os.dup2(self._held.fileno(), 2)
 
-    def release(self, give_back: bool) -> None:
+    def release(self) -> None:
+        """The restore or save in flight has succeeded: descriptor 2 is the real one again,
+        and what it received meanwhile is written there."""
         if self._stderr_fd is None:
             return
         sys.stderr.flush()
         os.dup2(self._stderr_fd, 2)
-        os.close(self._stderr_fd)
-        self._stderr_fd = None
         self._held.seek(0)
         held = self._held.read()
         self._held.close()
-        if give_back and held:
+        os.close(self._stderr_fd)
+        self._stderr_fd = None
+        if held:
             os.write(2, held)
+
+    def silence(self) -> None:
+        """The restore or save in flight has failed. Its abandoned reads and writes end later
+        (on orbax's closed event loop, or in their threads) and would each print a traceback:
+        from Python threads, or from TensorStore's C++ threads straight to descriptor 2.
+        Python's ``sys.stderr`` keeps the real stderr for the main thread's one-line error
+        (the others' tracebacks, printed from TensorStore's threads, are dropped); descriptor
+        2 goes from the held file straight to /dev/null, so those writers never reach the real
+        one, and the held output is dropped."""
+        sys.unraisablehook = threading.excepthook = lambda *args: None
+        if _SILENCED:
+            return
+        sys.stderr.flush()
+        real = os.dup(2) if self._stderr_fd is None else self._stderr_fd
+        sys.stderr = _MainThreadOnly(os.fdopen(real, "w", buffering=1))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        _SILENCED.append(True)
+        if self._stderr_fd is not None:
+            self._stderr_fd = None  # now sys.stderr's
+            self._held.close()
 
 
 class Checkpoints:
@@ -143,7 +167,7 @@ class Checkpoints:
         if not any(isinstance(f, _QuietOrbaxErrors) for f in absl_logger.filters):
             absl_logger.addFilter(_QuietOrbaxErrors())
         self._failed_save: CheckpointError | None = None
-        self._save_output = _SaveOutput()
+        self._held_stderr = _HeldStderr()
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -169,7 +193,7 @@ class Checkpoints:
     def close(self) -> None:
         if self._failed_save is None:  # after a failure, closing would wait for it again
             self._manager.close()
-            self._save_output.release(give_back=True)
+            self._held_stderr.release()
 
     def _writing(self, write, starts_a_save: bool = False) -> None:
         """Runs ``write`` (which first waits for the save in flight); a failure becomes the
@@ -179,8 +203,7 @@ class Checkpoints:
         try:
             write()
         except Exception as error:  # orbax and tensorstore raise many types (OSError, ...)
-            self._save_output.release(give_back=False)
-            _silence_abandoned_work()
+            self._held_stderr.silence()
             # From the disk: the manager's own list may already drop a checkpoint that its
             # failed save was to replace. A step's folder gets its plain name when complete.
             steps = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
@@ -192,9 +215,9 @@ class Checkpoints:
                    if steps else "are none: free space (or fix the folder) and run the same "
                                  "command to start again"))
             raise self._failed_save from None
-        self._save_output.release(give_back=True)  # the save in flight has succeeded
+        self._held_stderr.release()  # the save in flight has succeeded
         if starts_a_save:
-            self._save_output.hold()
+            self._held_stderr.hold()
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -230,15 +253,18 @@ class Checkpoints:
         return RestoredCheckpoint(step, restored.state, dict(restored.data))
 
     def _restore(self, step: int, **items):
+        self._held_stderr.hold()  # restores come before any save: nothing else is held
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(**items))
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax and tensorstore raise many types for a bad file
-            _silence_abandoned_work()
+            self._held_stderr.silence()
             reason = _first_line(error)
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
                 f"({type(error).__name__}: {reason}); it was left as it is: move it out of "
                 f"{self.directory} to use the one before it") from None
+        self._held_stderr.release()
+        return restored
 
 
 def _first_line(error: Exception) -> str:
