@@ -347,25 +347,36 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
 
 def make_eval_step(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
                    params_shardings, tokenizer: Tokenizer):
-    """The jitted ``(params, batch) -> sums``: float32 ``loss`` (nats), ``tokens``, ``bytes``
-    (of text the targets stand for), and ``(seq_len,)`` ``loss_by_position`` /
-    ``tokens_by_position`` (by each target's position in its document's context)."""
+    """The jitted ``(params, batch, sums) -> sums``: ``sums`` (`zero_sums` at first) plus the
+    batch's. One program per batch: an evaluation loop dispatches nothing else."""
     byte_lengths = jnp.asarray(tokenizer.byte_lengths())
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, sums):
         losses = _token_losses(model, params, batch)
         mask = batch["loss_mask"].astype(jnp.float32)
         positions = batch.get("positions")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)
         by_position = lambda x: jnp.zeros(mask.shape[1], jnp.float32).at[positions].add(x)  # noqa: E731
-        return {"loss": losses.sum(), "tokens": mask.sum(),
-                "bytes": (byte_lengths[batch["targets"]] * mask).sum(),
-                "loss_by_position": by_position(losses), "tokens_by_position": by_position(mask)}
+        batch_sums = {"loss": losses.sum(), "tokens": mask.sum(),
+                      "bytes": (byte_lengths[batch["targets"]] * mask).sum(),
+                      "loss_by_position": by_position(losses),
+                      "tokens_by_position": by_position(mask)}
+        return jax.tree.map(jnp.add, sums, batch_sums)
 
-    return _with_rules(jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)),
-                               out_shardings=NamedSharding(mesh, PartitionSpec())),
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return _with_rules(jax.jit(eval_step, out_shardings=replicated,
+                               in_shardings=(params_shardings, batch_sharding(mesh), replicated)),
                        mesh, axis_rules(config))
+
+
+def zero_sums(seq_len: int) -> dict:
+    """The evaluation's sums before any batch (numpy float32): ``loss`` (nats), ``tokens``,
+    ``bytes`` (of text the targets stand for), and ``(seq_len,)`` ``loss_by_position`` /
+    ``tokens_by_position`` (by each target's position in its document's context)."""
+    return {"loss": np.float32(0), "tokens": np.float32(0), "bytes": np.float32(0),
+            "loss_by_position": np.zeros(seq_len, np.float32),
+            "tokens_by_position": np.zeros(seq_len, np.float32)}
 
 
 def check_documents_per_row(batch: dict, bound: int) -> None:
@@ -427,8 +438,12 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: Named
     rows = process_rows(sharding, batch_size)
     for batch in batches:
         check_documents_per_row(batch, document_bound)
-        sums = eval_step(params, to_global_batch(batch, sharding, rows))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if totals is None:
+            totals = zero_sums(batch["inputs"].shape[1])
+        # One batch in flight, as in training (which reads each step's metrics): with more
+        # queued, CPU processes sometimes deadlocked in their gloo collectives.
+        totals = jax.block_until_ready(
+            eval_step(params, to_global_batch(batch, sharding, rows), totals))
         if max_tokens and float(totals["tokens"]) >= max_tokens:
             break
     if totals is None:

@@ -55,7 +55,8 @@ def _free_port() -> int:
 def _environment(devices: int, **variables) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
-    return env | {"JAX_PLATFORMS": "cpu",
+    # PYTHONFAULTHANDLER: a hung process prints its threads' stacks when `finish` aborts it.
+    return env | {"JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1",
                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | variables
 
 
@@ -96,7 +97,13 @@ def finish(processes: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[
         for process in processes:
             process.wait(timeout=max(deadline - time.monotonic(), 0))
     except subprocess.TimeoutExpired:
-        pass
+        for process in processes:  # a hang: its Python stacks into its output, then the end
+            if process.poll() is None:
+                process.send_signal(signal.SIGABRT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
     finally:
         for process in processes:
             process.kill()

@@ -90,9 +90,10 @@ def test_scan_and_remat_compute_the_same_function():
         return TransformerLM(config).apply({"params": params}, tokens, deterministic=False,
                                            rngs=rngs).mean()
 
-    reference, reference_grad = jax.value_and_grad(functools.partial(loss, config))(params)
-    value, grad = jax.value_and_grad(functools.partial(loss, _config(
-        dropout_rate=0.1, attention_dropout_rate=0.1, remat=True)))(params)
+    reference, reference_grad = jax.jit(jax.value_and_grad(functools.partial(loss, config)))(
+        params)
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(loss, _config(
+        dropout_rate=0.1, attention_dropout_rate=0.1, remat=True))))(params)
     np.testing.assert_allclose(value, reference, rtol=1e-5, atol=1e-7)  # remat reorders sums
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(reference_grad)):
         np.testing.assert_allclose(a, b, atol=1e-6)
