@@ -141,8 +141,8 @@ def test_chunked_losses_equal_the_whole_logits_losses_and_gradients(overrides):
         return _reference_losses(config, params, tokens, targets)
 
     np.testing.assert_allclose(chunked(params), whole(params), rtol=1e-6, atol=1e-6)
-    grad = jax.grad(lambda p: (chunked(p) * weights).sum())(params)
-    reference = jax.grad(lambda p: (whole(p) * weights).sum())(params)
+    grad = jax.jit(jax.grad(lambda p: (chunked(p) * weights).sum()))(params)
+    reference = jax.jit(jax.grad(lambda p: (whole(p) * weights).sum()))(params)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # sums in another order
 
@@ -166,8 +166,10 @@ def test_rematerialised_chunked_layers_give_the_gradients_of_plain_layers(layer_
         return (TransformerLM(config).apply({"params": params}, tokens, targets=targets,
                                             **kwargs) * weights).sum()
 
-    value, grad = jax.value_and_grad(functools.partial(loss, remat))(_stacked(params, 3))
-    reference, reference_grad = jax.value_and_grad(functools.partial(loss, plain))(params)
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(
+        _stacked(params, 3))
+    reference, reference_grad = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(
+        params)
     np.testing.assert_allclose(value, reference, rtol=1e-5)
     reference_grad = _stacked(reference_grad, 3)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grad),
@@ -269,8 +271,9 @@ def test_global_layers_equal_dense_causal_attention_and_see_the_whole_context(ov
     def loss(config, params):
         return TransformerLM(config).apply({"params": params}, tokens, targets=tokens).mean()
 
-    value, grads = jax.value_and_grad(loss, argnums=1)(config, params)
-    dense_value, dense_grads = jax.value_and_grad(loss, argnums=1)(dense, dense_params)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+    value, grads = value_and_grad(config, params)
+    dense_value, dense_grads = value_and_grad(dense, dense_params)
     assert value == pytest.approx(float(dense_value), rel=1e-5)
     if config.scan_layers:
         dense_grads = _stacked(dense_grads, config.num_layers)
