@@ -347,36 +347,32 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
 
 def make_eval_step(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
                    params_shardings, tokenizer: Tokenizer):
-    """The jitted ``(params, batch, sums) -> sums``: ``sums`` (`zero_sums` at first) plus the
-    batch's. One program per batch: an evaluation loop dispatches nothing else."""
+    """The jitted ``(params, batch) -> sums``: float32 ``loss`` (nats), ``tokens``, ``bytes``
+    (of text the targets stand for), and ``(seq_len,)`` ``loss_by_position`` /
+    ``tokens_by_position`` (by each target's position in its document's context)."""
     byte_lengths = jnp.asarray(tokenizer.byte_lengths())
 
-    def eval_step(params, batch, sums):
+    def eval_step(params, batch):
         losses = _token_losses(model, params, batch)
         mask = batch["loss_mask"].astype(jnp.float32)
         positions = batch.get("positions")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)
         by_position = lambda x: jnp.zeros(mask.shape[1], jnp.float32).at[positions].add(x)  # noqa: E731
-        batch_sums = {"loss": losses.sum(), "tokens": mask.sum(),
-                      "bytes": (byte_lengths[batch["targets"]] * mask).sum(),
-                      "loss_by_position": by_position(losses),
-                      "tokens_by_position": by_position(mask)}
-        return jax.tree.map(jnp.add, sums, batch_sums)
+        return {"loss": losses.sum(), "tokens": mask.sum(),
+                "bytes": (byte_lengths[batch["targets"]] * mask).sum(),
+                "loss_by_position": by_position(losses), "tokens_by_position": by_position(mask)}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return _with_rules(jax.jit(eval_step, out_shardings=replicated,
-                               in_shardings=(params_shardings, batch_sharding(mesh), replicated)),
+    return _with_rules(jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh)),
+                               out_shardings=NamedSharding(mesh, PartitionSpec())),
                        mesh, axis_rules(config))
 
 
-def zero_sums(seq_len: int) -> dict:
-    """The evaluation's sums before any batch (numpy float32): ``loss`` (nats), ``tokens``,
-    ``bytes`` (of text the targets stand for), and ``(seq_len,)`` ``loss_by_position`` /
-    ``tokens_by_position`` (by each target's position in its document's context)."""
-    return {"loss": np.float32(0), "tokens": np.float32(0), "bytes": np.float32(0),
-            "loss_by_position": np.zeros(seq_len, np.float32),
-            "tokens_by_position": np.zeros(seq_len, np.float32)}
+def _add_sums(totals: dict | None, sums: dict) -> dict:
+    """``totals`` (numpy, None before the first batch) plus one batch's `make_eval_step`
+    sums, read from the devices (this waits for them)."""
+    sums = jax.tree.map(np.asarray, jax.device_get(sums))
+    return sums if totals is None else jax.tree.map(np.add, totals, sums)
 
 
 def check_documents_per_row(batch: dict, bound: int) -> None:
@@ -434,21 +430,24 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], sharding: Named
     stops once ``max_tokens`` (0: no limit) targets are counted. ``document_bound``: see
     `check_documents_per_row`. Returns numpy sums plus ``loss`` (mean nats per token),
     ``perplexity``, ``bits_per_byte`` and ``num_tokens``."""
-    totals = None
+    totals, in_flight, targets = None, None, 0
     rows = process_rows(sharding, batch_size)
     for batch in batches:
         check_documents_per_row(batch, document_bound)
-        if totals is None:
-            totals = zero_sums(batch["inputs"].shape[1])
-        # One batch in flight, as in training (which reads each step's metrics): with more
-        # queued, CPU processes sometimes deadlocked in their gloo collectives.
-        totals = jax.block_until_ready(
-            eval_step(params, to_global_batch(batch, sharding, rows), totals))
-        if max_tokens and float(totals["tokens"]) >= max_tokens:
+        sums = eval_step(params, to_global_batch(batch, sharding, rows))
+        # Two batches in flight at most: the last one is read (on the host) once the next one
+        # is on its way. With more queued, CPU processes sometimes deadlocked in their gloo
+        # collectives; the batches stay independent programs, which can overlap.
+        if in_flight is not None:
+            totals = _add_sums(totals, in_flight)
+        in_flight = sums
+        targets += int(batch["loss_mask"].sum())
+        if max_tokens and targets >= max_tokens:
             break
+    if in_flight is not None:
+        totals = _add_sums(totals, in_flight)
     if totals is None:
         raise ValueError("the evaluation data holds no batch")
-    totals = jax.tree.map(np.asarray, jax.device_get(totals))
     tokens = max(float(totals["tokens"]), 1.0)
     loss = float(totals["loss"]) / tokens
     return totals | {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
