@@ -65,6 +65,8 @@ def test_longer_contexts_count_every_token_once_and_do_not_hurt(run):
     assert longer["loss"] <= short["loss"] + 1e-3
     limited = evaluate.evaluate(workdir, max_tokens=1000)
     assert 1000 <= limited["num_tokens"] < short["num_tokens"]
+    # It stops at the batch that reaches the limit.
+    assert limited["num_tokens"] - config.batch_size * config.seq_len < 1000
 
 
 def test_context_parallel_evaluation_matches_a_direct_computation(run):
