@@ -2,13 +2,14 @@
 
 ``<workdir>/checkpoints/<step>/`` holds four items:
 
-* ``state``: the `train.TrainState` (step, parameters, optimizer state, PRNG key), saved
+* ``state``: the `steps.TrainState` (step, parameters, optimizer state, PRNG key), saved
   from its sharded arrays and restored onto whatever shardings the caller asks for, so a run
   saved on one mesh resumes on another (orbax reshards);
 * ``data``: the training iterator's state (`data.TrainBatches.state()`), JSON;
 * ``config``: the training config that produced it, JSON;
-* ``checksums``: a checksum of each array of ``state`` (JSON), checked on restore, so that a
-  damaged file is an error rather than silently wrong weights.
+* ``checksums``: the `word_sums` of ``state`` (JSON), checked on restore, so that a damaged
+  file is an error rather than silently wrong weights. (A plain sum: it catches changed bits,
+  not words that trade places.)
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and the
 files are written in a background thread. A step's folder appears only when its save is
@@ -31,22 +32,26 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from errors import first_line
+
 ITEMS = ("state", "data", "config", "checksums")
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
 @jax.jit
-def _leaf_checksums(leaves: list) -> list:
-    """The wrapping uint32 sum of each array's bits: exact, so the same whatever the sharding."""
-    def checksum(x):
-        bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
-        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
-    return [checksum(x) for x in leaves]
+def _leaf_word_sums(leaves: list) -> list:
+    """The wrapping uint32 sum of each array's words: exact, so the same whatever the
+    sharding."""
+    def word_sum(x):
+        words = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+        return jnp.sum(words.astype(jnp.uint32), dtype=jnp.uint32)
+    return [word_sum(x) for x in leaves]
 
 
-def checksums(state) -> list[int]:
-    """One checksum per array of ``state`` (a pytree of 1-, 2- or 4-byte arrays)."""
-    return [int(c) for c in jax.device_get(_leaf_checksums(jax.tree.leaves(state)))]
+def word_sums(state) -> list[int]:
+    """One int per array of ``state`` (a pytree of 1-, 2- or 4-byte arrays): the sum modulo
+    2**32 of its elements' bits read as unsigned words."""
+    return [int(c) for c in jax.device_get(_leaf_word_sums(jax.tree.leaves(state)))]
 
 
 class CheckpointError(ValueError):
@@ -179,12 +184,12 @@ class Checkpoints:
     def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
         """Starts saving; returns when the arrays are off the devices (see the module doc).
         Raises `CheckpointError` where this save or the one before it failed."""
-        state_checksums = checksums(state)
+        state_sums = word_sums(state)
         self._writing(lambda: self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": state_checksums}))), starts_a_save=True)
+            checksums=ocp.args.JsonSave({"state": state_sums}))), starts_a_save=True)
 
     def wait(self) -> None:
         """Blocks until every started save is on disk; `CheckpointError` where one failed."""
@@ -209,7 +214,7 @@ class Checkpoints:
             steps = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
             self._failed_save = CheckpointError(
                 f"saving a checkpoint in {self.directory} failed ({type(error).__name__}: "
-                f"{_first_line(error)}); the complete checkpoints there "
+                f"{_reason(error)}); the complete checkpoints there "
                 + (f"(steps {', '.join(map(str, steps))}) are intact: free space (or fix "
                    f"the folder) and run the same command to resume from step {max(steps)}"
                    if steps else "are none: free space (or fix the folder) and run the same "
@@ -245,10 +250,10 @@ class Checkpoints:
         step = self._step_or_latest(step)
         restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                                  data=ocp.args.JsonRestore(), checksums=ocp.args.JsonRestore())
-        if checksums(restored.state) != restored.checksums["state"]:
+        if word_sums(restored.state) != restored.checksums["state"]:
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} is corrupt: its "
-                f"arrays do not match the checksums saved with them; it was left as it is: "
+                f"arrays do not match the sums saved with them; it was left as it is: "
                 f"move it out of {self.directory} to use the one before it")
         return RestoredCheckpoint(step, restored.state, dict(restored.data))
 
@@ -258,7 +263,7 @@ class Checkpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax and tensorstore raise many types for a bad file
             self._held_stderr.silence()
-            reason = _first_line(error)
+            reason = _reason(error)
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
                 f"({type(error).__name__}: {reason}); it was left as it is: move it out of "
@@ -267,7 +272,6 @@ class Checkpoints:
         return restored
 
 
-def _first_line(error: Exception) -> str:
+def _reason(error: Exception) -> str:
     """The first line of an orbax or tensorstore error, without TensorStore's details."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return reason.split(" See full TensorStore details")[0][:300]
+    return first_line(error).split(" See full TensorStore details")[0][:300]

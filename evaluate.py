@@ -28,13 +28,17 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import cli
+import inference
+import launch
+import plots
 import probes
-import train
+import sharding
 from configs import default
 from data import packed_examples, validation_batches
-from data.token_cache import tokenized_split
 from data.pipeline import DEFAULT_CACHE_DIR
+from data.token_cache import tokenized_split
 from model import TransformerLM
+from steps import make_eval_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -55,80 +59,63 @@ cli.define_config_dict(default.get_config(), "Overrides of the run's config: --c
 _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 
 
-def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_tokens: int = 0,
-             overrides: dict | None = None, step: int | None = None) -> dict:
-    """Evaluates the checkpoint of ``workdir``; returns `train.evaluate_batches`' results
-    plus ``seq_len``, ``step``, ``split`` (all plain Python or numpy values)."""
-    if max_tokens < 0:
-        raise ValueError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
-    for key in overrides or {}:
+def _check_overrides(overrides: dict) -> None:
+    for key in overrides:
         if not key.startswith(_OVERRIDABLE):
             raise ValueError(f"--config.{key}: evaluate.py takes only --config.data.*, "
                              f"--config.mesh.* and --config.batch_size")
-    config, model_cfg, tokenizer, mesh, params, step = train.load_for_inference(
-        workdir, overrides, step)
+
+
+def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_tokens: int = 0,
+             overrides: dict | None = None, step: int | None = None) -> dict:
+    """Evaluates the checkpoint of ``workdir`` (``step``; default the latest) with
+    `evaluate_run`; ``overrides``: flat ``--config.*`` values (data.*, mesh.*, batch_size)."""
+    _check_overrides(overrides or {})
+    return evaluate_run(inference.load_for_inference(workdir, overrides, step), split, seq_len,
+                        max_tokens)
+
+
+def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: int = 0,
+                 max_tokens: int = 0) -> dict:
+    """`inference.evaluate_batches`' results over ``split`` cut into ``seq_len`` tokens
+    (default: the training seq_len), plus ``seq_len``, ``step``, ``split`` and
+    ``loss_by_distance_band`` (all plain Python or numpy values)."""
+    if max_tokens < 0:
+        raise ValueError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
+    config, model_cfg = run.config, run.model_config
     seq_len = seq_len or config.seq_len
     if seq_len < 1:
         raise ValueError(f"--seq_len={seq_len}: expected a positive int")
     # The training micro-batch: what fit in memory there.
     batch_size = config.batch_size // config.grad_accum_steps
-    train.check_batch_fits_mesh(batch_size, mesh, "batch_size / grad_accum_steps")
-    train.check_length_fits_mesh(seq_len, mesh, model_cfg.layer_chunk_size)
-    examples = packed_examples(config.data, split, tokenizer, seq_len)
-    model = TransformerLM(model_cfg)
-    params_shardings = jax.tree.map(lambda x: x.sharding, params)
-    eval_step = train.make_eval_step(config, model, mesh, params_shardings, tokenizer)
-    result = train.evaluate_batches(eval_step, params, validation_batches(examples, batch_size),
-                                    train.batch_sharding(mesh), batch_size, max_tokens,
-                                    document_bound=model_cfg.document_bound())
+    sharding.check_batch_fits_mesh(batch_size, run.mesh, "batch_size / grad_accum_steps")
+    sharding.check_length_fits_mesh(seq_len, run.mesh, model_cfg.layer_chunk_size)
+    examples = packed_examples(config.data, split, run.tokenizer, seq_len)
+    params_shardings = jax.tree.map(lambda x: x.sharding, run.params)
+    eval_step = make_eval_step(config, TransformerLM(model_cfg), run.mesh, params_shardings,
+                               run.tokenizer)
+    result = inference.evaluate_batches(eval_step, run.params,
+                                        validation_batches(examples, batch_size),
+                                        sharding.batch_sharding(run.mesh), batch_size, max_tokens,
+                                        document_bound=model_cfg.document_bound())
     bands = probes.loss_by_distance_band(result["loss_by_position"], result["tokens_by_position"],
                                          model_cfg.window_size, model_cfg.num_layers)
-    return result | {"seq_len": seq_len, "step": step, "split": split,
+    return result | {"seq_len": seq_len, "step": run.step, "split": split,
                      "loss_by_distance_band": bands}
 
 
-def passkey(workdir: str, distances: list[int], trials: int, overrides: dict | None = None,
-            step: int | None = None) -> tuple[list[dict], int]:
-    """`probes.passkey_accuracy` of ``workdir``'s checkpoint, the filler from its validation
-    split; ``distances`` empty: multiples of the window and of layers × window. Returns the
-    rows and the local layers' reach (layers × window)."""
-    config, model_cfg, tokenizer, _, params, _ = train.load_for_inference(workdir, overrides,
-                                                                          step)
+def passkey(run: inference.LoadedRun, distances: list[int], trials: int) -> tuple[list[dict], int]:
+    """`probes.passkey_accuracy` of ``run``, the filler from its validation split;
+    ``distances`` empty: multiples of the window and of layers × window. Returns the rows and
+    the local layers' reach (layers × window)."""
+    config, model_cfg = run.config, run.model_config
     window, reach = model_cfg.window_size, model_cfg.window_size * model_cfg.num_layers
     distances = distances or sorted({window // 2, window, 2 * window, reach // 2, reach,
                                      2 * reach, 4 * reach})
-    filler = np.asarray(tokenized_split(config.data, "validation", tokenizer,
+    filler = np.asarray(tokenized_split(config.data, "validation", run.tokenizer,
                                         config.data.cache_dir or DEFAULT_CACHE_DIR))
-    return probes.passkey_accuracy(params, model_cfg, tokenizer, filler, distances, trials,
-                                   seed=config.seed), reach
-
-
-def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
-    """Mean loss against position in the context (log-spaced buckets) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses, counts = result["loss_by_position"], result["tokens_by_position"]
-    # Positions [0, 1), [1, 2), ... growing geometrically up to [.., len).
-    edges = np.unique(np.concatenate([[0], np.geomspace(1, len(losses), buckets).astype(int)]))
-    centers, means = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if counts[lo:hi].sum():
-            centers.append((lo + hi - 1) / 2)
-            means.append(losses[lo:hi].sum() / counts[lo:hi].sum())
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(centers, means, marker="o")
-    axes.set_xscale("symlog")
-    axes.set_xlabel("position in the context (tokens since the document or window start)")
-    axes.set_ylabel("loss (nats/token)")
-    axes.set_title(f"step {result['step']}, {result['split']}, context {result['seq_len']}: "
-                   f"mean {result['loss']:.3f}")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return probes.passkey_accuracy(run.params, model_cfg, run.tokenizer, filler, distances,
+                                   trials, seed=config.seed), reach
 
 
 def main(argv) -> None:
@@ -140,22 +127,22 @@ def main(argv) -> None:
             if FLAGS[flag].value and not os.path.isdir(folder):
                 raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
                                  f"exist")
-        cli.start_distributed()
-        result = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens,
-                          config_flags.get_override_values(FLAGS["config"]), FLAGS.step)
+        try:
+            distances = [int(d) for d in FLAGS.probe_distances]
+        except ValueError:
+            raise ValueError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
+                             f"expected comma-separated ints") from None
+        launch.start_distributed()
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        _check_overrides(overrides)
+        run = inference.load_for_inference(FLAGS.workdir, overrides, FLAGS.step)
+        result = evaluate_run(run, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens)
         if FLAGS.plot and jax.process_index() == 0:
-            plot_loss_by_position(result, FLAGS.plot)
+            plots.plot_loss_by_position(result, FLAGS.plot)
         summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
                                           "seq_len", "step", "split", "loss_by_distance_band")}
         if FLAGS.probe == "passkey":
-            try:
-                distances = [int(d) for d in FLAGS.probe_distances]
-            except ValueError:
-                raise ValueError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
-                                 f"expected comma-separated ints") from None
-            summary["passkey"], reach = passkey(FLAGS.workdir, distances, FLAGS.probe_trials,
-                                                config_flags.get_override_values(FLAGS["config"]),
-                                                FLAGS.step)
+            summary["passkey"], reach = passkey(run, distances, FLAGS.probe_trials)
     except ValueError as error:  # the user's input: one line, no traceback
         cli.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it
@@ -163,8 +150,8 @@ def main(argv) -> None:
     if "passkey" in summary:
         print(probes.format_passkey_table(summary["passkey"]), file=sys.stderr)
         if FLAGS.probe_plot:
-            probes.plot_passkey({"accuracy": summary["passkey"]}, FLAGS.probe_plot, reach,
-                                f"passkey, step {result['step']}")
+            plots.plot_passkey({"accuracy": summary["passkey"]}, FLAGS.probe_plot, reach,
+                               f"passkey, step {result['step']}")
     print(json.dumps(summary, indent=1))
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:

@@ -13,7 +13,8 @@ import jax
 from absl import flags, logging
 
 import cli
-import train
+import inference
+import launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -34,11 +35,11 @@ def main(argv) -> None:
         if FLAGS.max_new_tokens < 1 or FLAGS.num_samples < 1:
             raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} and --num_samples="
                              f"{FLAGS.num_samples}: expected positive ints")
-        cli.start_distributed()
-        run = train.load_for_inference(FLAGS.workdir, step=FLAGS.step)
+        launch.start_distributed()
+        run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
         prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
         for sample in range(FLAGS.num_samples):
-            text = train.sample_text(run.params, run.model_config, run.tokenizer, prompt,
+            text = inference.sample_text(run.params, run.model_config, run.tokenizer, prompt,
                                      FLAGS.max_new_tokens, seed=FLAGS.seed + sample,
                                      temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                      top_p=FLAGS.top_p)

@@ -26,7 +26,7 @@ def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.n
                           window_size: int, num_layers: int) -> list[dict]:
     """The loss of the targets at context positions ``[0, W)``, ``[W, L·W)`` and ``[L·W, ...)``.
 
-    Args: the per-position sums of `train.make_eval_step` (``(seq_len,)`` float), the model's
+    Args: the per-position sums of `steps.make_eval_step` (``(seq_len,)`` float), the model's
     window and layer count. Returns one dict per band: ``band`` (a name), ``start``, ``end``
     (positions; None: open), ``tokens`` and ``loss`` (mean nats per token; None without tokens).
     The bands' tokens add up to all the tokens, their token-weighted losses to the mean loss.
@@ -114,33 +114,3 @@ def format_passkey_table(rows: list[dict]) -> str:
     lines += [f"{r['distance']:>8}  {r['key_distance']:>12}  {r['accuracy']:>8.2f}  "
               f"{r['chance']:>6.3f}" for r in rows]
     return "\n".join(lines)
-
-
-def plot_passkey(curves: dict[str, list[dict]], path: str, reach: int, title: str) -> None:
-    """Accuracy against the key's distance as a PNG, one line per ``curves`` entry (label ->
-    the rows of `passkey_accuracy`), with chance and the local reach L·W marked."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for label, rows in curves.items():
-        axes.plot([r["key_distance"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-                  label=label)
-    axes.axhline(next(iter(curves.values()))[0]["chance"], color="gray", linestyle="--",
-                 label="chance")
-    axes.axvline(reach, color="red", linestyle=":", label="layers × window")
-    axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axes.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("tokens from the planted key to the question's end")
-    axes.set_ylabel("passkey accuracy")
-    axes.set_title(title)
-    axes.legend()
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

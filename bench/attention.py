@@ -36,8 +36,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
-from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
-                          measure_in_subprocess, peak_rss_bytes, xla_bytes)
+from bench.common import (best_time, cap_memory, measure_in_subprocess,  # noqa: E402
+                          peak_rss_bytes, xla_bytes)
 
 CPU_METHODS = ("auto", "xla", "seed", "dense")
 GPU_METHODS = ("auto", "xla", "cudnn", "dense", "causal_cudnn")
@@ -174,8 +174,10 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if accelerator else "float32")
     documents = args.documents or ([0, 8192] if accelerator else [0])
     methods = (args.methods or ",".join(GPU_METHODS if accelerator else CPU_METHODS)).split(",")
+    from metrics import matmul_flops_per_second, matmul_size
+
     matmul_rate = matmul_flops_per_second()
-    print(f"{jax.devices()[0].device_kind}: float32 matmul (4096²) {matmul_rate / 1e12:.3f} "
+    print(f"{jax.devices()[0].device_kind}: float32 matmul ({matmul_size()}²) {matmul_rate / 1e12:.3f} "
           f"TFLOP/s; window {args.window}, {heads} heads, {dtype}, causal, forward+backward")
     rows = []
     for head_dim in head_dims:

@@ -1,4 +1,5 @@
-"""What the benchmarks share: one point per process under a memory cap, and the matmul rate.
+"""What the benchmarks share: one point per process under a memory cap, and the timers (the
+matmul rate they compare with is metrics.py's, the one behind train.py's MFU).
 
 Each benchmark script re-runs itself with ``--point ...`` for every measurement, so that a
 point's peak memory is its own and a point that cannot fit fails alone.
@@ -44,21 +45,6 @@ def peak_bytes(compiled) -> int:
     and temporaries, with donated arguments that the outputs reuse counted once."""
     memory = compiled.memory_analysis()
     return xla_bytes(compiled) - memory.alias_size_in_bytes
-
-
-def matmul_flops_per_second(size: int = 4096, repeats: int = 5) -> float:
-    """The float32 rate of a large ``(size, size)`` matmul, best of ``repeats``."""
-    import jax
-
-    a = jax.random.normal(jax.random.key(0), (size, size))
-    matmul = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(matmul(a))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def best_time(fn, repeats: int) -> float:

@@ -38,7 +38,7 @@ DEFAULT_CONTEXTS = "65536,131072,262144,524288,1048576,2097152"
 def parse_meshes(text: str) -> list[dict]:
     """``"data=1;fsdp=2,tensor=2"`` -> ``[{"data": 1}, {"fsdp": 2, "tensor": 2}]`` (the other
     axes 1)."""
-    from train import MESH_AXES
+    from sharding import MESH_AXES
 
     meshes = []
     for mesh_text in filter(str.strip, text.split(";")):
@@ -57,26 +57,24 @@ def run_point(setting: str, context: int, mesh: dict, vocab_size: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    import train
+    import sharding
     from configs import pg19
-    from model import TransformerConfig, TransformerLM
+    from model import TransformerConfig
+    from steps import setup_training
 
     config = pg19.get_config(str(context))
-    config.batch_size = math.prod(mesh.get(axis, 1) for axis in train.BATCH_AXES)
+    config.batch_size = math.prod(mesh.get(axis, 1) for axis in sharding.BATCH_AXES)
     config.model.attention_implementation = "xla"
     for name, value in SETTINGS[setting].items():
         config.model[name] = value
-    for axis in train.MESH_AXES:
+    for axis in sharding.MESH_AXES:
         config.mesh[axis] = mesh.get(axis, 1)
-    model = TransformerLM(TransformerConfig.from_config(config.model.to_dict(),
-                                                        vocab_size=vocab_size))
-    mesh_ = train.make_mesh(config)
-    optimizer = train.make_optimizer(config)
-    state, shardings = train.create_train_state(config, model, mesh_, optimizer, abstract=True)
+    training = setup_training(config, TransformerConfig.from_config(config.model.to_dict(),
+                                                                    vocab_size=vocab_size))
     batch = {name: jax.ShapeDtypeStruct((config.batch_size, context), jnp.int32,
-                                        sharding=train.batch_sharding(mesh_))
+                                        sharding=sharding.batch_sharding(training.mesh))
              for name in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-    step = train.make_train_step(config, model, optimizer, mesh_, shardings)
+    state, step = training.abstract_state, training.train_step
     started = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     peak = peak_bytes(compiled)

@@ -21,8 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
-from bench.common import (best_time, cap_memory, matmul_flops_per_second,  # noqa: E402
-                          measure_in_subprocess, xla_bytes)
+from bench.common import best_time, cap_memory, measure_in_subprocess, xla_bytes  # noqa: E402
 
 # ~20M parameters: 8 × (4·384² + 3·384·1536) + 384·384. Scanned, rematerialised layers keep
 # activation memory at one block (unrolled layers under remat keep far more on XLA:CPU).
@@ -46,22 +45,22 @@ def run_train_point(attention: str, context: int, memory_cap: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    import train
+    import sharding
     from configs import default
-    from model import TransformerLM, count_parameters, training_flops_per_token
+    from model import count_parameters, training_flops_per_token
+    from steps import setup_training
 
     model_config = _config(attention, context)
-    model = TransformerLM(model_config)
     # train.py's step on one device: AdamW with clipping, as `python train.py` runs it.
     config = default.get_config()
-    mesh = train.make_mesh(config, jax.devices()[:1])
-    optimizer = train.make_optimizer(config)
-    state, shardings = train.create_train_state(config, model, mesh, optimizer)
+    config.batch_size, config.seq_len = 1, context
+    training = setup_training(config, model_config, jax.devices()[:1])
+    state = training.init_state()
     tokens = jax.random.randint(jax.random.key(1), (1, context + 1), 0, model_config.vocab_size)
-    batch = train.to_global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                   "loss_mask": jnp.ones((1, context), jnp.int32)},
-                                  train.batch_sharding(mesh))
-    step = train.make_train_step(config, model, optimizer, mesh, shardings)
+    batch = sharding.to_global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                      "loss_mask": jnp.ones((1, context), jnp.int32)},
+                                     sharding.batch_sharding(training.mesh))
+    step = training.train_step
     compiled = step.lower(state, batch).compile()
     row = {"kind": "train", "attention": attention, "context": context,
            "parameters": count_parameters(state.params), "xla_bytes": xla_bytes(compiled)}
@@ -143,8 +142,10 @@ def main() -> None:
             size = decode_cache_bytes(kv_heads)
             print(f"decode cache, {kv_heads} key/value heads (6 query heads), one global layer in "
                   f"four, 16384 positions: {size / 2**20:.2f} MiB ({full / size:.2f}x smaller)")
+    from metrics import matmul_flops_per_second, matmul_size
+
     matmul_rate = matmul_flops_per_second()
-    print(f"float32 matmul (4096²): {matmul_rate / 1e9:.1f} GFLOP/s; model {MODEL}")
+    print(f"float32 matmul ({matmul_size()}²): {matmul_rate / 1e9:.1f} GFLOP/s; model {MODEL}")
     rows = []
 
     def measure(point, label):

@@ -26,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
+import launch  # noqa: E402
 
 WINDOW, LAYERS, CONTEXT = 32, 2, 384
 QUESTIONS = 6  # per planted key: 30 digits to copy per row, so that copying forms early
@@ -75,10 +76,11 @@ def main() -> None:
         cli.exit_with_error(f"--steps={args.steps}: expected an int >= 1")
     if args.train_only and not args.workdir:
         cli.exit_with_error("--train_only needs --workdir (where the other model trains too)")
-    cli.restart_with_huge_pages()
+    launch.restart_with_huge_pages()
 
     import evaluate
-    import probes
+    import inference
+    import plots
     import train
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
@@ -94,7 +96,8 @@ def main() -> None:
                 print(f"{name}: trained {args.steps} steps in "
                       f"{time.perf_counter() - started:.0f} s ({run})")
                 return
-            rows, reach = evaluate.passkey(run, args.distances, args.trials)
+            rows, reach = evaluate.passkey(inference.load_for_inference(run), args.distances,
+                                           args.trials)
         except ValueError as error:
             cli.exit_with_error(str(error))
         results[name] = rows
@@ -109,9 +112,9 @@ def main() -> None:
         marker = " (beyond L·W)" if local["key_distance"] > reach else ""
         print(f"| {local['distance']} | {local['key_distance']}{marker} | "
               f"{local['accuracy']:.2f} | {global_['accuracy']:.2f} |")
-    probes.plot_passkey({"all local": results["local"], "layer 2 global": results["global"]},
-                        args.plot, reach, f"{LAYERS} layers, window {WINDOW}, context "
-                        f"{CONTEXT}, {args.steps} steps")
+    plots.plot_passkey({"all local": results["local"], "layer 2 global": results["global"]},
+                       args.plot, reach, f"{LAYERS} layers, window {WINDOW}, context "
+                       f"{CONTEXT}, {args.steps} steps")
     print(f"wrote {args.plot}")
 
 

@@ -7,7 +7,7 @@ The shape is issue 11's: 4 layers, d_model 128, context 64, batch 12, UTF-8 byte
 config's other fields: 4 heads, SwiGLU of 768, window 256, float32, AdamW with clipping). Each point
 runs in its own process, once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` (glibc maps
 XLA's temporaries in 4 KiB pages, faulted in afresh each step) and once with ``=1`` (what
-`cli.restart_with_huge_pages` gives train.py, evaluate.py and generate.py):
+`launch.restart_with_huge_pages` gives train.py, evaluate.py and generate.py):
 
 * the jitted step alone: train.py's ``make_train_step`` on a fixed batch, the median of
   ``--steps`` calls, with the page faults and system time per step;
@@ -55,24 +55,22 @@ def measure_step_alone(config, steps: int) -> dict:
     import jax
     import numpy as np
 
-    import train
+    import run_config
+    import sharding
     from data import make_tokenizer
-    from model import TransformerLM
+    from steps import setup_training
 
     tokenizer = make_tokenizer(config.data, tempfile.mkdtemp(prefix="bench_step_"))
-    model = TransformerLM(train.model_config(config, tokenizer))
-    mesh = train.make_mesh(config)
-    optimizer = train.make_optimizer(config)
-    state, shardings = train.create_train_state(config, model, mesh, optimizer)
-    step = train.make_train_step(config, model, optimizer, mesh, shardings)
+    training = setup_training(config, run_config.model_config(config, tokenizer))
+    state, step = training.init_state(), training.train_step
     rows, length = config.batch_size, config.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, (rows, length + 1)).astype(np.int32)
-    batch = train.to_global_batch({
+    batch = sharding.to_global_batch({
         "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
         "loss_mask": np.ones((rows, length), np.float32),
         "segment_ids": np.ones((rows, length), np.int32),
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
-    }, train.batch_sharding(mesh))
+    }, sharding.batch_sharding(training.mesh))
     for _ in range(3):  # compile and warm up
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)

@@ -32,10 +32,11 @@ def main(argv) -> None:
     import numpy as np
     from absl import logging
 
+    import run_config
     import train
     from checkpoints import Checkpoints
     from data import make_tokenizer
-    from model import TransformerLM
+    from steps import setup_training
 
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
@@ -65,10 +66,8 @@ def main(argv) -> None:
     # The same state, saved synchronously: what the asynchronous save keeps off the loop.
     checkpoints = Checkpoints(workdir, read_only=True)
     tokenizer = make_tokenizer(config.data, workdir)
-    abstract, _ = train.create_train_state(
-        config, TransformerLM(train.model_config(config, tokenizer)),
-        train.make_mesh(config), train.make_optimizer(config), abstract=True)
-    restored = checkpoints.restore(abstract)
+    training = setup_training(config, run_config.model_config(config, tokenizer))
+    restored = checkpoints.restore(training.abstract_state)
     synchronous = Checkpoints(tempfile.mkdtemp(prefix="bench_save_"))
     started = time.perf_counter()
     synchronous.save(restored.step, restored.state, restored.data_state, config)

@@ -22,6 +22,8 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+from errors import first_line
+
 SOURCES = ("stdlib", "text", "hf", "tfds")
 SPLITS = ("train", "validation")
 _STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
@@ -216,8 +218,8 @@ def _hf_documents(config, split: str) -> Iterator[str]:
         dataset = datasets.load_dataset(config.hf_name, config.hf_config or None, split=hf_split,
                                         data_files=data_files, streaming=config.hf_streaming)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: {message}") from None
+        raise ValueError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: "
+                         f"{first_line(error)}") from None
     columns = dataset.column_names
     if columns is not None and config.hf_text_field not in columns:
         raise ValueError(f"data.hf_text_field={config.hf_text_field!r} is not a field of "
@@ -237,9 +239,8 @@ def _tfds_documents(config, split: str) -> Iterator[str]:
         source = tfds.data_source(config.tfds_name, split=tfds_split,
                                   data_dir=config.tfds_data_dir or None)
     except Exception as error:  # tfds raises many types for a name/split/data_dir it lacks
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"data.tfds_name={config.tfds_name!r} split {tfds_split!r}: "
-                         f"{message}") from None
+                         f"{first_line(error)}") from None
     for index in range(len(source)):
         record = source[index]
         if config.tfds_text_field not in record:

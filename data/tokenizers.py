@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from errors import first_line
+
 
 class Tokenizer(Protocol):
     vocab_size: int  # model vocabulary: every id is below it
@@ -29,8 +31,10 @@ class Tokenizer(Protocol):
     def byte_lengths(self) -> np.ndarray: ...  # int32 (vocab_size,): UTF-8 bytes of each id
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
+def padded_vocab_size(num_ids: int) -> int:
+    """``num_ids`` rounded up to a multiple of 128, so that the embedding and logits matmuls
+    tile well (ids beyond ``num_ids`` are never produced)."""
+    return -(-num_ids // 128) * 128
 
 
 class ByteTokenizer:
@@ -39,7 +43,7 @@ class ByteTokenizer:
 
     end_of_document_id = 256
     pad_id = 257
-    vocab_size = _round_up(258, 128)
+    vocab_size = padded_vocab_size(258)
     name = "bytes"
 
     def encode(self, text: str) -> np.ndarray:
@@ -69,7 +73,7 @@ class SentencePieceTokenizer:
                              f"SentencePiece model ({error})") from None
         self.end_of_document_id = self._processor.eos_id()
         self.pad_id = self._processor.pad_id()
-        self.vocab_size = _round_up(self._processor.get_piece_size(), 128)
+        self.vocab_size = padded_vocab_size(self._processor.get_piece_size())
         self.name = "sentencepiece-" + hashlib.sha1(proto).hexdigest()[:12]
         # Bits per byte divide by the bytes the ids stand for: a model that drops newlines or
         # whitespace (SentencePiece's defaults; ours before they were lossless) undercounts.
@@ -157,7 +161,7 @@ def train_sentencepiece(documents: Iterable[str], model_path: str, vocab_size: i
             split_by_whitespace=True, hard_vocab_limit=False, minloglevel=2,
             num_threads=os.cpu_count() or 1)
     except RuntimeError as error:  # e.g. a vocabulary smaller than the 256 byte pieces + chars
-        reason = (str(error).split("] ")[-1].splitlines() or [type(error).__name__])[0]
+        reason = first_line(error).split("] ")[-1]  # after SentencePiece's "[file(line)] "
         raise ValueError(f"data.sentencepiece_vocab_size={vocab_size}: SentencePiece training "
                          f"failed ({reason})") from None
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)

@@ -1,10 +1,6 @@
 """cli.py: every command-line mistake in train.py, evaluate.py, generate.py and bench/ is one
 line naming the culprit, exit status 1, no traceback; found before any work (no compile)."""
 
-import os
-import subprocess
-import sys
-
 import ml_collections
 import pytest
 
@@ -101,33 +97,3 @@ def test_unknown_config_field_names_the_first_missing_part():
     nested = ml_collections.ConfigDict({"a": {"b": 1}})
     assert cli.unknown_config_field(nested, "a.b.c") == (
         "--config.a.b.c: a.b=1 is not a group of fields")
-
-
-_PRINTS_ITS_ENVIRONMENT = """
-import os, sys
-sys.path.insert(0, {root!r})
-from absl import flags
-import cli
-flags.DEFINE_string("word", None, "")
-cli.run(lambda argv: print(os.getpid(), flags.FLAGS.word, os.environ.get("GLIBC_TUNABLES")))
-"""
-
-
-@pytest.mark.skipif(not cli.huge_pages_available(), reason="needs glibc >= 2.35 on Linux")
-@pytest.mark.parametrize("tunables, expected", [
-    (None, "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),  # the user's opt-out stays
-])
-def test_scripts_restart_once_with_huge_pages(tmp_path, tunables, expected):
-    """cli.run re-executes the same process (pid, flags) with glibc's huge-page tunable."""
-    path = tmp_path / "prints_its_environment.py"
-    path.write_text(_PRINTS_ITS_ENVIRONMENT.format(root=cli.REPO_ROOT))
-    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    if tunables:
-        environment["GLIBC_TUNABLES"] = tunables
-    process = subprocess.Popen([sys.executable, str(path), "--word=kept"], env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert stdout.split() == [str(process.pid), "kept", expected]

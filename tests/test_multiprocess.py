@@ -27,7 +27,6 @@ import jax
 import numpy as np
 import pytest
 
-import cli
 from checkpoints import Checkpoints
 from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
 
@@ -304,23 +303,3 @@ def test_bad_launches_are_one_line_errors(tmp_path):
     assert "started with 3 processes, process 0 with 2" in _one_line_error(disagreeing[1], 60)
     assert "started with 2 processes, process 1 with 3" in _one_line_error(disagreeing[0], 60)
     assert "JAX_INITIALIZATION_TIMEOUT=5 s" in _one_line_error(alone, 60)
-
-
-@pytest.mark.parametrize("environ, message", [
-    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"},
-     "JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 came without JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
-     "JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=0 came without JAX_COORDINATOR_ADDRESS"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
-     r"JAX_PROCESS_ID=2: expected 0\.\.1"),
-    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
-     "JAX_NUM_PROCESSES='two': expected an int >= 1"),
-])
-def test_incomplete_launch_variables_are_one_line_errors(environ, message):
-    with pytest.raises(ValueError, match=message):
-        cli.start_distributed(environ)
-
-
-def test_one_process_launch_does_nothing():
-    cli.start_distributed({})
-    assert jax.process_count() == 1

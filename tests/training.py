@@ -66,6 +66,6 @@ def train_metrics(workdir) -> dict[int, dict]:
 
 def restore_params(workdir, step=None):
     """The parameters (numpy) of ``workdir``'s checkpoint (latest where step is None)."""
-    import train
+    import inference
 
-    return jax.tree.map(np.asarray, train.load_for_inference(str(workdir), step=step).params)
+    return jax.tree.map(np.asarray, inference.load_for_inference(str(workdir), step=step).params)

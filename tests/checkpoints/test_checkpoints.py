@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints import CheckpointError, Checkpoints, checksums
+from checkpoints import CheckpointError, Checkpoints, word_sums
 from configs import tiny
 
 
@@ -41,11 +41,11 @@ def test_round_trip_and_a_tampered_checksum_is_reported(tmp_path):
     checkpoints.close()
 
 
-def test_checksums_do_not_depend_on_the_sharding():
+def test_word_sums_do_not_depend_on_the_sharding():
     from jax.sharding import NamedSharding, PartitionSpec
 
     x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 3
     mesh = jax.make_mesh((8,), ("a",))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("a")))
-    assert checksums([x]) == checksums([sharded])
-    assert checksums([x]) != checksums([x.at[3, 3].add(1e-6)])
+    assert word_sums([x]) == word_sums([sharded])
+    assert word_sums([x]) != word_sums([x.at[3, 3].add(1e-6)])

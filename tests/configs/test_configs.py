@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-import train
+import run_config
+import sharding
 from model import TransformerConfig, training_flops_per_token
 from tests.training import ROOT
 
@@ -28,11 +29,11 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name, config", list(_configs()), ids=lambda x: x if isinstance(x, str) else "")
 def test_config_is_valid(name, config):
-    train.validate_config(config)
+    run_config.validate_config(config)
     model = TransformerConfig.from_config(config.model.to_dict(), vocab_size=384)
-    assert train.axis_rules(config)
+    assert sharding.axis_rules(config)
     assert config.seq_len >= 1024 or name == "tiny"  # long context, or a smoke test
     assert training_flops_per_token(model, config.seq_len) > 0
     config.mesh.data = config.mesh.fsdp = 1
     config.mesh.tensor = -1
-    assert train.make_mesh(config).shape["tensor"] == 8
+    assert sharding.make_mesh(config).shape["tensor"] == 8

@@ -1,0 +1,67 @@
+"""The PNGs of evaluate.py (loss against position in the context) and of the passkey probe
+(accuracy against the key's distance), drawn with matplotlib's Agg backend (no display)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def _figure(path: str, title: str, xlabel: str, ylabel: str):
+    """A 7 × 4 inch figure's axes, saved to ``path`` (100 dpi) after the block draws on them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    yield axes
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
+    """Mean loss against position in the context (log-spaced buckets) as a PNG. ``result``:
+    evaluate.py's, with ``loss_by_position`` and ``tokens_by_position`` ((seq_len,) sums),
+    ``step``, ``split``, ``seq_len`` and ``loss``."""
+    losses, counts = result["loss_by_position"], result["tokens_by_position"]
+    # Positions [0, 1), [1, 2), ... growing geometrically up to [.., len).
+    edges = np.unique(np.concatenate([[0], np.geomspace(1, len(losses), buckets).astype(int)]))
+    centers, means = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if counts[lo:hi].sum():
+            centers.append((lo + hi - 1) / 2)
+            means.append(losses[lo:hi].sum() / counts[lo:hi].sum())
+    title = (f"step {result['step']}, {result['split']}, context {result['seq_len']}: "
+             f"mean {result['loss']:.3f}")
+    with _figure(path, title, "position in the context (tokens since the document or window "
+                 "start)", "loss (nats/token)") as axes:
+        axes.plot(centers, means, marker="o")
+        axes.set_xscale("symlog")
+
+
+def plot_passkey(curves: dict[str, list[dict]], path: str, reach: int, title: str) -> None:
+    """Accuracy against the key's distance as a PNG, one line per ``curves`` entry (label ->
+    the rows of `probes.passkey_accuracy`), with chance and the local reach L·W marked."""
+    import matplotlib.ticker
+
+    with _figure(path, title, "tokens from the planted key to the question's end",
+                 "passkey accuracy") as axes:
+        for label, rows in curves.items():
+            axes.plot([r["key_distance"] for r in rows], [r["accuracy"] for r in rows],
+                      marker="o", label=label)
+        axes.axhline(next(iter(curves.values()))[0]["chance"], color="gray", linestyle="--",
+                     label="chance")
+        axes.axvline(reach, color="red", linestyle=":", label="layers × window")
+        axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        axes.set_ylim(-0.02, 1.02)
+        axes.legend()

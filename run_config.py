@@ -1,0 +1,116 @@
+"""What a run's config must satisfy, checked before any work: the training fields, and the
+fields that must not change when a run resumes (or when a trained run is loaded for inference).
+
+Model fields are checked by `model.TransformerConfig`, data fields where data/ uses them; the
+command line (unknown fields, wrong types) by cli.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_collections
+
+from configs import data as data_config
+from data.tokenizers import Tokenizer
+from model import TransformerConfig
+from steps import DECAY_SCHEDULES
+
+# Fields that must not change when a run resumes, by what depends on them: the arrays of the
+# checkpoint (their shapes and what they mean: the model and its vocabulary) ...
+PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
+                    "data.sentencepiece_vocab_size")
+# ... and the data iterator's saved position (which examples, cut how, in which order).
+DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
+                     "data.hf_name", "data.hf_config", "data.tfds_name", "data.packing",
+                     "data.max_documents", "data.validation_fraction", "data.passkey_fraction",
+                     "data.passkey_questions")
+# model.* fields that change neither the parameters nor the data: free to change on resume.
+_MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
+                                "layer_chunk_size", "loss_chunk_size")
+_MODEL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
+                   if field.default is not dataclasses.MISSING}
+_DATA_DEFAULTS = data_config.get_config().to_dict()
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """One-line ValueErrors for bad training fields (model and data fields are checked where
+    they are used: TransformerConfig.from_config, data/)."""
+    def int_at_least(name, minimum):
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+
+    for name in ("num_train_steps", "batch_size", "seq_len", "grad_accum_steps",
+                 "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+        int_at_least(name, 1)
+    for name in ("warmup_steps", "eval_every_steps", "eval_batches", "sample_tokens"):
+        int_at_least(name, 0)
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "min_learning_rate_ratio",
+                 "peak_flops_per_device"):
+        if not isinstance(config[name], (int, float)) or config[name] < 0:
+            raise ValueError(f"{name}={config[name]!r}: expected a number >= 0")
+    if config.learning_rate == 0:
+        raise ValueError("learning_rate=0: expected a positive number")
+    if config.decay_schedule not in DECAY_SCHEDULES:
+        raise ValueError(f"decay_schedule={config.decay_schedule!r}: expected one of "
+                         f"{list(DECAY_SCHEDULES)}")
+    if config.warmup_steps >= config.num_train_steps:
+        raise ValueError(f"warmup_steps={config.warmup_steps}: expected fewer than "
+                         f"num_train_steps={config.num_train_steps}")
+    for name in ("adam_b1", "adam_b2"):
+        if not 0 <= config[name] < 1:
+            raise ValueError(f"{name}={config[name]!r}: expected a number in [0, 1)")
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
+                         f"grad_accum_steps={config.grad_accum_steps}")
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TransformerConfig:
+    """The `TransformerConfig` of ``config.model``, with the tokenizer's vocabulary."""
+    return TransformerConfig.from_config(config.model.to_dict(), vocab_size=tokenizer.vocab_size)
+
+
+def check_resume_compatible(saved: ml_collections.ConfigDict,
+                            config: ml_collections.ConfigDict, directory: str) -> None:
+    """A one-line ValueError naming the first field of `PARAMETER_FIELDS` or
+    `DATA_ORDER_FIELDS` where ``config`` differs from ``saved`` (the config of the checkpoints
+    in ``directory``). A field that the checkpoint's code did not have yet meant its default."""
+    for field in PARAMETER_FIELDS + DATA_ORDER_FIELDS:
+        part, _, name = field.partition(".")
+        old = saved.get(part) if not name else saved.get(part, {}).get(
+            name, _DATA_DEFAULTS.get(name) if part == "data" else None)
+        new = config[part] if not name else config[part][name]
+        old = old.to_dict() if isinstance(old, ml_collections.ConfigDict) else old
+        new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
+        if field == "model":
+            old = _MODEL_DEFAULTS | (old or {})
+            old, new = ({k: v for k, v in fields.items() if k not in _MODEL_FIELDS_FREE_ON_RESUME}
+                        for fields in (old, new))
+        old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # tuples as lists
+        if old != new:
+            if isinstance(old, dict):
+                key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+                field, old, new = f"{field}.{key}", old.get(key), new.get(key)
+            raise ValueError(f"{field}={new!r}, but the checkpoints in {directory} were trained "
+                             f"with {old!r}: use another workdir, or the same value to resume")
+
+
+def check_inference_overrides(overrides: dict) -> None:
+    """A one-line ValueError where flat ``{"data.source": ..., ...}`` overrides of a trained
+    run's config touch one of `PARAMETER_FIELDS` (the parameters depend on it)."""
+    fixed = [key for key in overrides if key.startswith(PARAMETER_FIELDS)]
+    if fixed:
+        raise ValueError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "
+                         f"cannot change after training")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+    """Sets flat ``{"data.source": ..., "batch_size": ...}`` overrides on ``config`` in place."""
+    for key, value in overrides.items():
+        parent, _, name = key.rpartition(".")
+        target = config
+        for part in filter(None, parent.split(".")):
+            target = target[part]
+        target[name] = value
