@@ -1,10 +1,12 @@
-"""Local-attention language model: the attention kernel, its Flax modules and the transformer."""
+"""Local-attention language model: `local_attention` and its kernels, the Flax modules around it,
+the transformer, its config and FLOP count, and generation."""
 
 from model.attention import local_attention
+from model.config import TransformerConfig
+from model.flops import count_parameters, training_flops_per_token
 from model.modules import LocalSelfAttention, MultiHeadLocalAttention
 from model.sampling import generate, sample_logits
-from model.transformer import (TransformerConfig, TransformerLM, count_parameters,
-                               training_flops_per_token)
+from model.transformer import TransformerLM
 
 __all__ = [
     "LocalSelfAttention",

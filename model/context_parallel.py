@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from model.attention import (_check_arguments, _xla_local_attention, local_attention,
-                             resolve_implementation)
+from model.attention import check_arguments, local_attention, resolve_implementation
+from model.kernels.common import pad_sequence
+from model.kernels.xla import xla_local_attention
 
 
 def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size_left=128,
@@ -50,8 +51,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     per device (the key folded with the device's mesh index), so it differs from the unsharded
     draw. Raises a one-line ValueError if ``seq_len`` is not divisible by the sequence shards.
     """
-    _check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                     dropout_rate, dropout_rng, segment_ids)
+    check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                    dropout_rate, dropout_rng, segment_ids)
     mesh = jax.sharding.get_abstract_mesh()
     grouped = q.ndim >= 3 and k.shape[-3] != q.shape[-3]
     axes, kv_axes = (_logical_mesh_axes(q.ndim, mesh, heads) for heads in
@@ -65,17 +66,7 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     if seq_len % shards:
         raise ValueError(f"seq_len={seq_len} is not divisible by mesh."
                          f"{'×'.join(length_axes)}={shards}, which shards the sequence")
-    # An axis that does not divide evenly (a small batch, few heads) is computed whole on each
-    # device instead.
-    spec = [_spec_entry(a) if a == length_axes or size % math.prod(mesh.shape[x] for x in a) == 0
-            else None for size, a in zip(q.shape, axes)]
-    kv_spec = list(spec)
-    if q.ndim >= 3:
-        heads_axes = axes[-3]
-        split_alike = kv_axes[-3] == heads_axes and not (
-            k.shape[-3] % math.prod(mesh.shape[x] for x in heads_axes))
-        if not split_alike or spec[-3] is None:
-            spec[-3] = kv_spec[-3] = None
+    spec, kv_spec = _array_specs(q, k, mesh, axes, kv_axes, length_axes)
     length_axis_name = spec[-2]
     local_len = seq_len // shards
     # Halo widths, capped at what lies before (after) the last (first) block.
@@ -91,30 +82,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                                window_size_right=window_size_right,
                                has_segment_ids=segment_ids is not None,
                                max_segments=kernel_options.get("max_segments")) == "xla")
-
-    def broadcast_spec(shape, lead_spec):
-        """The spec of an array that broadcasts against ``lead_spec``'s axes (right-aligned)."""
-        offset = len(lead_spec) - len(shape)
-        return PartitionSpec(*(None if size == 1 else lead_spec[offset + i]
-                               for i, size in enumerate(shape)))
-
-    # The key validity mask travels with the keys; without a mask it is all true (one row).
-    valid = (jnp.ones((1,) * (q.ndim - 2) + (seq_len,), bool) if mask is None
-             else mask.astype(bool))
-    inputs = {"q": q, "k": k, "v": v, "valid": valid}
-    specs = {"q": PartitionSpec(*spec), "k": PartitionSpec(*kv_spec),
-             "v": PartitionSpec(*kv_spec)}
-    specs["valid"] = broadcast_spec(valid.shape, kv_spec[:-1])
-    if segment_ids is not None:
-        inputs["segment_ids"] = segment_ids
-        specs["segment_ids"] = broadcast_spec(segment_ids.shape, kv_spec[:-1])
-    if rel_pos_emb is not None:
-        inputs["rel_pos_emb"] = rel_pos_emb
-        specs["rel_pos_emb"] = PartitionSpec(*broadcast_spec(rel_pos_emb.shape[:-2], spec[:-2]),
-                                             None, None)
-    if dropout_rng is not None:
-        inputs["dropout_rng"] = dropout_rng
-        specs["dropout_rng"] = PartitionSpec()
+    inputs, specs = _sharded_inputs(q, k, v, mask, rel_pos_emb, dropout_rng, segment_ids, spec,
+                                    kv_spec)
 
     def attend_shard(inputs):
         # Keys and what describes them (validity, segment ids, with a trailing axis so that the
@@ -130,7 +99,7 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
         if rng is not None:
             rng = jax.random.fold_in(rng, lax.axis_index(tuple(mesh.axis_names)))
         if queries_at_offset:
-            return _xla_local_attention(
+            return xla_local_attention(
                 inputs["q"], extended["k"], extended["v"], extended["valid"][..., 0], None,
                 window_size_left, window_size_right, dropout_rate, rng,
                 None if segments is None else segments[..., 0],
@@ -139,8 +108,7 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                 query_offset=before)
         # Queries padded to the keys' length, so that positions line up; the outputs of the
         # padding are dropped (no gradient flows back through them).
-        q = inputs["q"]
-        q = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(before, after), (0, 0)])
+        q = pad_sequence(inputs["q"], before, after, axis=-2)
         out = local_attention(
             q, extended["k"], extended["v"], extended["valid"][..., 0],
             inputs.get("rel_pos_emb"), window_size_left, window_size_right, dropout_rate, rng,
@@ -148,6 +116,55 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
         return out[..., before:before + local_len, :]
 
     return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec))(inputs)
+
+
+def _array_specs(q, k, mesh, axes, kv_axes, length_axes) -> tuple[list, list]:
+    """The PartitionSpec entries of q and of k, v (``axes``, ``kv_axes``: their mesh axes per
+    array axis, `_logical_mesh_axes`; ``length_axes``: the sequence's)."""
+    # An axis that does not divide evenly (a small batch, few heads) is computed whole on each
+    # device instead.
+    spec = [_spec_entry(a) if a == length_axes or size % math.prod(mesh.shape[x] for x in a) == 0
+            else None for size, a in zip(q.shape, axes)]
+    kv_spec = list(spec)
+    if q.ndim >= 3:
+        heads_axes = axes[-3]
+        split_alike = kv_axes[-3] == heads_axes and not (
+            k.shape[-3] % math.prod(mesh.shape[x] for x in heads_axes))
+        if not split_alike or spec[-3] is None:
+            spec[-3] = kv_spec[-3] = None
+    return spec, kv_spec
+
+
+def _sharded_inputs(q, k, v, mask, rel_pos_emb, dropout_rng, segment_ids, spec,
+                    kv_spec) -> tuple[dict, dict]:
+    """The arrays that `jax.shard_map` splits and their PartitionSpecs (``spec``: q's entries,
+    ``kv_spec``: k and v's), by name: q, k, v, the key validity ``valid`` and, where given,
+    segment_ids, rel_pos_emb and dropout_rng (replicated)."""
+    # The key validity mask travels with the keys; without a mask it is all true (one row).
+    valid = (jnp.ones((1,) * (q.ndim - 2) + (q.shape[-2],), bool) if mask is None
+             else mask.astype(bool))
+    inputs = {"q": q, "k": k, "v": v, "valid": valid}
+    specs = {"q": PartitionSpec(*spec), "k": PartitionSpec(*kv_spec),
+             "v": PartitionSpec(*kv_spec)}
+    specs["valid"] = _broadcast_spec(valid.shape, kv_spec[:-1])
+    if segment_ids is not None:
+        inputs["segment_ids"] = segment_ids
+        specs["segment_ids"] = _broadcast_spec(segment_ids.shape, kv_spec[:-1])
+    if rel_pos_emb is not None:
+        inputs["rel_pos_emb"] = rel_pos_emb
+        specs["rel_pos_emb"] = PartitionSpec(*_broadcast_spec(rel_pos_emb.shape[:-2], spec[:-2]),
+                                             None, None)
+    if dropout_rng is not None:
+        inputs["dropout_rng"] = dropout_rng
+        specs["dropout_rng"] = PartitionSpec()
+    return inputs, specs
+
+
+def _broadcast_spec(shape, lead_spec) -> PartitionSpec:
+    """The spec of an array that broadcasts against ``lead_spec``'s axes (right-aligned)."""
+    offset = len(lead_spec) - len(shape)
+    return PartitionSpec(*(None if size == 1 else lead_spec[offset + i]
+                           for i, size in enumerate(shape)))
 
 
 def _logical_mesh_axes(ndim: int, mesh, heads: str) -> list[tuple[str, ...]]:

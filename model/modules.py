@@ -19,8 +19,9 @@ import numpy as np
 from flax.linen.initializers import zeros_init
 from jax import lax
 
-from model.attention import local_attention, masked_softmax_parts
+from model.attention import local_attention
 from model.context_parallel import context_parallel_attention
+from model.kernels.common import masked_softmax_parts
 
 Array = jax.Array
 Initializer = Any
@@ -122,14 +123,7 @@ class MultiHeadLocalAttention(nn.Module):
         if inputs_v is None:
             inputs_v = inputs_k
         features = inputs_q.shape[-1]
-        qkv_features = self.qkv_features or features
-        if qkv_features % self.num_heads:
-            raise ValueError(
-                f"qkv_features={qkv_features} must be divisible by num_heads={self.num_heads}")
-        kv_heads = self.num_kv_heads or self.num_heads
-        if self.num_heads % kv_heads:
-            raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
-        head_dim = qkv_features // self.num_heads
+        kv_heads, head_dim = self._head_sizes(features)
         dense = functools.partial(
             nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
             bias_init=self.bias_init, use_bias=self.use_bias, precision=self.precision)
@@ -162,19 +156,8 @@ class MultiHeadLocalAttention(nn.Module):
         else:
             if cache_ready:
                 self._prefill_cache(cache, key, value, mask)
-            dropout_rate, dropout_rng = self._dropout(deterministic, dropout_rng, prng_key)
-            heads_first = functools.partial(jnp.swapaxes, axis1=-3, axis2=-2)
-            add_head_axis = lambda x: None if x is None else x[..., None, :]  # noqa: E731
-            # The sequence may be sharded over a context mesh axis; a prompt never is.
-            attend = local_attention if self.decode else context_parallel_attention
-            out = heads_first(attend(
-                heads_first(query), heads_first(key), heads_first(value),
-                mask=add_head_axis(mask), rel_pos_emb=rel_pos_emb,
-                window_size_left=self.window_size_left, window_size_right=self.window_size_right,
-                dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                segment_ids=add_head_axis(segment_ids), implementation=self.implementation,
-                block_size=self.block_size, precision=self.precision,
-                max_segments=self.max_segments))
+            out = self._attend(query, key, value, rel_pos_emb, mask, segment_ids,
+                               *self._dropout(deterministic, dropout_rng, prng_key))
 
         return nn.DenseGeneral(
             features=self.out_features or features, axis=(-2, -1),
@@ -182,6 +165,38 @@ class MultiHeadLocalAttention(nn.Module):
             bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
             name="out")(out)
+
+    def _head_sizes(self, features: int) -> tuple[int, int]:
+        """``(kv_heads, head_dim)`` for inputs of ``features``; one-line ValueErrors where
+        ``num_heads`` does not divide ``qkv_features`` or ``num_kv_heads`` does not divide
+        ``num_heads``."""
+        qkv_features = self.qkv_features or features
+        if qkv_features % self.num_heads:
+            raise ValueError(
+                f"qkv_features={qkv_features} must be divisible by num_heads={self.num_heads}")
+        kv_heads = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv_heads:
+            raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={self.num_heads}")
+        return kv_heads, qkv_features // self.num_heads
+
+    def _attend(self, query, key, value, rel_pos_emb, mask, segment_ids, dropout_rate,
+                dropout_rng) -> Array:
+        """A whole sequence (or a prompt): ``query (batch..., seq_len, heads, head_dim)``,
+        ``key``/``value`` ``(batch..., seq_len, kv_heads, head_dim)``, ``mask`` and
+        ``segment_ids`` ``(batch..., seq_len)`` or None -> ``(batch..., seq_len, heads,
+        head_dim)`` in query's dtype, by `context_parallel_attention`."""
+        heads_first = functools.partial(jnp.swapaxes, axis1=-3, axis2=-2)
+        add_head_axis = lambda x: None if x is None else x[..., None, :]  # noqa: E731
+        # The sequence may be sharded over a context mesh axis; a prompt never is.
+        attend = local_attention if self.decode else context_parallel_attention
+        return heads_first(attend(
+            heads_first(query), heads_first(key), heads_first(value),
+            mask=add_head_axis(mask), rel_pos_emb=rel_pos_emb,
+            window_size_left=self.window_size_left, window_size_right=self.window_size_right,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+            segment_ids=add_head_axis(segment_ids), implementation=self.implementation,
+            block_size=self.block_size, precision=self.precision,
+            max_segments=self.max_segments))
 
     def _dropout(self, deterministic, dropout_rng, prng_key) -> tuple[float, Array | None]:
         """The dropout rate and key to use for this call (rate 0 when deterministic)."""

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from model.transformer import TransformerConfig, TransformerLM, unstack_layers
+from model.config import TransformerConfig
+from model.layer_stack import unstack_layers
+from model.transformer import TransformerLM
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int = 0,

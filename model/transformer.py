@@ -6,189 +6,25 @@ model's receptive field is ``num_layers * window_size`` tokens, except the ``glo
 whose window is the whole sequence (Gemma's mix of local and global layers). Parameters carry
 logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``kv``, ``mlp``, ``layers``)
 that the training code maps to mesh axes by rules in the config (MaxText's scheme).
+
+The hyperparameters are `model.config.TransformerConfig`; the scanned, rematerialised layers
+(``scan_layers`` with ``remat``) run `model.layer_stack`; parameter and FLOP counts are in
+`model.flops`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import numbers
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from model.attention import resolve_implementation
+from model.config import TransformerConfig
 from model.context_parallel import sequence_shards
+from model.layer_stack import global_layer_mask, layer_stack
 from model.modules import MultiHeadLocalAttention
-
-POSITION_EMBEDDINGS = ("rope", "relative", "none")
-ACTIVATIONS = ("swiglu", "gelu")
-NORMS = ("rmsnorm", "layernorm")
-DTYPES = ("float32", "bfloat16")
-IMPLEMENTATIONS = ("auto", "xla", "dense", "cudnn", "splash")  # model.local_attention backends
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-    """The model's hyperparameters (hashable, so a module attribute and a static jit arg).
-
-    Built from the ``model`` part of the training config with `TransformerConfig.from_config`.
-    """
-
-    vocab_size: int
-    num_layers: int = 4
-    d_model: int = 256
-    num_heads: int = 4
-    # Key/value heads, shared by groups of query heads (grouped-query attention; 1: multi-query;
-    # None: num_heads). It must divide num_heads.
-    num_kv_heads: int | None = None
-    head_dim: int | None = None  # default d_model // num_heads
-    mlp_dim: int = 1024
-    window_size: int = 256
-    # Layers that attend to the whole causal context: an int k, every k-th layer (k - 1,
-    # 2k - 1, ...; 0: none), or a tuple of layer indices.
-    global_layers: int | tuple[int, ...] = 0
-    position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
-    rope_base: float = 10_000.0
-    activation: str = "swiglu"  # one of ACTIVATIONS
-    norm: str = "rmsnorm"  # one of NORMS
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    dtype: str = "float32"  # computation; parameters are float32
-    tie_embeddings: bool = True
-    remat: bool = False  # recompute each block's activations in the backward pass; bounds
-    # memory with scan_layers (unrolled, XLA keeps most activations anyway)
-    scan_layers: bool = False  # one scanned block: compile time independent of num_layers
-    attention_implementation: str = "auto"  # see model.local_attention
-    # Documents per row of packed data that cuDNN's packed layout makes room for (a static
-    # bound; train.py checks each batch against it where cuDNN runs).
-    max_documents_per_row: int = 32
-    # Tokens per chunk of the sequence, so that no (tokens x mlp_dim) or (tokens x vocab_size)
-    # array exists whole. layer_chunk_size: each scanned rematerialised layer (scan_layers and
-    # remat) runs chunk by chunk, each chunk with the window_size tokens before it (0: the
-    # whole sequence at once; it must divide seq_len). loss_chunk_size: the output logits and
-    # cross-entropy when the model is given targets (0: about 2**24 logits per chunk).
-    layer_chunk_size: int = 0
-    loss_chunk_size: int = 0
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict | dict, **overrides) -> TransformerConfig:
-        """Validates ``config`` (the ``model`` part of a training config) and builds the config.
-
-        Raises a one-line ValueError naming the first bad or unknown field.
-        """
-        values = dict(config) | overrides
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"model.{unknown[0]}: unknown model config field; expected one of "
-                             f"{sorted(known)}")
-        if "vocab_size" not in values:
-            raise ValueError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
-        if isinstance(values.get("global_layers"), list):  # a JSON round trip gives lists
-            values["global_layers"] = tuple(values["global_layers"])
-        built = cls(**values)
-        built.validate()
-        return built
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-    @property
-    def resolved_num_kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def global_layer_indices(self) -> tuple[int, ...]:
-        """The indices of the global layers, ascending."""
-        if isinstance(self.global_layers, numbers.Integral):
-            every = int(self.global_layers)
-            return tuple(range(every - 1, self.num_layers, every)) if every else ()
-        return tuple(sorted(self.global_layers))
-
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    def document_bound(self, backend: str | None = None) -> int:
-        """``max_documents_per_row`` where the attention runs on cuDNN's packed layout with
-        packed documents (on ``backend``, default JAX's), else 0: no bound to check."""
-        implementation = resolve_implementation(
-            self.attention_implementation, self.compute_dtype,
-            has_rel_pos_emb=self.position_embedding == "relative",
-            dropout_rate=self.attention_dropout_rate, has_segment_ids=True,
-            max_segments=self.max_documents_per_row, backend=backend)
-        return self.max_documents_per_row if implementation == "cudnn" else 0
-
-    def validate(self) -> None:
-        def is_int(value):
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim",
-                     "max_documents_per_row"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"model.{name}={value!r}: expected a positive int")
-        for name in ("window_size", "layer_chunk_size", "loss_chunk_size"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 0:
-                raise ValueError(f"model.{name}={value!r}: expected an int >= 0")
-        if self.num_kv_heads is not None and (not is_int(self.num_kv_heads)
-                                              or self.num_kv_heads < 1
-                                              or self.num_heads % self.num_kv_heads):
-            raise ValueError(f"model.num_kv_heads={self.num_kv_heads!r}: expected None or a "
-                             f"positive divisor of model.num_heads={self.num_heads}")
-        layers = self.global_layers
-        if is_int(layers):
-            if not 0 <= layers <= self.num_layers:
-                raise ValueError(f"model.global_layers={layers!r}: expected an int k in 0.."
-                                 f"{self.num_layers} (every k-th layer; 0: none) or a tuple of "
-                                 f"layer indices")
-        elif not (isinstance(layers, tuple) and all(is_int(i) and 0 <= i < self.num_layers
-                                                    for i in layers)
-                  and len(set(layers)) == len(layers)):
-            raise ValueError(f"model.global_layers={layers!r}: expected an int k (every k-th "
-                             f"layer; 0: none) or a tuple of distinct layer indices in "
-                             f"0..{self.num_layers - 1}")
-        if self.global_layer_indices and self.position_embedding == "relative":
-            raise ValueError("model.global_layers needs model.position_embedding 'rope' or "
-                             "'none': relative position embeddings are learned per window "
-                             "offset, and a global layer's window is the whole sequence")
-        if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
-            raise ValueError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
-                             f"model.num_heads={self.num_heads}; set model.head_dim")
-        for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
-                              ("activation", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
-                              ("attention_implementation", IMPLEMENTATIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of "
-                                 f"{list(allowed)}")
-        if self.position_embedding == "rope" and self.resolved_head_dim % 2:
-            raise ValueError(f"model.position_embedding='rope' needs an even head dim; got "
-                             f"{self.resolved_head_dim}")
-        if self.attention_implementation not in ("auto", "xla") and (
-                self.position_embedding == "relative" or self.attention_dropout_rate):
-            raise ValueError(f"model.attention_implementation={self.attention_implementation!r} "
-                             f"supports neither relative positions nor attention dropout")
-        if self.attention_implementation == "cudnn" and self.dtype != "bfloat16":
-            raise ValueError(f"model.attention_implementation='cudnn' needs "
-                             f"model.dtype='bfloat16'; got {self.dtype!r}")
-        for name in ("dropout_rate", "attention_dropout_rate", "rope_base"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise ValueError(f"model.{name}={value!r}: expected a number")
-        for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected a float in [0, 1)")
-        if self.rope_base <= 1:
-            raise ValueError(f"model.rope_base={self.rope_base!r}: expected a number > 1")
 
 
 class _LogicallyPartitioned(nn.LogicallyPartitioned):
@@ -401,7 +237,7 @@ class TransformerLM(nn.Module):
     call after ``init`` may hold a whole prompt, each later call one token; global layers
     keep every position of a sequence of up to ``decode_length`` tokens, local layers the last
     ``window_size + 1`` (a model with global layers and ``scan_layers`` decodes with its layers
-    unstacked, `unstack_layers`, as `model.sampling.generate` does).
+    unstacked, `model.layer_stack.unstack_layers`, as `model.sampling.generate` does).
     """
 
     config: TransformerConfig
@@ -422,13 +258,13 @@ class TransformerLM(nn.Module):
         global_layers = config.global_layer_indices
         if config.scan_layers and self.decode and global_layers:
             raise ValueError("decoding with model.global_layers and model.scan_layers needs the "
-                             "layers unstacked (model.transformer.unstack_layers, as generate "
+                             "layers unstacked (model.layer_stack.unstack_layers, as generate "
                              "does): global and local layers hold caches of different sizes")
         if config.scan_layers and config.remat and not self.decode and not self.is_initializing():
             dropout = not deterministic and (config.dropout_rate or config.attention_dropout_rate)
-            x = _layer_stack(config, deterministic, nn.unbox(self.variables["params"]["layers"]),
-                             x, segment_ids, positions,
-                             self.make_rng("dropout") if dropout else None)
+            x = layer_stack(DecoderBlock, config, deterministic,
+                            nn.unbox(self.variables["params"]["layers"]), x, segment_ids,
+                            positions, self.make_rng("dropout") if dropout else None)
         elif config.scan_layers:
             block = _ScannedBlock
             if config.remat:  # only to create the parameters (init) or caches (decode)
@@ -439,7 +275,7 @@ class TransformerLM(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(config, decode=self.decode, name="layers")(
-                x, segment_ids, positions, deterministic, _is_global(config))
+                x, segment_ids, positions, deterministic, global_layer_mask(config))
         else:
             block = DecoderBlock
             if config.remat:
@@ -457,171 +293,3 @@ class TransformerLM(nn.Module):
         if targets is not None:
             return chunked_token_losses(x, kernel, targets, config.loss_chunk_size)
         return _logits(x, kernel)
-
-
-def _is_global(config: TransformerConfig) -> jax.Array:
-    """``(num_layers,)`` bool: which layers are global."""
-    return jnp.isin(jnp.arange(config.num_layers), jnp.array(config.global_layer_indices, int))
-
-
-def unstack_layers(params, config: TransformerConfig):
-    """The parameters of a ``scan_layers`` model (``layers``: each leaf ``(num_layers, ...)``)
-    as those of the same model unscanned (``layer_0``, ``layer_1``, ...); others unchanged."""
-    params = dict(params)
-    stacked = params.pop("layers")
-    return params | {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                     for i in range(config.num_layers)}
-
-
-def _layer_chunks(config: TransformerConfig, length: int,
-                  global_layer: bool = False) -> tuple[int, int, int]:
-    """``(num_chunks, chunk, span)``: a layer over ``length`` tokens runs as ``num_chunks``
-    chunks of ``chunk`` outputs, each computed from ``span`` tokens (the chunk and the
-    ``window_size`` tokens its attention reaches back to). A global layer reaches back to the
-    start: it runs whole."""
-    chunk = config.layer_chunk_size
-    if not chunk or chunk >= length or global_layer:
-        return 1, length, length
-    if length % chunk:
-        raise ValueError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
-                         f"{length}: expected a divisor of it, or 0")
-    return length // chunk, chunk, min(length, chunk + config.window_size)
-
-
-def _layer(config: TransformerConfig, deterministic: bool, layer_params, layer, x, segment_ids,
-           positions, dropout_key, d_out=None):
-    """`_layer_in_chunks` for layer ``layer`` (traced), global or local as the config says
-    (a ``lax.cond`` where the model has both)."""
-    def run(global_layer: bool):
-        return _layer_in_chunks(config, deterministic, layer_params, layer, x, segment_ids,
-                                positions, dropout_key, d_out, global_layer)
-
-    if not config.global_layer_indices:
-        return run(False)
-    return jax.lax.cond(_is_global(config)[layer], lambda: run(True), lambda: run(False))
-
-
-def _layer_in_chunks(config: TransformerConfig, deterministic: bool, layer_params, layer, x,
-                     segment_ids, positions, dropout_key, d_out=None, global_layer=False):
-    """One `DecoderBlock` on ``x (batch, seq_len, d_model)``, chunk by chunk (`_layer_chunks`).
-
-    The block is causal with a window of ``window_size`` tokens and otherwise position-wise,
-    so each chunk's outputs are exact from its span of inputs. Returns the output; given the
-    output's cotangent ``d_out``, returns ``(d_params, d_x)`` instead, one chunk's backward
-    pass at a time (``d_x`` summed in float32 where spans overlap).
-    """
-    batch, length, _ = x.shape
-    num_chunks, chunk, span = _layer_chunks(config, length, global_layer)
-    if positions is None:  # a chunk's rotary positions are its place in the sequence
-        positions = jnp.arange(length)[None]
-
-    def span_of(index):
-        start = jnp.clip(index * chunk - config.window_size, 0, length - span)
-        rows = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, span, 1)  # noqa: E731
-        key = None if dropout_key is None else jax.random.fold_in(
-            jax.random.fold_in(dropout_key, layer), index)
-        block = lambda p, x: DecoderBlock(config).apply(  # noqa: E731
-            {"params": p}, x, rows(segment_ids), rows(positions), deterministic, global_layer,
-            rngs=None if key is None else {"dropout": key})
-        return start, index * chunk - start, rows(x), block
-
-    if d_out is None:
-        def forward(index):
-            _, offset, x_span, block = span_of(index)
-            return jax.lax.dynamic_slice_in_dim(block(layer_params, x_span), offset, chunk, 1)
-
-        out = jax.lax.map(forward, jnp.arange(num_chunks))  # (num_chunks, batch, chunk, d)
-        return jnp.moveaxis(out, 0, 1).reshape(x.shape)
-
-    def backward(sums, index):
-        d_params_sum, d_x_sum = sums
-        start, offset, x_span, block = span_of(index)
-        out, block_vjp = jax.vjp(block, layer_params, x_span)
-        d_out_chunk = jax.lax.dynamic_slice_in_dim(d_out, index * chunk, chunk, 1)
-        d_params, d_x = block_vjp(jax.lax.dynamic_update_slice_in_dim(
-            jnp.zeros_like(out), d_out_chunk, offset, 1))
-        d_x_rows = jax.lax.dynamic_slice_in_dim(d_x_sum, start, span, 1) + d_x
-        return (jax.tree.map(jnp.add, d_params_sum, d_params),
-                jax.lax.dynamic_update_slice_in_dim(d_x_sum, d_x_rows, start, 1)), None
-
-    zeros = (jax.tree.map(jnp.zeros_like, layer_params), jnp.zeros(x.shape, jnp.float32))
-    (d_params, d_x), _ = jax.lax.scan(backward, zeros, jnp.arange(num_chunks))
-    return d_params, d_x.astype(x.dtype)
-
-
-def _bits_dtype(dtype) -> Any:
-    return jnp.dtype(f"uint{jnp.dtype(dtype).itemsize * 8}")
-
-
-def _layer_stack_forward(config, deterministic, params, x, segment_ids, positions, dropout_key):
-    def layer(x, inputs):
-        index, layer_params = inputs
-        out = _layer(config, deterministic, layer_params, index, x, segment_ids, positions,
-                     dropout_key)
-        return out, jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
-
-    return jax.lax.scan(layer, x, (jnp.arange(config.num_layers), params))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _layer_stack(config, deterministic, params, x, segment_ids, positions, dropout_key):
-    """The scanned layers with ``params`` (each leaf stacked ``(num_layers, ...)``) on ``x
-    (batch, seq_len, d_model)``, keeping only each layer's input for the backward pass, which
-    recomputes the layer from it, chunk by chunk (`_layer_in_chunks`).
-
-    What ``nn.remat`` inside ``nn.scan`` does, with the saved inputs held as raw bits (uint16
-    for bfloat16): XLA:CPU widens a bfloat16 array that a loop slices to float32 and hoists
-    that copy of all the layers' inputs out of the backward loop; integers it leaves alone.
-    """
-    return _layer_stack_forward(config, deterministic, params, x, segment_ids, positions,
-                                dropout_key)[0]
-
-
-def _layer_stack_fwd(config, deterministic, params, x, segment_ids, positions, dropout_key):
-    out, inputs_bits = _layer_stack_forward(config, deterministic, params, x, segment_ids,
-                                            positions, dropout_key)
-    return out, (params, inputs_bits, segment_ids, positions, dropout_key)
-
-
-def _layer_stack_bwd(config, deterministic, residuals, d_out):
-    params, inputs_bits, segment_ids, positions, dropout_key = residuals
-
-    def layer(d_x, inputs):
-        index, layer_params, x_bits = inputs
-        x = jax.lax.bitcast_convert_type(x_bits, d_out.dtype)
-        d_params, d_x = _layer(config, deterministic, layer_params, index, x, segment_ids,
-                               positions, dropout_key, d_out=d_x)
-        return d_x, d_params
-
-    d_x, d_params = jax.lax.scan(layer, d_out, (jnp.arange(config.num_layers), params,
-                                                inputs_bits), reverse=True)
-    return d_params, d_x, None, None, None
-
-
-_layer_stack.defvjp(_layer_stack_fwd, _layer_stack_bwd)
-
-
-def count_parameters(params) -> int:
-    """Number of scalars in a parameter tree (boxed or not)."""
-    return sum(x.size for x in jax.tree.leaves(nn.unbox(params)))
-
-
-def training_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per token: 6 per matmul weight, plus windowed attention.
-
-    Each token's query scores and mixes at most ``min(window_size + 1, seq_len)`` keys in a
-    local layer and ``(seq_len + 1) / 2`` on average in a global (causal) one: 2 matmuls of
-    ``2 * heads * head_dim`` FLOPs per key forward, ×3 with the backward. The embedding lookup
-    costs nothing; a tied embedding still counts once, as the output matmul.
-    """
-    head_dim = config.resolved_head_dim
-    attention_width = config.num_heads * head_dim
-    kv_width = config.resolved_num_kv_heads * head_dim
-    per_layer = 2 * config.d_model * (attention_width + kv_width)  # q, out; k, v projections
-    per_layer += (3 if config.activation == "swiglu" else 2) * config.d_model * config.mlp_dim
-    matmul_weights = config.num_layers * per_layer + config.d_model * config.vocab_size
-    num_global = len(config.global_layer_indices)
-    keys_seen = ((config.num_layers - num_global) * min(config.window_size + 1, seq_len)
-                 + num_global * (seq_len + 1) / 2)
-    attention = 3 * 2 * 2 * attention_width * keys_seen
-    return 6.0 * matmul_weights + attention

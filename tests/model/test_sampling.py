@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from model.sampling import generate, sample_logits
-from model.transformer import TransformerConfig, TransformerLM, unstack_layers
+from model.config import TransformerConfig
+from model.layer_stack import unstack_layers
+from model.transformer import TransformerLM
 
 VOCAB = 64
 WINDOW = 4
