@@ -1,0 +1,50 @@
+"""run_config.py: which fields may change when a run resumes or is loaded for inference, and
+the one-line errors that name the field. (End to end through train.py: tests/test_train.py.)"""
+
+import pytest
+
+import run_config
+from configs import tiny
+
+
+def test_resume_names_the_first_field_that_differs():
+    saved = tiny.get_config()
+    config = tiny.get_config()
+    run_config.check_resume_compatible(saved, config, "DIR")
+    config.model.d_model = 64
+    with pytest.raises(ValueError, match=r"^model.d_model=64, but the checkpoints in DIR were "
+                                         r"trained with 32: use another workdir"):
+        run_config.check_resume_compatible(saved, config, "DIR")
+    config = tiny.get_config()
+    config.data.passkey_questions = 3
+    with pytest.raises(ValueError, match=r"^data.passkey_questions=3, but"):
+        run_config.check_resume_compatible(saved, config, "DIR")
+
+
+def test_kernel_fields_may_change_and_missing_fields_mean_their_defaults():
+    saved, config = tiny.get_config(), tiny.get_config()
+    config.model.attention_implementation = "dense"
+    config.model.layer_chunk_size = 32
+    config.num_train_steps = 100  # a longer run from the same checkpoints
+    run_config.check_resume_compatible(saved, config, "DIR")
+    # A checkpoint written before a field existed: it meant the field's default.
+    for name in ("rope_base", "tie_embeddings"):
+        del saved.model[name]
+    del saved.data["passkey_questions"]
+    run_config.check_resume_compatible(saved, tiny.get_config(), "DIR")
+    config = tiny.get_config()
+    config.model.rope_base = 500_000.0
+    with pytest.raises(ValueError, match=r"^model.rope_base=500000.0, but .* with 10000.0"):
+        run_config.check_resume_compatible(saved, config, "DIR")
+
+
+def test_inference_overrides_may_not_touch_what_the_parameters_depend_on():
+    run_config.check_inference_overrides({"data.source": "text", "mesh.context": 2})
+    with pytest.raises(ValueError, match=r"^--config.model.window_size: the checkpoint's "
+                                         r"parameters depend on it"):
+        run_config.check_inference_overrides({"model.window_size": 8})
+    with pytest.raises(ValueError, match=r"^--config.data.tokenizer: "):
+        run_config.check_inference_overrides({"data.tokenizer": "bytes"})
+    config = tiny.get_config()
+    run_config.apply_overrides(config, {"data.source": "text", "batch_size": 2})
+    assert config.data.source == "text" and config.batch_size == 2
