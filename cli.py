@@ -44,7 +44,7 @@ def exit_with_error(error: Exception | str) -> NoReturn:
     os._exit(1)
 
 
-# --- absl flags (train.py, evaluate.py, generate.py, bench/train.py) -------------------------
+# --- absl flags (train.py, evaluate.py, generate.py, bench/train.py, bench/step.py) -----------
 
 def define_config_file(default_path: str, help_string: str) -> None:
     """``--config=FILE[:ARG]`` (default ``default_path``) with ``--config.KEY=VALUE``

@@ -23,7 +23,6 @@ import os
 import sys
 
 import jax
-import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -34,11 +33,8 @@ import plots
 import probes
 import sharding
 from configs import default
-from data import packed_examples, validation_batches
-from data.pipeline import DEFAULT_CACHE_DIR
-from data.token_cache import tokenized_split
+from data import packed_examples
 from model import TransformerLM
-from steps import make_eval_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -86,36 +82,16 @@ def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: i
     seq_len = seq_len or config.seq_len
     if seq_len < 1:
         raise ValueError(f"--seq_len={seq_len}: expected a positive int")
-    # The training micro-batch: what fit in memory there.
-    batch_size = config.batch_size // config.grad_accum_steps
-    sharding.check_batch_fits_mesh(batch_size, run.mesh, "batch_size / grad_accum_steps")
+    evaluator = inference.make_evaluator(config, TransformerLM(model_cfg), run.mesh,
+                                         jax.tree.map(lambda x: x.sharding, run.params),
+                                         run.tokenizer)
     sharding.check_length_fits_mesh(seq_len, run.mesh, model_cfg.layer_chunk_size)
     examples = packed_examples(config.data, split, run.tokenizer, seq_len)
-    params_shardings = jax.tree.map(lambda x: x.sharding, run.params)
-    eval_step = make_eval_step(config, TransformerLM(model_cfg), run.mesh, params_shardings,
-                               run.tokenizer)
-    result = inference.evaluate_batches(eval_step, run.params,
-                                        validation_batches(examples, batch_size),
-                                        sharding.batch_sharding(run.mesh), batch_size, max_tokens,
-                                        document_bound=model_cfg.document_bound())
+    result = evaluator(run.params, examples, max_tokens=max_tokens)
     bands = probes.loss_by_distance_band(result["loss_by_position"], result["tokens_by_position"],
                                          model_cfg.window_size, model_cfg.num_layers)
     return result | {"seq_len": seq_len, "step": run.step, "split": split,
                      "loss_by_distance_band": bands}
-
-
-def passkey(run: inference.LoadedRun, distances: list[int], trials: int) -> tuple[list[dict], int]:
-    """`probes.passkey_accuracy` of ``run``, the filler from its validation split;
-    ``distances`` empty: multiples of the window and of layers × window. Returns the rows and
-    the local layers' reach (layers × window)."""
-    config, model_cfg = run.config, run.model_config
-    window, reach = model_cfg.window_size, model_cfg.window_size * model_cfg.num_layers
-    distances = distances or sorted({window // 2, window, 2 * window, reach // 2, reach,
-                                     2 * reach, 4 * reach})
-    filler = np.asarray(tokenized_split(config.data, "validation", run.tokenizer,
-                                        config.data.cache_dir or DEFAULT_CACHE_DIR))
-    return probes.passkey_accuracy(run.params, model_cfg, run.tokenizer, filler, distances,
-                                   trials, seed=config.seed), reach
 
 
 def main(argv) -> None:
@@ -142,7 +118,7 @@ def main(argv) -> None:
         summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
                                           "seq_len", "step", "split", "loss_by_distance_band")}
         if FLAGS.probe == "passkey":
-            summary["passkey"], reach = passkey(run, distances, FLAGS.probe_trials)
+            summary["passkey"], reach = probes.passkey_probe(run, distances, FLAGS.probe_trials)
     except ValueError as error:  # the user's input: one line, no traceback
         cli.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it

@@ -1,10 +1,11 @@
 """A trained run put to use: its parameters restored for inference, evaluation over batches,
-and sampled text. evaluate.py, generate.py and probes use it; so does train.py's periodic
-evaluation.
+and sampled text. evaluate.py, generate.py and bench/passkey.py use it; so does train.py's
+periodic evaluation.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -18,10 +19,11 @@ from jax.sharding import Mesh, NamedSharding
 import run_config
 import sharding
 from checkpoints import Checkpoints
-from data import make_tokenizer
+from data import make_tokenizer, validation_batches
+from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
 from model import TransformerConfig, TransformerLM, generate
-from steps import check_documents_per_row, create_train_state, make_optimizer
+from steps import create_train_state, make_eval_step, make_optimizer
 
 
 class LoadedRun(NamedTuple):
@@ -75,7 +77,7 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], batch_sharding:
                      batch_size: int, max_tokens: int = 0, document_bound: int = 0) -> dict:
     """Sums `steps.make_eval_step` over ``batches`` (global numpy batches of ``batch_size``
     rows; every process sees all rows and feeds its own); stops once ``max_tokens`` (0: no
-    limit) targets are counted. ``document_bound``: see `steps.check_documents_per_row`.
+    limit) targets are counted. ``document_bound``: see `data.packing.check_documents_per_row`.
 
     Returns numpy sums plus ``loss`` (mean nats per token), ``perplexity``,
     ``bits_per_byte`` and ``num_tokens``. Raises ValueError where ``batches`` is empty.
@@ -104,6 +106,29 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], batch_sharding:
                      "bits_per_byte": float(totals["loss"]) / math.log(2)
                      / max(float(totals["bytes"]), 1.0),
                      "num_tokens": int(totals["tokens"])}
+
+
+def make_evaluator(config: ml_collections.ConfigDict, model: TransformerLM, mesh: Mesh,
+                   params_shardings, tokenizer: Tokenizer):
+    """``evaluate(params, examples, max_batches=0, max_tokens=0) -> result``:
+    `evaluate_batches` over packed ``examples`` in micro-batches of the training run
+    (``batch_size / grad_accum_steps`` rows, what fit in memory there: the activations and
+    logits of a whole batch may not), stopping after ``max_batches`` training batches or
+    ``max_tokens`` targets (0: no limit). The eval step is compiled once for every call.
+    Raises a one-line ValueError where the mesh cannot split the micro-batch."""
+    micro_batch = config.batch_size // config.grad_accum_steps
+    sharding.check_batch_fits_mesh(micro_batch, mesh, "batch_size / grad_accum_steps")
+    eval_step = make_eval_step(config, model, mesh, params_shardings, tokenizer)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def evaluate(params, examples, max_batches: int = 0, max_tokens: int = 0) -> dict:
+        batches = validation_batches(examples, micro_batch)
+        if max_batches:
+            batches = itertools.islice(batches, max_batches * config.grad_accum_steps)
+        return evaluate_batches(eval_step, params, batches, batch_sharding, micro_batch,
+                                max_tokens, document_bound=model.config.document_bound())
+
+    return evaluate
 
 
 def sample_text(params, model_cfg: TransformerConfig, tokenizer: Tokenizer, prompt: str,

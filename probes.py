@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.passkey import key_distance, passkey_parts, random_keys
+from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM
 
 
@@ -106,6 +107,19 @@ def answer_log_likelihoods(model: TransformerLM, params, pad_id: int):
         return np.asarray(masked_sums(jnp.asarray(tokens), jnp.asarray(counted)))
 
     return score
+
+
+def passkey_probe(run, distances: list[int], trials: int) -> tuple[list[dict], int]:
+    """`passkey_accuracy` of a trained run (`inference.LoadedRun`), the filler from its
+    validation split; ``distances`` empty: multiples of the window W and of the local reach
+    L·W (W/2, W, 2W, L·W/2, L·W, 2·L·W, 4·L·W). Returns the rows and the reach L·W."""
+    config, model_cfg = run.config, run.model_config
+    window, reach = model_cfg.window_size, model_cfg.window_size * model_cfg.num_layers
+    distances = distances or sorted({window // 2, window, 2 * window, reach // 2, reach,
+                                     2 * reach, 4 * reach})
+    filler = np.asarray(split_tokens(config.data, "validation", run.tokenizer))
+    return passkey_accuracy(run.params, model_cfg, run.tokenizer, filler, distances, trials,
+                            seed=config.seed), reach
 
 
 def format_passkey_table(rows: list[dict]) -> str:

@@ -15,23 +15,27 @@ import ml_collections
 from configs import data as data_config
 from data.tokenizers import Tokenizer
 from model import TransformerConfig
-from steps import DECAY_SCHEDULES
 
 # Fields that must not change when a run resumes, by what depends on them: the arrays of the
 # checkpoint (their shapes and what they mean: the model and its vocabulary) ...
 PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
                     "data.sentencepiece_vocab_size")
-# ... and the data iterator's saved position (which examples, cut how, in which order).
+# ... and the data iterator's saved position (which examples, cut how, in which order): the
+# fields that decide the training split's text (data.sources.source_identity; a data folder
+# may move) and how it is cut.
 DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
-                     "data.hf_name", "data.hf_config", "data.tfds_name", "data.packing",
-                     "data.max_documents", "data.validation_fraction", "data.passkey_fraction",
-                     "data.passkey_questions")
+                     "data.validation_paths", "data.document_separator", "data.hf_name",
+                     "data.hf_config", "data.hf_train_split", "data.hf_text_field",
+                     "data.tfds_name", "data.tfds_train_split", "data.tfds_text_field",
+                     "data.packing", "data.max_documents", "data.validation_fraction",
+                     "data.passkey_fraction", "data.passkey_questions")
 # model.* fields that change neither the parameters nor the data: free to change on resume.
 _MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
                                 "layer_chunk_size", "loss_chunk_size")
 _MODEL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
                    if field.default is not dataclasses.MISSING}
 _DATA_DEFAULTS = data_config.get_config().to_dict()
+DECAY_SCHEDULES = ("cosine", "linear")  # of the learning rate (steps.learning_rate_schedule)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

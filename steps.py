@@ -18,12 +18,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import sharding
-from data.packing import documents_per_row
 from data.tokenizers import Tokenizer
 from model import TransformerConfig, TransformerLM
-
-DECAY_SCHEDULES = ("cosine", "linear")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -92,9 +88,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
     sharding.check_shardings_divide(nn.unbox(boxed.params), shardings.params)
     if abstract:
         shapes = nn.unbox(boxed)
-        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                      sharding=sharding),
-                            shapes, shardings), shardings
+        return jax.tree.map(lambda s, leaf_sharding: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=leaf_sharding), shapes, shardings), shardings
     init = jax.jit(lambda seed: nn.unbox(initial_state(seed)), static_argnums=0,
                    out_shardings=shardings)
     return init(config.seed), shardings
@@ -186,17 +181,6 @@ def make_eval_step(config: ml_collections.ConfigDict, model: TransformerLM, mesh
     jitted = jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
     return sharding.with_rules(jitted, mesh, sharding.axis_rules(config))
-
-
-def check_documents_per_row(batch: dict, bound: int) -> None:
-    """A one-line error where a row of ``batch`` (numpy) holds more than ``bound`` documents
-    (0: no bound), the room that cuDNN's packed layout was compiled with."""
-    if bound and "segment_ids" in batch:
-        most = int(documents_per_row(batch["segment_ids"]).max())
-        if most > bound:
-            raise ValueError(f"a batch row holds {most} documents, more than "
-                             f"model.max_documents_per_row={bound} (cuDNN's packed layout has "
-                             f"that many slots): raise it (it may change on resume)")
 
 
 class TrainSetup(NamedTuple):

@@ -30,12 +30,13 @@ import launch
 import run_config
 import sharding
 from checkpoints import Checkpoints
-from data import TrainBatches, make_tokenizer, packed_examples, validation_batches
+from data import TrainBatches, make_tokenizer, packed_examples
+from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
-from inference import evaluate_batches, sample_text
+from inference import make_evaluator, sample_text
 from metrics import MetricsLog, ThroughputMeter, peak_flops_per_device
 from model import count_parameters, training_flops_per_token
-from steps import TrainSetup, TrainState, check_documents_per_row, make_eval_step, setup_training
+from steps import TrainSetup, TrainState, setup_training
 from stop_signal import StopSignal
 
 
@@ -168,18 +169,11 @@ def _periodic_evaluation(config: ml_collections.ConfigDict, training: TrainSetup
     """``evaluate(params, step, max_batches, write=True) -> result``: the validation loss of
     ``max_batches`` batches (0: all), logged (``write``) with a sample of the model's text."""
     model_cfg = training.model.config
-    eval_step = make_eval_step(config, training.model, training.mesh,
+    evaluator = make_evaluator(config, training.model, training.mesh,
                                training.state_shardings.params, tokenizer)
-    # In micro-batches: the activations (and logits) of a whole batch may not fit at once.
-    micro_batch = config.batch_size // config.grad_accum_steps
 
     def evaluate(params, step: int, max_batches: int, write: bool = True) -> dict:
-        batches = validation_batches(validation_examples, micro_batch)
-        if max_batches:
-            batches = (b for _, b in zip(range(max_batches * config.grad_accum_steps), batches))
-        result = evaluate_batches(eval_step, params, batches,
-                                  sharding.batch_sharding(training.mesh), micro_batch,
-                                  document_bound=model_cfg.document_bound())
+        result = evaluator(params, validation_examples, max_batches)
         text = {}
         if write:
             if config.sample_tokens:

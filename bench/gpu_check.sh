@@ -23,7 +23,8 @@ python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$
 if [[ "$stage" == tests || "$stage" == all ]]; then
   # cuDNN with and without documents against the blocked kernel; auto's choice; splash
   # (interpret mode, as on a CPU).
-  python -m pytest -q tests/model/test_attention.py -k "cudnn or auto or splash or packed" \
+  python -m pytest -q tests/model/test_cudnn.py tests/model/test_splash.py \
+    tests/model/test_attention.py -k "cudnn or auto or splash or packed" \
     2>&1 | tee "$out/tests.log" | tail -5
 fi
 if [[ "$stage" == attention || "$stage" == all ]]; then

@@ -2,7 +2,7 @@
 
     python bench/memory.py [--contexts 65536,...,2097152] [--meshes data=1]
 
-train.py's own step (`make_train_step` on `create_train_state(abstract=True)`: AdamW, clipping,
+train.py's own step (`steps.setup_training`'s train step on its abstract state: AdamW, clipping,
 forward+backward+update) for configs/pg19.py at batch 1 with the blocked ``xla`` attention and
 a bytes vocabulary (384) and packed documents (segment ids and positions), lowered and compiled, never run: ``compiled.memory_analysis()`` gives
 the peak for any context on a CPU (arguments + outputs − donated + temporaries). Each point is

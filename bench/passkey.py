@@ -78,9 +78,9 @@ def main() -> None:
         cli.exit_with_error("--train_only needs --workdir (where the other model trains too)")
     launch.restart_with_huge_pages()
 
-    import evaluate
     import inference
     import plots
+    import probes
     import train
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
@@ -96,8 +96,8 @@ def main() -> None:
                 print(f"{name}: trained {args.steps} steps in "
                       f"{time.perf_counter() - started:.0f} s ({run})")
                 return
-            rows, reach = evaluate.passkey(inference.load_for_inference(run), args.distances,
-                                           args.trials)
+            rows, reach = probes.passkey_probe(inference.load_for_inference(run),
+                                               args.distances, args.trials)
         except ValueError as error:
             cli.exit_with_error(str(error))
         results[name] = rows

@@ -9,7 +9,7 @@ runs in its own process, once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` (gl
 XLA's temporaries in 4 KiB pages, faulted in afresh each step) and once with ``=1`` (what
 `launch.restart_with_huge_pages` gives train.py, evaluate.py and generate.py):
 
-* the jitted step alone: train.py's ``make_train_step`` on a fixed batch, the median of
+* the jitted step alone: train.py's step (``steps.setup_training``) on a fixed batch, the median of
   ``--steps`` calls, with the page faults and system time per step;
 * train.py's loop: ``python train.py`` for ``--steps`` steps on the stdlib corpus without
   periodic evaluation or saves; tokens/s is the median of its logged windows after the first.

@@ -12,7 +12,7 @@ learning rate, schedule) runs as ``python train.py`` would:
 3. ``evaluate.py`` on the whole validation split: the bits per byte of the table.
 
 Setup (SentencePiece training, tokenization, compilation) is reported apart from the budget.
-It prints a markdown table (the README's) and writes ``<out>/sweep.json`` and
+It prints a markdown table (docs/benchmarks.md's) and writes ``<out>/sweep.json`` and
 ``<out>/sweep.png`` (validation bits per byte against training seconds, one line per point).
 Points run one at a time: a point's speed is the whole machine's.
 """

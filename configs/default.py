@@ -1,8 +1,8 @@
 """What ``python train.py`` runs: a 5.5M-parameter model (4 layers, d_model 256) over a
 SentencePiece vocabulary of 8192 trained on the embedded stdlib corpus, context 1024 tokens
 (about 3,650 bytes of Python), in about 10 minutes on a 2-core CPU. bench/sweep.py chose it:
-the best validation bits per byte for that time among the configs it tried (the README has
-its table and the measured run).
+the best validation bits per byte for that time among the configs it tried (docs/benchmarks.md
+has its table and the measured run).
 
 Every other config starts from this one and changes what it needs, so this file lists every
 field that train.py, evaluate.py and generate.py read.
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_steps = 30
     config.decay_schedule = "cosine"  # cosine | linear, after the warmup
     config.min_learning_rate_ratio = 0.1  # the decay ends at learning_rate * this
-    config.weight_decay = 0.1  # on matrices only (not norms)
+    config.weight_decay = 0.1  # on kernels and embeddings only (not norms, biases)
     config.adam_b1 = 0.9
     config.adam_b2 = 0.95
     config.grad_clip_norm = 1.0  # 0 disables clipping

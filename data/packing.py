@@ -67,3 +67,14 @@ def documents_per_row(segment_ids: np.ndarray) -> np.ndarray:
     """``(..., seq_len)`` segment ids -> ``(...)`` the number of documents in each row: its
     runs of equal ids (padding counts as one)."""
     return 1 + (np.diff(segment_ids, axis=-1) != 0).sum(axis=-1)
+
+
+def check_documents_per_row(batch: dict, bound: int) -> None:
+    """A one-line error where a row of ``batch`` (numpy) holds more than ``bound`` documents
+    (0: no bound), the room that cuDNN's packed layout was compiled with."""
+    if bound and "segment_ids" in batch:
+        most = int(documents_per_row(batch["segment_ids"]).max())
+        if most > bound:
+            raise ValueError(f"a batch row holds {most} documents, more than "
+                             f"model.max_documents_per_row={bound} (cuDNN's packed layout has "
+                             f"that many slots): raise it (it may change on resume)")

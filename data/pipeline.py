@@ -72,6 +72,13 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     return SentencePieceTokenizer(model_path)
 
 
+def split_tokens(config, split: str, tokenizer: Tokenizer) -> np.ndarray:
+    """The ``split`` ('train' or 'validation') as one stream of token ids (documents joined by
+    the end-of-document id), from the token cache under ``data.cache_dir`` (default
+    `DEFAULT_CACHE_DIR`); see `data.token_cache.tokenized_split`."""
+    return tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
+
+
 def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
                     seed: int = 0) -> PackedExamples | PasskeyRows:
     """The ``split`` ('train' or 'validation') packed into examples of ``seq_len`` tokens;
@@ -82,8 +89,7 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
     fraction = config.get("passkey_fraction", 0.0)  # configs saved before the field: none
     questions = config.get("passkey_questions", 1)
     check_passkey_settings(fraction, questions, config.packing)
-    tokens = tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
-    examples = PackedExamples(tokens, seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
+    examples = PackedExamples(split_tokens(config, split, tokenizer), seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
                               isolate_documents=config.packing == "documents")
     if split == "train" and fraction:
         return PasskeyRows(examples, tokenizer, fraction, seed, questions)

@@ -115,7 +115,7 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
     """The implementation that `local_attention` runs for a call with these features.
 
     ``"auto"`` picks the fastest exact path on ``backend`` (default: JAX's default backend):
-    on GPUs ``cudnn`` (20× ``xla`` on an H100, see the README) where the call has a causal
+    on GPUs ``cudnn`` (20× ``xla`` on an H100: docs/benchmarks.md) where the call has a causal
     window, bfloat16/float16 inputs, no mask, relative positions or dropout, and either no
     segment ids or a ``max_segments`` bound; on TPUs ``splash`` where the call has no mask,
     relative positions or dropout; otherwise ``xla`` (always on CPUs, where it is fastest).
@@ -194,3 +194,4 @@ def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 # result, or raises a one-line ValueError for a feature it does not compute.
 _IMPLEMENTATIONS = {"xla": xla_local_attention, "dense": dense_local_attention,
                     "cudnn": cudnn_local_attention, "splash": splash_local_attention}
+IMPLEMENTATIONS = ("auto", *_IMPLEMENTATIONS)  # the names `local_attention` takes

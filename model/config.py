@@ -13,14 +13,13 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from model.attention import resolve_implementation
+from model.attention import IMPLEMENTATIONS, resolve_implementation
 
 
 POSITION_EMBEDDINGS = ("rope", "relative", "none")
 ACTIVATIONS = ("swiglu", "gelu")
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
-IMPLEMENTATIONS = ("auto", "xla", "dense", "cudnn", "splash")  # model.local_attention backends
 
 
 @dataclasses.dataclass(frozen=True)

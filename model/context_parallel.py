@@ -40,7 +40,7 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     """`local_attention` with the sequence sharded over the mesh axes of logical ``length``.
 
     Same arguments, semantics and result as `local_attention` (``kernel_options``:
-    ``implementation``, ``block_size``, ``precision``), with q, k, v
+    ``implementation``, ``block_size``, ``precision``, ``max_segments``), with q, k, v
     ``(batch..., heads, seq_len, head_dim)`` (k, v may have fewer heads, as for
     `local_attention`): the first axis is logical ``batch``, the last three ``heads`` (k and v:
     ``kv_heads`` where they have fewer), ``length``, ``kv``, sharded as the logical axis rules

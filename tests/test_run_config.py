@@ -19,6 +19,11 @@ def test_resume_names_the_first_field_that_differs():
     config.data.passkey_questions = 3
     with pytest.raises(ValueError, match=r"^data.passkey_questions=3, but"):
         run_config.check_resume_compatible(saved, config, "DIR")
+    # Held-out files leave the training split with more text: other examples, other order.
+    config = tiny.get_config()
+    config.data.validation_paths = "held_out.txt"
+    with pytest.raises(ValueError, match=r"^data.validation_paths='held_out.txt', but"):
+        run_config.check_resume_compatible(saved, config, "DIR")
 
 
 def test_kernel_fields_may_change_and_missing_fields_mean_their_defaults():

@@ -1,6 +1,6 @@
 """steps.py: the sharded train step equals the one-device step on several meshes (data,
 fsdp, tensor, context parallelism, gradient accumulation); a state restores under another
-mesh; the learning-rate schedule; the document bound of cuDNN's packed layout."""
+mesh; the learning-rate schedule."""
 
 import jax
 import numpy as np
@@ -146,20 +146,6 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
     assert embedding.sharding.mesh.shape == {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_a_row_with_more_documents_than_cudnn_has_room_for_is_a_one_line_error():
-    batch = {"segment_ids": np.array([[1, 1, 2, 3, 3, 0], [1, 1, 1, 1, 1, 1]], np.int32)}
-    steps.check_documents_per_row(batch, 4)  # 4 runs (padding is one) fit
-    with pytest.raises(ValueError, match=r"a batch row holds 4 documents, more than "
-                                         r"model.max_documents_per_row=3 .*: raise it"):
-        steps.check_documents_per_row(batch, 3)
-    steps.check_documents_per_row({"inputs": batch["segment_ids"]}, 1)  # stream packing
-    # The bound is checked only where cuDNN's packed layout runs.
-    model = TransformerConfig(vocab_size=8, dtype="bfloat16", max_documents_per_row=3)
-    assert model.document_bound("gpu") == 3
-    assert model.document_bound("cpu") == model.document_bound("tpu") == 0
-    assert TransformerConfig(vocab_size=8, max_documents_per_row=3).document_bound("gpu") == 0
 
 
 def test_learning_rate_schedule_warms_up_then_decays():

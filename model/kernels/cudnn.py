@@ -30,7 +30,7 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
                           max_segments):
     """cuDNN's fused flash attention with its sliding-window mask (NVIDIA GPUs). It skips the
     key blocks outside the window, so time and memory stay linear in the sequence length; on
-    an H100 it runs about 20× faster than the blocked kernel (see the README). Segment ids go
+    an H100 it runs about 20× faster than the blocked kernel (docs/benchmarks.md). Segment ids go
     to cuDNN's packed layout (each run of equal ids is one sequence), derived here inside the
     jitted computation, with ``max_segments`` slots per row.
 

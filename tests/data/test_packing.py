@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from data import PackedExamples
+from data.packing import check_documents_per_row
 
 END, PAD = 9, 8
 
@@ -44,3 +45,13 @@ def test_corpus_smaller_than_one_example_and_bad_seq_len():
         PackedExamples(np.arange(10), 10, END, PAD, True)
     with pytest.raises(ValueError, match="seq_len=0: expected a positive int"):
         PackedExamples(np.arange(10), 0, END, PAD, True)
+
+
+def test_a_row_with_more_documents_than_cudnn_has_room_for_is_a_one_line_error():
+    """(Which backends bound the documents: tests/model/test_config.py.)"""
+    batch = {"segment_ids": np.array([[1, 1, 2, 3, 3, 0], [1, 1, 1, 1, 1, 1]], np.int32)}
+    check_documents_per_row(batch, 4)  # 4 runs (padding is one) fit
+    with pytest.raises(ValueError, match=r"a batch row holds 4 documents, more than "
+                                         r"model.max_documents_per_row=3 .*: raise it"):
+        check_documents_per_row(batch, 3)
+    check_documents_per_row({"inputs": batch["segment_ids"]}, 1)  # stream packing

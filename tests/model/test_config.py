@@ -34,3 +34,11 @@ def test_missing_vocab_size_and_unsupported_combinations():
         TransformerConfig.from_config(dict(num_layers=2))
     with pytest.raises(ValueError, match="supports neither relative positions"):
         small_config(attention_implementation="dense", position_embedding="relative")
+
+
+def test_the_document_bound_holds_only_where_cudnn_packed_layout_runs():
+    # The bound is checked only where cuDNN's packed layout runs.
+    model = TransformerConfig(vocab_size=8, dtype="bfloat16", max_documents_per_row=3)
+    assert model.document_bound("gpu") == 3
+    assert model.document_bound("cpu") == model.document_bound("tpu") == 0
+    assert TransformerConfig(vocab_size=8, max_documents_per_row=3).document_bound("gpu") == 0
