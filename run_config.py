@@ -32,7 +32,9 @@ DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths
 # model.* fields that change neither the parameters nor the data: free to change on resume.
 _MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
                                 "layer_chunk_size", "loss_chunk_size")
-_MODEL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TransformerConfig)
+_MODEL_DEFAULTS = {field.name: (dataclasses.asdict(field.default)
+                                 if dataclasses.is_dataclass(field.default) else field.default)
+                   for field in dataclasses.fields(TransformerConfig)
                    if field.default is not dataclasses.MISSING}
 _DATA_DEFAULTS = data_config.get_config().to_dict()
 DECAY_SCHEDULES = ("cosine", "linear")  # of the learning rate (steps.learning_rate_schedule)

@@ -60,8 +60,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.global_layers = config_dict.FieldReference(0, field_type=object)
     config.model.position_embedding = "rope"
     config.model.rope_base = 10_000.0
+    # Local layers' own RoPE base (Gemma 3: 10k local, 1M global); None: rope_base. Where set,
+    # rope_scaling applies to the global layers only.
+    config.model.rope_local_base = config_dict.placeholder(float)
+    # Context extension, transformers' rope_scaling (model/rope.py): rope_type default (none),
+    # linear (position interpolation by factor) or yarn (which needs the pretraining context,
+    # original_max_position_embeddings).
+    config.model.rope_scaling = ml_collections.ConfigDict({
+        "rope_type": "default", "factor": 1.0,
+        "original_max_position_embeddings": config_dict.placeholder(int),
+        "beta_fast": 32.0, "beta_slow": 1.0,
+        "attention_factor": config_dict.placeholder(float),
+        "mscale": config_dict.placeholder(float),
+        "mscale_all_dim": config_dict.placeholder(float),
+        "truncate": True})
     config.model.activation = "swiglu"
     config.model.norm = "rmsnorm"
+    config.model.norm_eps = 1e-6  # Mistral and Llama: 1e-5
+    config.model.scale_embeddings = True  # input embeddings times sqrt(d_model), as Gemma
     config.model.dropout_rate = 0.0
     config.model.attention_dropout_rate = 0.0
     config.model.dtype = "float32"  # bfloat16 on GPU/TPU; parameters stay float32

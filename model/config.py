@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from model.attention import IMPLEMENTATIONS, resolve_implementation
+from model.rope import NO_SCALING, RopeScaling
 
 
 POSITION_EMBEDDINGS = ("rope", "relative", "none")
@@ -44,8 +45,15 @@ class TransformerConfig:
     global_layers: int | tuple[int, ...] = 0
     position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
     rope_base: float = 10_000.0
+    # Local layers' RoPE base where it differs from the global layers' (Gemma 3: 10k local, 1M
+    # global; None: rope_base). Where set, rope_scaling applies to the global layers only.
+    rope_local_base: float | None = None
+    rope_scaling: RopeScaling = NO_SCALING  # context extension: model.rope.RopeScaling
     activation: str = "swiglu"  # one of ACTIVATIONS
     norm: str = "rmsnorm"  # one of NORMS
+    norm_eps: float = 1e-6  # added to the variance in every norm (Mistral, Llama: 1e-5)
+    # Input embeddings multiplied by sqrt(d_model) (Gemma's scheme); Mistral and Llama: False.
+    scale_embeddings: bool = True
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     dtype: str = "float32"  # computation; parameters are float32
@@ -81,6 +89,8 @@ class TransformerConfig:
             raise ValueError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
         if isinstance(values.get("global_layers"), list):  # a JSON round trip gives lists
             values["global_layers"] = tuple(values["global_layers"])
+        if not isinstance(values.get("rope_scaling", NO_SCALING), RopeScaling):
+            values["rope_scaling"] = RopeScaling.from_dict(values["rope_scaling"])
         built = cls(**values)
         built.validate()
         return built
@@ -100,6 +110,13 @@ class TransformerConfig:
             every = int(self.global_layers)
             return tuple(range(every - 1, self.num_layers, every)) if every else ()
         return tuple(sorted(self.global_layers))
+
+    def rope(self, global_layer: bool) -> tuple[float, RopeScaling]:
+        """The RoPE base and scaling of a global or a local layer (Gemma 3's convention: local
+        layers with their own base keep it unscaled)."""
+        if global_layer or self.rope_local_base is None:
+            return self.rope_base, self.rope_scaling
+        return self.rope_local_base, NO_SCALING
 
     @property
     def compute_dtype(self) -> Any:
@@ -170,12 +187,20 @@ class TransformerConfig:
         if self.attention_implementation == "cudnn" and self.dtype != "bfloat16":
             raise ValueError(f"model.attention_implementation='cudnn' needs "
                              f"model.dtype='bfloat16'; got {self.dtype!r}")
-        for name in ("dropout_rate", "attention_dropout_rate", "rope_base"):
+        for name in ("dropout_rate", "attention_dropout_rate", "rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"model.{name}={value!r}: expected a number")
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected a float in [0, 1)")
-        if self.rope_base <= 1:
-            raise ValueError(f"model.rope_base={self.rope_base!r}: expected a number > 1")
+        for name in ("rope_base", "rope_local_base"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Real)
+                                      or isinstance(value, bool) or not value > 1):
+                raise ValueError(f"model.{name}={value!r}: expected a number > 1")
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps!r}: expected a number > 0")
+        if not isinstance(self.scale_embeddings, bool):
+            raise ValueError(f"model.scale_embeddings={self.scale_embeddings!r}: expected a bool")
+        self.rope_scaling.validate()

@@ -22,6 +22,7 @@ from jax import lax
 from model.attention import local_attention
 from model.context_parallel import context_parallel_attention
 from model.kernels.common import masked_softmax_parts
+from model.rope import NO_SCALING, RopeScaling, apply_rotary
 
 Array = jax.Array
 Initializer = Any
@@ -43,7 +44,9 @@ class MultiHeadLocalAttention(nn.Module):
       use_rel_pos_emb: learn per-head relative position embeddings
         ``rel_pos_emb (num_heads, window_size_left + window_size_right + 1, head_dim)``.
       rotary_base: when set, rotary position embeddings (RoPE, base ``rotary_base``) rotate
-        queries and keys by their positions.
+        queries and keys by their positions (`model.rope.apply_rotary`).
+      rope_scaling: the rotary embeddings' context-extension scaling (`model.rope.RopeScaling`:
+        none, linear or YaRN, as `transformers` defines them).
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       qkv_features: total query/key/value width (default: the input width).
@@ -67,6 +70,7 @@ class MultiHeadLocalAttention(nn.Module):
     window_size_right: int = 128
     use_rel_pos_emb: bool = False
     rotary_base: float | None = None
+    rope_scaling: RopeScaling = NO_SCALING
     dtype: Any = None
     param_dtype: Any = jnp.float32
     qkv_features: int | None = None
@@ -150,7 +154,8 @@ class MultiHeadLocalAttention(nn.Module):
                 positions = jnp.arange(inputs_q.shape[-2])
                 if decode_step:
                     positions = positions + cache["cache_index"].value
-            query, key = (apply_rotary(x, positions, self.rotary_base) for x in (query, key))
+            query, key = (apply_rotary(x, positions, self.rotary_base, self.rope_scaling)
+                          for x in (query, key))
         if decode_step:
             out = self._decode_step(cache, query, key, value, rel_pos_emb, mask)
         else:
@@ -302,29 +307,6 @@ class MultiHeadLocalAttention(nn.Module):
                          precision=self.precision, preferred_element_type=jnp.float32)
         out = out / jnp.where(total > 0, total, 1.0)[..., None]
         return out.reshape(*batch, 1, heads, head_dim).astype(query.dtype)
-
-
-def apply_rotary(x: Array, positions: Array, base: float) -> Array:
-    """Rotary position embedding (RoPE, rotate-half form).
-
-    Args:
-      x: ``(batch..., seq_len, heads, head_dim)``, head_dim even.
-      positions: int, broadcastable to ``(batch..., seq_len)``.
-      base: the wavelength base (10000 in the RoPE paper).
-
-    Returns:
-      ``x`` with feature pairs ``(i, i + head_dim / 2)`` rotated by
-      ``position * base ** (-2 i / head_dim)``, in x's dtype (computed in float32).
-    """
-    half = x.shape[-1] // 2
-    if x.shape[-1] % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim; got {x.shape[-1]}")
-    inverse_wavelength = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.asarray(positions, jnp.float32)[..., None, None] * inverse_wavelength
-    sin, cos = jnp.sin(angle), jnp.cos(angle)  # (batch..., seq_len, 1, half)
-    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
 
 
 class LocalSelfAttention(MultiHeadLocalAttention):

@@ -51,8 +51,9 @@ _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=
 def _norm(config: TransformerConfig, name: str) -> nn.Module:
     scale_init = _init(nn.initializers.ones, "embed")
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dtype=config.compute_dtype, scale_init=scale_init, name=name)
-    return nn.LayerNorm(dtype=config.compute_dtype, scale_init=scale_init,
+        return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype,
+                          scale_init=scale_init, name=name)
+    return nn.LayerNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, scale_init=scale_init,
                         bias_init=_init(nn.initializers.zeros, "embed"), name=name)
 
 
@@ -107,6 +108,7 @@ class DecoderBlock(nn.Module):
             window = self.decode_length - 1
         elif global_layer:
             window = max(x.shape[-2] - 1, 0)
+        rope_base, rope_scaling = config.rope(global_layer)
         kv_heads_name = "kv_heads" if config.resolved_num_kv_heads < config.num_heads else "heads"
         attention = MultiHeadLocalAttention(
             num_heads=config.num_heads,
@@ -115,7 +117,8 @@ class DecoderBlock(nn.Module):
             window_size_left=window,
             window_size_right=0,
             use_rel_pos_emb=config.position_embedding == "relative",
-            rotary_base=config.rope_base if config.position_embedding == "rope" else None,
+            rotary_base=rope_base if config.position_embedding == "rope" else None,
+            rope_scaling=rope_scaling,
             dtype=config.compute_dtype,
             dropout_rate=config.attention_dropout_rate,
             deterministic=deterministic,
@@ -250,7 +253,9 @@ class TransformerLM(nn.Module):
         config = self.config
         embed = nn.Embed(config.vocab_size, config.d_model, dtype=config.compute_dtype,
                          embedding_init=_init(_EMBED_INIT, "vocab", "embed"), name="embed")
-        x = embed(tokens) * jnp.sqrt(config.d_model).astype(config.compute_dtype)
+        x = embed(tokens)
+        if config.scale_embeddings:
+            x = x * jnp.sqrt(config.d_model).astype(config.compute_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         x = nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 

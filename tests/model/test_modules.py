@@ -120,7 +120,7 @@ def test_dropout_keys_prng_key_dropout_rng_and_rngs_agree():
 
 
 def test_rotary_embedding_rotates_pairs_and_keeps_relative_scores():
-    from model.modules import apply_rotary
+    from model.rope import apply_rotary
     x = _inputs((1, 5, 2, 8))
     rotated = apply_rotary(x, jnp.arange(5), 10_000.0)
     # A rotation: norms kept, position 0 unchanged.
