@@ -71,6 +71,7 @@ class SentencePieceTokenizer:
         except (OSError, RuntimeError) as error:
             raise ValueError(f"data.sentencepiece_model={model_path!r}: cannot load a "
                              f"SentencePiece model ({error})") from None
+        self.model_path = model_path
         self.end_of_document_id = self._processor.eos_id()
         self.pad_id = self._processor.pad_id()
         self.vocab_size = padded_vocab_size(self._processor.get_piece_size())
@@ -83,6 +84,12 @@ class SentencePieceTokenizer:
                             "drops newlines or spaces), so bits per byte count only the bytes "
                             "it keeps; a model trained here by train.py is lossless (delete "
                             "a workdir's old model to retrain it)", model_path)
+
+    @property
+    def processor(self):
+        """The ``sentencepiece.SentencePieceProcessor`` (its pieces, scores and
+        ``serialized_model_proto()``, for hf/tokenizer.py's export)."""
+        return self._processor
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._processor.encode(text), np.int32)
