@@ -68,10 +68,13 @@ class RestoredCheckpoint(NamedTuple):
 class _QuietOrbaxErrors(logging.Filter):
     """Drops orbax's error logs (each with a traceback, one per writer thread) of a failed
     background save: the failure reaches `Checkpoints.save` or `Checkpoints.wait`, which
-    report it in one line."""
+    report it in one line. Drops its warning that a read-only manager is read-only, too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return (record.levelno < logging.ERROR
+                and not str(record.msg).startswith("Given directory is read only"))
 
 
 _SILENCED: list = []
@@ -167,10 +170,10 @@ class Checkpoints:
             enable_async_checkpointing=not read_only,
             # Unfinished saves of a killed run are removed when the next run starts.
             cleanup_tmp_directories=not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         absl_logger = logging.getLogger("absl")  # orbax logs through absl
         if not any(isinstance(f, _QuietOrbaxErrors) for f in absl_logger.filters):
             absl_logger.addFilter(_QuietOrbaxErrors())
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._failed_save: CheckpointError | None = None
         self._held_stderr = _HeldStderr()
 

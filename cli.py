@@ -127,6 +127,14 @@ def _check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None
                 exit_with_error(message)
 
 
+def config_fields_given(argv: list[str]) -> set[str]:
+    """The dotted config fields that ``--config.FIELD=VALUE`` flags in ``argv`` set, e.g.
+    ``{"model.window_size"}``: the values the user chose, which a run's source must not
+    overwrite (`init_from.adopt_source_config`)."""
+    return {match.group(1).split("[")[0] for arg in argv
+            if (match := re.match(r"--?(?:no)?config\.([^=\s]+)", arg))}
+
+
 def unknown_config_field(config: ml_collections.ConfigDict, path: str) -> str | None:
     """Why ``--config.<path>`` names no field of ``config`` (with the nearest field name), or
     None where it names one."""

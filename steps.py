@@ -79,8 +79,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
     def initial_state(seed):
         init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
         params = model.init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=dropout_key)
+        return _fresh_state(params, optimizer, dropout_key)
 
     boxed = jax.eval_shape(initial_state, config.seed)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh,
@@ -93,6 +92,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
     init = jax.jit(lambda seed: nn.unbox(initial_state(seed)), static_argnums=0,
                    out_shardings=shardings)
     return init(config.seed), shardings
+
+
+def _fresh_state(params, optimizer: optax.GradientTransformation,
+                 dropout_key: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=dropout_key)
 
 
 def token_losses(model: TransformerLM, params, batch: dict, deterministic: bool = True,
@@ -195,9 +200,16 @@ class TrainSetup(NamedTuple):
     state_shardings: TrainState  # the NamedSharding of each array of the state
     train_step: Callable  # see `make_train_step`
 
-    def init_state(self) -> TrainState:
-        """A fresh state from ``config.seed`` (the same numbers on any mesh)."""
-        return create_train_state(self.config, self.model, self.mesh, self.optimizer)[0]
+    def init_state(self, params=None) -> TrainState:
+        """A fresh state from ``config.seed`` (the same numbers on any mesh); given ``params``
+        (laid out as ``abstract_state.params``, e.g. by `init_from.initial_params`), those
+        parameters (donated) with a fresh optimizer state at step 0."""
+        if params is None:
+            return create_train_state(self.config, self.model, self.mesh, self.optimizer)[0]
+        dropout_key = jax.random.split(jax.random.PRNGKey(self.config.seed))[1]
+        fresh = jax.jit(lambda p: _fresh_state(p, self.optimizer, dropout_key),
+                        out_shardings=self.state_shardings, donate_argnums=0)
+        return fresh(params)
 
 
 def setup_training(config: ml_collections.ConfigDict, model_config: TransformerConfig,

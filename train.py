@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -26,6 +27,7 @@ import ml_collections
 from absl import flags, logging
 
 import cli
+import init_from
 import launch
 import run_config
 import sharding
@@ -71,6 +73,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpo
     if checkpoints.latest_step() is not None:
         restored = checkpoints.restore(training.abstract_state)
         state, data_state = restored.state, restored.data_state
+    elif config.init_from:
+        state, data_state = training.init_state(init_from.initial_params(config, training)), None
     else:
         state, data_state = training.init_state(), None
     # This process reads only the rows its devices hold: of the batch cut into blocks of
@@ -195,7 +199,9 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
     try:
         launch.start_distributed()
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+        init_from.adopt_source_config(config, workdir, cli.config_fields_given(sys.argv))
+        train_and_evaluate(config, workdir)
     except ValueError as error:  # the user's input: one line, no traceback
         cli.exit_with_error(error)
 

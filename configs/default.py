@@ -18,6 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameters, dropout and the data order all follow from it
 
+    # Start from the parameters of a workdir's latest checkpoint (PATH@STEP: that step's) or
+    # of a Hugging Face Mistral/Llama folder, whose architecture and tokenizer the run takes
+    # (init_from.py); empty: random.
+    config.init_from = ""
+
     # Optimisation: AdamW, linear warmup then a decay, global-norm clipping.
     config.num_train_steps = 700
     config.batch_size = 4  # global: sequences per optimizer step, over all devices and hosts

@@ -15,8 +15,8 @@ import pytest
 
 import train
 from checkpoints import Checkpoints
-from tests.training import (ROOT, config_flags, restore_params, script, tiny_config,
-                            train_metrics)
+from tests.training import (ROOT, config_flags, kill_after_a_checkpoint, restore_params, script,
+                            tiny_config, train_metrics)
 
 def test_tiny_config_trains_and_its_loss_falls(tmp_path):
     workdir = tmp_path / "run"
@@ -46,21 +46,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     done = script("train.py", *flags, f"--workdir={uninterrupted}")
     assert done.returncode == 0, done.stderr[-2000:]
 
-    kill_after = random.Random(os.getpid()).randint(5, 13)
-    process = script("train.py", *flags, f"--workdir={interrupted}", popen=True)
-    metrics = interrupted / "metrics.jsonl"
-    def checkpointed():  # a complete checkpoint (orbax renames a finished save to its step)
-        folder = interrupted / "checkpoints"
-        return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
-
-    while process.poll() is None:
-        if (metrics.exists() and max(train_metrics(interrupted), default=0) >= kill_after
-                and checkpointed()):
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_a_checkpoint(flags, interrupted, random.Random(os.getpid()).randint(5, 13))
     resumed = script("train.py", *flags, f"--workdir={interrupted}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at step" in resumed.stdout + resumed.stderr

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -69,3 +71,24 @@ def restore_params(workdir, step=None):
     import inference
 
     return jax.tree.map(np.asarray, inference.load_for_inference(str(workdir), step=step).params)
+
+
+def kill_after_a_checkpoint(flags: list[str], workdir, kill_after: int) -> None:
+    """Starts ``train.py flags --workdir=workdir`` and SIGKILLs it once it has logged step
+    ``kill_after`` and holds a complete checkpoint (orbax renames a finished save to its
+    step); fails where the run ends first."""
+    process = script("train.py", *flags, f"--workdir={workdir}", popen=True)
+    metrics = workdir / "metrics.jsonl"
+
+    def checkpointed():
+        folder = workdir / "checkpoints"
+        return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
+    while process.poll() is None:
+        if (metrics.exists() and max(train_metrics(workdir), default=0) >= kill_after
+                and checkpointed()):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

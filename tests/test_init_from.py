@@ -1,0 +1,90 @@
+"""init_from.py: a run starts from a workdir's or a Hugging Face folder's parameters, takes
+their architecture and tokenizer except what the command line sets, trains at 4x the source's
+context, and once it has a checkpoint resumes exactly from it."""
+
+import os
+import random
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import init_from
+import train
+from checkpoints import Checkpoints
+from steps import setup_training
+from tests.training import (config_flags, kill_after_a_checkpoint, restore_params, script,
+                            tiny_config, train_metrics)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny run of 10 steps at seq_len 64."""
+    folder = tmp_path_factory.mktemp("source")
+    config = tiny_config(folder / "cache", num_train_steps=10, eval_every_steps=0,
+                         sample_tokens=0)
+    train.train_and_evaluate(config, str(folder / "run"))
+    return folder / "run"
+
+
+def test_a_workdir_source_gives_its_parameters_and_architecture(source, tmp_path):
+    config = tiny_config(tmp_path / "cache", init_from=str(source), seq_len=256,
+                         **{"model.window_size": 32, "model.d_model": 16})
+    init_from.adopt_source_config(config, str(tmp_path / "run"),
+                                  explicit={"seq_len", "model.window_size"})
+    assert config.model.d_model == 32  # the source's, over the config file's value
+    assert config.model.window_size == 32  # given on the command line: kept
+    model_config = train.run_config.model_config(config, train.make_tokenizer(config.data))
+    params = init_from.initial_params(config, setup_training(config, model_config))
+    for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(restore_params(source)),
+                            strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_another_shape_is_a_one_line_error(source, tmp_path):
+    config = tiny_config(tmp_path / "cache", init_from=f"{source}@5", **{"model.mlp_dim": 48})
+    with pytest.raises(ValueError, match=r"^init_from=.*@5: parameter \['layer_0'\]\['mlp'\]"
+                                         r"\['down'\]\['kernel'\] has shape \(64, 32\) there; "
+                                         r"this run's model needs \(48, 32\)$"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("value,message", [
+    ("{tmp}/nothing", r"neither a workdir with checkpoints nor a Hugging Face model folder"),
+    ("{source}@x", r"expected PATH or PATH@STEP"),
+    ("{source}@7", r"step=7: no checkpoint for it in .* \(steps there: \[5, 10\]\)"),
+])
+def test_a_bad_source_is_one_line(source, tmp_path, value, message):
+    config = tiny_config(tmp_path / "cache",
+                         init_from=value.format(tmp=tmp_path, source=source))
+    done = script("train.py", "--config=configs/tiny.py", *config_flags(config),
+                  f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, \
+        done.stderr[-2000:]
+    assert re.search(message, done.stderr), done.stderr
+
+
+@pytest.mark.slow
+def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tmp_path):
+    config = tiny_config(tmp_path / "cache", init_from=str(source), seq_len=256,
+                         num_train_steps=12, checkpoint_every_steps=3, eval_every_steps=0,
+                         sample_tokens=0)
+    flags = ["--config=configs/tiny.py"] + config_flags(config)
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    done = script("train.py", *flags, f"--workdir={uninterrupted}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    kill_after_a_checkpoint(flags, interrupted, random.Random(os.getpid()).randint(4, 10))
+    resumed = script("train.py", *flags, f"--workdir={interrupted}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step" in resumed.stdout + resumed.stderr
+
+    expected, got = train_metrics(uninterrupted), train_metrics(interrupted)
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step in expected:
+        assert got[step]["loss"] == expected[step]["loss"], step
+    # It started from the source: its first loss is the source's level, not a random model's
+    # ln(384) = 5.95.
+    assert expected[1]["loss"] < 4.5, expected[1]
+    assert Checkpoints(str(uninterrupted), read_only=True).restore_config()[1].seq_len == 256
