@@ -1,0 +1,1 @@
+"""The Hugging Face layout: config.json, safetensors parameters and tokenizer files, to and from this project's models."""
