@@ -19,7 +19,7 @@ from model import TransformerConfig
 # Fields that must not change when a run resumes, by what depends on them: the arrays of the
 # checkpoint (their shapes and what they mean: the model and its vocabulary) ...
 PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
-                    "data.sentencepiece_vocab_size")
+                    "data.sentencepiece_vocab_size", "data.hf_tokenizer")
 # ... and the data iterator's saved position (which examples, cut how, in which order): the
 # fields that decide the training split's text (data.sources.source_identity; a data folder
 # may move) and how it is cut.

@@ -23,9 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.tfds_validation_split = "validation"
     config.tfds_text_field = "text"
     config.tfds_data_dir = ""
-    config.tokenizer = "bytes"  # bytes | sentencepiece
+    config.tokenizer = "bytes"  # bytes | sentencepiece | hf
     config.sentencepiece_model = ""  # empty: trained into <workdir>/sentencepiece.model
     config.sentencepiece_vocab_size = 8192
+    # tokenizer "hf": a Hugging Face model folder (tokenizer.json or tokenizer.model, and its
+    # config.json's vocab_size and eos_token_id), e.g. a pretrained model's or an export's.
+    config.hf_tokenizer = ""
     config.packing = "documents"  # documents: attention stays in each document; stream: not
     # Training rows that get a random pass key planted and asked for later (data/passkey.py;
     # needs packing "stream"): teaches the retrieval that `evaluate.py --probe=passkey` tests.

@@ -23,7 +23,7 @@ from data.passkey import PasskeyRows, check_passkey_settings
 from data.token_cache import tokenized_split
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 
-TOKENIZERS = ("bytes", "sentencepiece")
+TOKENIZERS = ("bytes", "sentencepiece", "hf")
 PACKING = ("documents", "stream")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "local_attention_lm")
 
@@ -31,9 +31,17 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "local_atten
 def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     """``data.tokenizer``: ``bytes``, or ``sentencepiece`` loaded from
     ``data.sentencepiece_model`` or, where that is empty, from ``<workdir>/sentencepiece.model``,
-    trained there on the training split on first use."""
+    trained there on the training split on first use, or ``hf``: the tokenizer of the Hugging
+    Face model folder ``data.hf_tokenizer`` (hf/tokenizer.py)."""
     if config.tokenizer == "bytes":
         return ByteTokenizer()
+    if config.tokenizer == "hf":
+        if not config.hf_tokenizer:
+            raise ValueError("data.tokenizer='hf' needs data.hf_tokenizer (a Hugging Face model "
+                             "folder with tokenizer.json or tokenizer.model)")
+        from hf.tokenizer import HuggingFaceTokenizer  # the tokenizers library only when used
+
+        return HuggingFaceTokenizer(config.hf_tokenizer)
     if config.tokenizer != "sentencepiece":
         raise ValueError(f"data.tokenizer={config.tokenizer!r}: expected one of {list(TOKENIZERS)}")
     model_path = config.sentencepiece_model

@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from configs.data import get_config
+from data import make_tokenizer
 from data.sources import read_documents
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from hf.tokenizer import TOKENIZER_FILES, HuggingFaceTokenizer, export_tokenizer
@@ -197,6 +198,17 @@ def test_a_folder_with_only_tokenizer_model(sentencepiece_path, validation_texts
     # Exported, through the same conversion as data.sentencepiece_model.
     reference = AutoTokenizer.from_pretrained(exported(tokenizer, tmp_path / "out"))
     check_same_ids(ours, ours.encode(TRICKY), reference(TRICKY)["input_ids"])
+
+
+def test_data_tokenizer_hf(tmp_path):
+    config = get_config()
+    config.tokenizer = "hf"
+    with pytest.raises(ValueError, match=r"^data.tokenizer='hf' needs data.hf_tokenizer"):
+        make_tokenizer(config)
+    config.hf_tokenizer = exported(ByteTokenizer(), tmp_path)
+    tokenizer = make_tokenizer(config)
+    assert isinstance(tokenizer, HuggingFaceTokenizer)
+    assert tokenizer.encode("hé").tolist() == [104, 195, 169]
 
 
 def _write(directory, name, content: bytes):
