@@ -73,7 +73,8 @@ def _source_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step is not None:
             raise ValueError(f"init_from={config.init_from!r}: a Hugging Face folder has no "
                              f"steps; drop @{step}")
-        return {"model": model_fields(read_config_json(path), os.path.join(path, "config.json")),
+        fields = model_fields(read_config_json(path), os.path.join(path, "config.json"))
+        return {"model": {name: fields[name] for name in IMPORTED_FIELDS},
                 "data": {"tokenizer": "hf", "hf_tokenizer": os.path.abspath(path)}}
     if not _has_checkpoints(path):
         raise ValueError(f"init_from={config.init_from!r}: neither a workdir with checkpoints "

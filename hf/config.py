@@ -26,9 +26,10 @@ from model.config import TransformerConfig
 from model.rope import NO_SCALING, RopeScaling
 
 IMPORTED_MODEL_TYPES = ("mistral", "ministral", "llama")
-# The model.* fields that an imported config.json sets: the architecture. The rest (dtype,
-# attention implementation, chunking, ...) stay the run's.
-IMPORTED_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
+# The model.* fields that an imported config.json sets in a run's config: the architecture
+# (the vocabulary size comes with the tokenizer). The rest (dtype, attention implementation,
+# chunking, ...) stay the run's.
+IMPORTED_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads",
                    "head_dim", "mlp_dim", "window_size", "global_layers", "position_embedding",
                    "rope_base", "rope_local_base", "rope_scaling", "activation", "norm",
                    "norm_eps", "scale_embeddings", "tie_embeddings")

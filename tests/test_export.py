@@ -1,0 +1,72 @@
+"""export.py: a trained run as a Hugging Face folder that transformers loads with our logits,
+our greedy continuation and our token ids; bad input is one line and writes nothing."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import inference
+import train
+from data.sources import read_documents
+from model import TransformerLM
+from tests.training import script, tiny_config
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny run of 80 steps (enough to write more than spaces), exported."""
+    folder = tmp_path_factory.mktemp("export")
+    config = tiny_config(folder / "cache", num_train_steps=80, eval_every_steps=0,
+                         sample_tokens=0)
+    train.train_and_evaluate(config, str(folder / "run"))
+    done = script("export.py", f"--workdir={folder / 'run'}", f"--output={folder / 'hf'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
+def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
+    run = inference.load_for_inference(str(exported / "run"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported / "hf")
+    documents = list(read_documents(run.config.data, "validation"))
+    assert documents
+    for text in documents[:3]:  # our ids from its tokenizer, and our logits beyond the window
+        ids = run.tokenizer.encode(text[:400])
+        assert hf_tokenizer(text[:400])["input_ids"] == ids.tolist()
+        ours = TransformerLM(run.model_config).apply({"params": run.params},
+                                                     jnp.asarray(ids)[None])
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor(ids)[None]).logits.numpy()
+        assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+    prompt = "def "
+    generated = script("generate.py", f"--workdir={exported / 'run'}", f"--prompt={prompt}",
+                       "--temperature=0", "--max_new_tokens=50")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    ours = generated.stdout.split("---\n", 1)[1].rstrip("\n")
+    prompt_ids = torch.tensor(hf_tokenizer(prompt)["input_ids"])[None]
+    with torch.no_grad():
+        tokens = hf_model.generate(prompt_ids, max_new_tokens=50, do_sample=False,
+                                   eos_token_id=hf_tokenizer.eos_token_id)
+    theirs = prompt + hf_tokenizer.decode(tokens[0, prompt_ids.shape[1]:],
+                                          skip_special_tokens=True)
+    assert len(tokens[0]) - prompt_ids.shape[1] == 50 or tokens[0, -1] == hf_tokenizer.eos_token_id
+    assert ours == theirs and len(set(ours[len(prompt):])) > 3, ours  # not one repeated byte
+
+
+def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path):
+    for flags, message in [
+        ([f"--workdir={exported / 'run'}", f"--output={exported / 'hf'}"], "it exists"),
+        ([f"--workdir={tmp_path / 'none'}", f"--output={tmp_path / 'out'}"], "has no checkpoints"),
+        ([f"--workdir={exported / 'run'}", f"--output={tmp_path / 'out'}", "--step=7"],
+         "no checkpoint for it"),
+    ]:
+        done = script("export.py", *flags)
+        assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert not os.path.exists(tmp_path / "out")
