@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+import inference
 import init_from
 import train
 from checkpoints import Checkpoints
+from model import TransformerLM
 from steps import setup_training
 from tests.training import (config_flags, kill_after_a_checkpoint, restore_params, script,
                             tiny_config, train_metrics)
@@ -88,3 +90,45 @@ def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tm
     # ln(384) = 5.95.
     assert expected[1]["loss"] < 4.5, expected[1]
     assert Checkpoints(str(uninterrupted), read_only=True).restore_config()[1].seq_len == 256
+
+
+def test_continue_a_hugging_face_model_at_4x_its_context_then_export_it(tmp_path):
+    """transformers' Mistral (window 16, context 64) continued at 256 tokens with linear RoPE
+    scaling, then exported: transformers loads what was trained with our logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from data.tokenizers import ByteTokenizer
+    from hf.tokenizer import export_tokenizer
+
+    torch.manual_seed(0)
+    source = tmp_path / "mistral"
+    transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+        rms_norm_eps=1e-5, max_position_embeddings=64, eos_token_id=256, pad_token_id=257,
+        bos_token_id=None)).save_pretrained(source)
+    export_tokenizer(ByteTokenizer(), str(source), model_max_length=64)
+
+    config = tiny_config(tmp_path / "cache", num_train_steps=3, eval_every_steps=0,
+                         sample_tokens=0, seq_len=256)
+    run = tmp_path / "run"
+    done = script("train.py", "--config=configs/tiny.py", *config_flags(config),
+                  f"--config.init_from={source}", "--config.model.rope_scaling.rope_type=linear",
+                  "--config.model.rope_scaling.factor=4", f"--workdir={run}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = Checkpoints(str(run), read_only=True).restore_config()[1]
+    assert (saved.model.d_model, saved.model.num_kv_heads, saved.model.window_size) == (64, 2, 15)
+    assert saved.model.rope_scaling.factor == 4 and not saved.model.scale_embeddings
+    assert (saved.data.tokenizer, saved.data.hf_tokenizer) == ("hf", str(source))
+
+    done = script("export.py", f"--workdir={run}", f"--output={tmp_path / 'out'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.config.rope_parameters["rope_type"] == "linear"
+    assert exported.config.rope_parameters["factor"] == 4.0
+    loaded = inference.load_for_inference(str(run))
+    tokens = np.random.RandomState(0).randint(0, 256, (1, 256))
+    ours = TransformerLM(loaded.model_config).apply({"params": loaded.params}, tokens)
+    with torch.no_grad():
+        theirs = exported(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
