@@ -56,8 +56,12 @@ def test_another_shape_is_a_one_line_error(source, tmp_path):
     ("{tmp}/nothing", r"neither a workdir with checkpoints nor a Hugging Face model folder"),
     ("{source}@x", r"expected PATH or PATH@STEP"),
     ("{source}@7", r"step=7: no checkpoint for it in .* \(steps there: \[5, 10\]\)"),
+    ("{tmp}/qwen", r"config.json: model_type='qwen2'; expected one of \['mistral', "),
+    ("{tmp}/qwen@3", r"a Hugging Face folder has no steps; drop @3"),
 ])
 def test_a_bad_source_is_one_line(source, tmp_path, value, message):
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text('{"model_type": "qwen2"}')
     config = tiny_config(tmp_path / "cache",
                          init_from=value.format(tmp=tmp_path, source=source))
     done = script("train.py", "--config=configs/tiny.py", *config_flags(config),

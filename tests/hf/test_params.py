@@ -80,6 +80,15 @@ def test_import_gives_transformers_logits_beyond_the_window(tmp_path, kind, scan
     assert _relative_error(ours, _hf_logits(hf_model, tokens)) <= 1e-4
 
 
+def test_a_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    hf_model = _hf_model()
+    hf_model.to(torch.bfloat16).save_pretrained(tmp_path)
+    _, params = _import(str(tmp_path))
+    expected = hf_model.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(params["layer_1"]["mlp"]["down"]["kernel"], expected)
+    assert params["layer_1"]["mlp"]["down"]["kernel"].dtype == jnp.float32
+
+
 def test_a_window_off_by_one_changes_the_logits(tmp_path):
     """The test above can fail: the window convention shows beyond the window."""
     hf_model = _hf_model()
