@@ -16,8 +16,8 @@ import train
 from checkpoints import Checkpoints
 from model import TransformerLM
 from steps import setup_training
-from tests.training import (config_flags, kill_after_a_checkpoint, restore_params, script,
-                            tiny_config, train_metrics)
+from tests.training import (check_sigkill_resume_is_exact, config_flags, restore_params, script,
+                            tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +78,13 @@ def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tm
                          num_train_steps=12, checkpoint_every_steps=3, eval_every_steps=0,
                          sample_tokens=0)
     flags = ["--config=configs/tiny.py"] + config_flags(config)
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    done = script("train.py", *flags, f"--workdir={uninterrupted}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    kill_after_a_checkpoint(flags, interrupted, random.Random(os.getpid()).randint(4, 10))
-    resumed = script("train.py", *flags, f"--workdir={interrupted}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at step" in resumed.stdout + resumed.stderr
-
-    expected, got = train_metrics(uninterrupted), train_metrics(interrupted)
-    assert sorted(got) == sorted(expected) == list(range(1, 13))
-    for step in expected:
-        assert got[step]["loss"] == expected[step]["loss"], step
+    expected = check_sigkill_resume_is_exact(flags, tmp_path, 12,
+                                             random.Random(os.getpid()).randint(4, 10))
     # It started from the source: its first loss is the source's level, not a random model's
     # ln(384) = 5.95.
     assert expected[1]["loss"] < 4.5, expected[1]
-    assert Checkpoints(str(uninterrupted), read_only=True).restore_config()[1].seq_len == 256
+    saved = Checkpoints(str(tmp_path / "uninterrupted"), read_only=True).restore_config()[1]
+    assert saved.seq_len == 256
 
 
 def test_continue_a_hugging_face_model_at_4x_its_context_then_export_it(tmp_path):

@@ -15,8 +15,8 @@ import pytest
 
 import train
 from checkpoints import Checkpoints
-from tests.training import (ROOT, config_flags, kill_after_a_checkpoint, restore_params, script,
-                            tiny_config, train_metrics)
+from tests.training import (ROOT, check_sigkill_resume_is_exact, config_flags, restore_params,
+                            script, tiny_config, train_metrics)
 
 def test_tiny_config_trains_and_its_loss_falls(tmp_path):
     workdir = tmp_path / "run"
@@ -42,23 +42,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     config = tiny_config(tmp_path / "cache", num_train_steps=16, checkpoint_every_steps=4,
                          eval_every_steps=0, **{"model.dropout_rate": 0.1})
     flags = ["--config=configs/tiny.py"] + config_flags(config)
-    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    done = script("train.py", *flags, f"--workdir={uninterrupted}")
-    assert done.returncode == 0, done.stderr[-2000:]
-
-    kill_after_a_checkpoint(flags, interrupted, random.Random(os.getpid()).randint(5, 13))
-    resumed = script("train.py", *flags, f"--workdir={interrupted}")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at step" in resumed.stdout + resumed.stderr
-
-    expected, got = train_metrics(uninterrupted), train_metrics(interrupted)
-    assert sorted(got) == sorted(expected) == list(range(1, 17))
-    for step in expected:
-        for key in ("loss", "grad_norm", "learning_rate"):
-            assert got[step][key] == expected[step][key], (step, key)
-    for a, b in zip(jax.tree.leaves(restore_params(uninterrupted)),
-                    jax.tree.leaves(restore_params(interrupted)), strict=True):
-        np.testing.assert_array_equal(a, b)
+    check_sigkill_resume_is_exact(flags, tmp_path, 16, random.Random(os.getpid()).randint(5, 13))
 
 
 @pytest.mark.slow

@@ -92,3 +92,28 @@ def kill_after_a_checkpoint(flags: list[str], workdir, kill_after: int) -> None:
         time.sleep(0.05)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def check_sigkill_resume_is_exact(flags: list[str], tmp_path, num_steps: int,
+                                  kill_after: int) -> dict[int, dict]:
+    """Runs ``train.py flags`` uninterrupted, and again SIGKILLed after step ``kill_after``
+    (`kill_after_a_checkpoint`) then resumed; asserts both logged the same loss, gradient
+    norm and learning rate at every step and ended with the same parameters. Returns the
+    uninterrupted run's metrics by step."""
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    done = script("train.py", *flags, f"--workdir={uninterrupted}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    kill_after_a_checkpoint(flags, interrupted, kill_after)
+    resumed = script("train.py", *flags, f"--workdir={interrupted}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at step" in resumed.stdout + resumed.stderr
+
+    expected, got = train_metrics(uninterrupted), train_metrics(interrupted)
+    assert sorted(got) == sorted(expected) == list(range(1, num_steps + 1))
+    for step in expected:
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert got[step][key] == expected[step][key], (step, key)
+    for a, b in zip(jax.tree.leaves(restore_params(uninterrupted)),
+                    jax.tree.leaves(restore_params(interrupted)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    return expected
