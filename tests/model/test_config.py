@@ -1,9 +1,13 @@
 """`TransformerConfig` (model/config.py): one-line errors for bad or missing values."""
 
+import jax
+import numpy as np
 import pytest
 
+from model import TransformerLM
 from model.config import TransformerConfig
-from tests.model.inputs import small_config
+from model.rope import NO_SCALING, RopeScaling
+from tests.model.inputs import init_params, random_tokens, small_config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -22,6 +26,17 @@ from tests.model.inputs import small_config
     ("global_layers", 5, "model.global_layers=5: expected an int k in 0..2"),
     ("global_layers", (0, 0), "model.global_layers=(0, 0): expected an int k"),
     ("global_layers", (2,), "model.global_layers=(2,): expected an int k"),
+    ("norm_eps", 0, "model.norm_eps=0: expected a number > 0"),
+    ("norm_eps", "1e-5", "model.norm_eps='1e-5': expected a number"),
+    ("rope_local_base", 1.0, "model.rope_local_base=1.0: expected a number > 1"),
+    ("rope_local_base", True, "model.rope_local_base=True: expected a number > 1"),
+    ("scale_embeddings", "yes", "model.scale_embeddings='yes': expected a bool"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 2.0},
+     "model.rope_scaling.rope_type='yarn' needs model.rope_scaling."
+     "original_max_position_embeddings"),
+    ("rope_scaling", {"bogus": 1}, "model.rope_scaling.bogus: unknown field"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 0.5},
+     "model.rope_scaling.factor=0.5: expected a number >= 1"),
 ])
 def test_bad_config_values_raise_one_line_errors(field, value, message):
     with pytest.raises(ValueError) as error:
@@ -42,3 +57,38 @@ def test_the_document_bound_holds_only_where_cudnn_packed_layout_runs():
     assert model.document_bound("gpu") == 3
     assert model.document_bound("cpu") == model.document_bound("tpu") == 0
     assert TransformerConfig(vocab_size=8, max_documents_per_row=3).document_bound("gpu") == 0
+
+
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+
+
+def test_rope_of_global_and_local_layers():
+    scaling = RopeScaling.from_dict(LINEAR)
+    shared = small_config(rope_base=5e5, rope_scaling=LINEAR)
+    assert shared.rope(True) == shared.rope(False) == (5e5, scaling)
+    own = small_config(rope_base=5e5, rope_scaling=LINEAR, rope_local_base=1e4)
+    assert own.rope(True) == (5e5, scaling)
+    assert own.rope(False) == (1e4, NO_SCALING)  # local layers with their own base: unscaled
+
+
+def _logits(config, params, tokens):
+    return np.asarray(jax.jit(lambda p, t: TransformerLM(config).apply({"params": p}, t))(
+        params, tokens))
+
+
+def test_the_local_rope_base_applies_to_local_layers_only():
+    tokens = random_tokens(length=16)
+    # All layers global: rope_local_base is unused.
+    config = small_config(global_layers=1, rope_base=500.0, rope_scaling=LINEAR)
+    params = init_params(config, tokens)
+    np.testing.assert_array_equal(
+        _logits(small_config(global_layers=1, rope_base=500.0, rope_scaling=LINEAR,
+                             rope_local_base=20.0), params, tokens),
+        _logits(config, params, tokens))
+    # All layers local: rope_local_base replaces rope_base, unscaled.
+    local = small_config(rope_base=500.0, rope_scaling=LINEAR, rope_local_base=20.0)
+    expected = _logits(small_config(rope_base=20.0), params, tokens)
+    np.testing.assert_array_equal(_logits(local, params, tokens), expected)
+    # The frequencies matter: local layers that kept the scaling would fail the check above.
+    unscaled = _logits(small_config(rope_base=20.0, rope_scaling=LINEAR), params, tokens)
+    assert np.abs(unscaled - expected).max() > 1e-3
