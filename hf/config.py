@@ -69,9 +69,12 @@ def model_fields(hf: dict, source: str = "config.json") -> dict:
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
             raise ValueError(f"{source}: {name}=true; this project's layers have no biases")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']!r}; "
-                         f"expected 1 (RoPE on every feature)")
+    # transformers 5 keeps it in rope_parameters, 4.x at the top level.
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                    hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor={partial!r}; expected 1 (RoPE on "
+                         f"every feature)")
     num_layers = _int(hf, "num_hidden_layers", source)
     num_heads = _int(hf, "num_attention_heads", source)
     d_model = _int(hf, "hidden_size", source)

@@ -138,8 +138,6 @@ def test_what_cannot_be_imported_is_a_one_line_error(overrides, message):
         str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="hf/config.py reads partial_rotary_factor at the top "
-                   "level only; transformers 5 writes it inside rope_parameters")
 def test_a_partial_rotary_factor_inside_rope_parameters_is_refused():
     """transformers 5 moves ``partial_rotary_factor`` into ``rope_parameters``."""
     hf = transformers.LlamaConfig(partial_rotary_factor=0.5, **SHAPE).to_dict()
