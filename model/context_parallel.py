@@ -14,7 +14,10 @@ global layer's (the whole sequence) thus gathers every earlier block, and the bl
 computes only the device's own queries, at their offset into those keys.
 
 The devices at the two ends of the sequence receive nothing from beyond it: ``ppermute`` gives
-them zeros, and an exchanged key-validity mask (false there) hides those keys. The backward
+them zeros, and an exchanged key validity hides those keys: as their segment id
+(``NO_SEGMENT``, which no query has), so that every kernel that takes segment ids serves the
+shards (``cudnn`` and ``splash`` take no mask); only a caller's own key mask travels as a
+mask, with the validity folded in. The backward
 pass is autodiff's: the transpose of a ``ppermute`` sends the halo's key and value gradients
 back to the devices that own those keys.
 """
@@ -30,7 +33,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from model.attention import check_arguments, local_attention, resolve_implementation
-from model.kernels.common import pad_sequence
+from model.kernels.common import NO_SEGMENT, pad_sequence
 from model.kernels.xla import xla_local_attention
 
 
@@ -76,12 +79,16 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     # would make padded queries most of the work: the blocked kernel then takes the device's
     # own queries at their offset into the keys instead (the looped schedule; not with
     # rel_pos_emb).
+    # Where the validity becomes segment ids, it adds at most two runs to a row's documents
+    # (nothing before the first block, nothing after the last).
+    max_segments = kernel_options.get("max_segments")
+    kernel_options["max_segments"] = None if max_segments is None and mask is not None \
+        else (max_segments or 1) + 2
     queries_at_offset = before + after >= local_len and rel_pos_emb is None and (
         resolve_implementation(kernel_options.get("implementation", "auto"), q.dtype,
-                               has_mask=True, dropout_rate=dropout_rate,
-                               window_size_right=window_size_right,
-                               has_segment_ids=segment_ids is not None,
-                               max_segments=kernel_options.get("max_segments")) == "xla")
+                               has_mask=mask is not None, dropout_rate=dropout_rate,
+                               window_size_right=window_size_right, has_segment_ids=True,
+                               max_segments=kernel_options["max_segments"]) == "xla")
     inputs, specs = _sharded_inputs(q, k, v, mask, rel_pos_emb, dropout_rng, segment_ids, spec,
                                     kv_spec)
 
@@ -94,15 +101,19 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                     _halo(keys, length_axis_name, shards, after, from_previous=False)]
         extended = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=-2),
                                 *[r for r in received if r is not None])
-        segments = extended.get("segment_ids")
+        valid, segments = extended["valid"][..., 0], extended.get("segment_ids")
+        if mask is None:  # the validity as segment ids; no mask
+            segments = jnp.where(valid, 0 if segments is None else segments[..., 0], NO_SEGMENT)
+            valid = None
+        elif segments is not None:
+            segments = segments[..., 0]
         rng = inputs.get("dropout_rng")
         if rng is not None:
             rng = jax.random.fold_in(rng, lax.axis_index(tuple(mesh.axis_names)))
         if queries_at_offset:
             return xla_local_attention(
-                inputs["q"], extended["k"], extended["v"], extended["valid"][..., 0], None,
-                window_size_left, window_size_right, dropout_rate, rng,
-                None if segments is None else segments[..., 0],
+                inputs["q"], extended["k"], extended["v"], valid, None, window_size_left,
+                window_size_right, dropout_rate, rng, segments,
                 block_size=kernel_options.get("block_size"),
                 precision=kernel_options.get("precision"), max_segments=None,
                 query_offset=before)
@@ -110,12 +121,14 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
         # padding are dropped (no gradient flows back through them).
         q = pad_sequence(inputs["q"], before, after, axis=-2)
         out = local_attention(
-            q, extended["k"], extended["v"], extended["valid"][..., 0],
-            inputs.get("rel_pos_emb"), window_size_left, window_size_right, dropout_rate, rng,
-            None if segments is None else segments[..., 0], **kernel_options)
+            q, extended["k"], extended["v"], valid, inputs.get("rel_pos_emb"), window_size_left,
+            window_size_right, dropout_rate, rng, segments, **kernel_options)
         return out[..., before:before + local_len, :]
 
-    return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec))(inputs)
+    # Pallas kernels (splash) declare no per-axis variance for their outputs: shard_map's
+    # variance check would refuse them.
+    return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec),
+                         check_vma=False)(inputs)
 
 
 def _array_specs(q, k, mesh, axes, kv_axes, length_axes) -> tuple[list, list]:

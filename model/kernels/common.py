@@ -35,6 +35,11 @@ def grouped(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape(-1, groups, *x.shape[-2:])
 
 
+# The segment id of keys that no query may attend (splash's padding, context parallelism's
+# halos beyond the ends of the sequence): no real segment may use it.
+NO_SEGMENT = -(2**31)
+
+
 def pad_sequence(x: jax.Array, before: int, after: int, axis: int = 1,
                  value: int | float = 0) -> jax.Array:
     """Pads the sequence axis ``axis`` of ``x`` with ``before`` and ``after`` positions of

@@ -9,20 +9,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-from model.kernels.common import (grouped, pad_sequence, per_row_segments, query_groups,
-                                  reject_unsupported, round_up)
-
-
-# Splash attention's padding keys get this segment id, which no real segment may use.
-_SPLASH_PADDING_SEGMENT = -(2**31)
+from model.kernels.common import (NO_SEGMENT, grouped, pad_sequence, per_row_segments,
+                                  query_groups, reject_unsupported, round_up)
 
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(padded_len: int, groups: int, left: int, right: int, block: int,
-                   interpret: bool):
+                   interpret: bool, mesh):
     """A multi-query splash attention kernel, ``groups`` query heads against one key/value
     head, with a local mask, causal where the window spans the sequence (built once per static
-    shape: its mask preprocessing runs in numpy)."""
+    shape and abstract ``mesh`` in scope: its mask preprocessing runs in numpy, and its tables
+    belong to that mesh, which under shard_map is the manual one)."""
+    del mesh  # a cache key
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     shape = (padded_len, padded_len)
@@ -33,8 +31,11 @@ def _splash_kernel(padded_len: int, groups: int, left: int, right: int, block: i
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    # Its mask tables are concrete arrays, not values of the trace that first asks for the
+    # kernel (under shard_map they would be, and the cached kernel would leak them).
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
 
 
 def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
@@ -54,19 +55,20 @@ def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     *lead, seq_len, head_dim = k.shape
     kv_heads = lead[-1] if lead else 1
     # Blocks of 512 (multiples of 128, the TPU lane width); the sequence is padded to whole
-    # blocks, the padding keys hidden from every real query by their own segment id.
+    # blocks, the padding keys hidden from every real query by their segment id, NO_SEGMENT.
     block = block_size or min(512, round_up(seq_len, 128))
     padded_len = round_up(seq_len, block)
     kernel = _splash_kernel(padded_len, groups, min(window_size_left, padded_len),
                             min(window_size_right, padded_len), block,
-                            interpret=jax.default_backend() != "tpu")
+                            interpret=jax.default_backend() != "tpu",
+                            mesh=jax.sharding.get_abstract_mesh())
     if segment_ids is None:
         ids = jnp.zeros((math.prod(lead[:-1]), seq_len), jnp.int32)
     else:
         ids = per_row_segments(segment_ids, tuple(lead), seq_len)
     # One row per key/value head (the ids are shared by all heads).
     ids = pad_sequence(jnp.repeat(ids, kv_heads, axis=0), 0, padded_len - seq_len,
-                       value=_SPLASH_PADDING_SEGMENT)
+                       value=NO_SEGMENT)
 
     def padded(x):  # zero-pads the sequence axis (-2)
         return pad_sequence(x, 0, padded_len - seq_len, axis=-2)

@@ -157,6 +157,8 @@ def _model_case(length=96, **fields):
     (dict(context=4), dict(global_layers=2, num_kv_heads=1)),
     (dict(context=2, tensor=2), dict(global_layers=(0,), scan_layers=True, remat=True)),
     (dict(context=8), dict(global_layers=1)),  # every layer global
+    # Splash (interpret mode) on each device's block: the halo's validity as segment ids.
+    (dict(context=4), dict(attention_implementation="splash", scan_layers=True, remat=True)),
 ])
 def test_model_loss_and_gradients_equal_the_unsharded_model(mesh_shape, fields):
     config, params, batch = _model_case(**fields)
@@ -206,6 +208,35 @@ def test_grouped_key_value_heads_equal_repeated_heads(mesh_shape, kv_heads):
     grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
     (_, out), grads = _in_mesh(_mesh(**mesh_shape), grad(loss), q, k, v)
     (_, expected), expected_grads = grad(reference)(q, k, v)
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+@pytest.mark.parametrize("context", [2, 4, 8])
+def test_every_kernel_serves_the_shards_with_documents(implementation, context):
+    """The halo's validity travels as segment ids, so splash (Pallas interpret mode here),
+    which takes no mask, runs each device's block: the unsharded results, with documents."""
+    q, k, v, cotangent, _, segment_ids = _attention_inputs(seed=5)
+    left = 20
+
+    def loss(attention, q, k, v, **options):
+        out = attention(q, k, v, segment_ids=segment_ids, window_size_left=left,
+                        window_size_right=0, **options)
+        return (out * cotangent).sum(), out
+
+    def sharded(q, k, v):
+        return jax.value_and_grad(
+            lambda *x: loss(context_parallel_attention, *x, implementation=implementation,
+                            max_segments=64), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, out), grads = _in_mesh(_mesh(context=context), sharded, q, k, v)
+    ones = jnp.ones(q.shape[:1] + (1, q.shape[-2]), bool)
+    (_, expected), expected_grads = jax.value_and_grad(
+        lambda *x: loss(lambda q, k, v, **o: _dot_product_attention(
+            q, k, v, ones, o["segment_ids"], o["window_size_left"], 0), *x),
+        argnums=(0, 1, 2), has_aux=True)(q, k, v)
     np.testing.assert_allclose(out, expected, atol=2e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5)
