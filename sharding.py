@@ -18,6 +18,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.kernels.common import lowering_platform
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
 LENGTH_AXIS = "context"  # and the sequence over this one (model/context_parallel.py)
@@ -114,7 +116,8 @@ def check_shardings_divide(shapes, shardings) -> None:
 def with_rules(jitted: Callable, mesh: Mesh, rules: tuple) -> Callable:
     """``jitted`` called (and so traced) with the mesh and logical axis rules in scope, so the
     model's ``with_logical_constraint`` calls shard its activations. The result has ``.lower``
-    too, for ahead-of-time compilation (the memory analysis of bench/memory.py)."""
+    too, for ahead-of-time compilation (the memory analysis of bench/memory.py), and
+    ``.export(platform, *args)`` for lowering what another platform runs (tests/test_export_tpu.py)."""
     def call(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)
@@ -123,7 +126,13 @@ def with_rules(jitted: Callable, mesh: Mesh, rules: tuple) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted.lower(*args)
 
-    call.lower = lower
+    def export(platform: str, *args) -> jax.export.Exported:
+        """``jax.export`` of ``jitted`` for ``platform`` (e.g. "tpu" from a CPU), its
+        attention kernels chosen for that platform (`model.lowering_platform`)."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), lowering_platform(platform):
+            return jax.export.export(jitted, platforms=[platform])(*args)
+
+    call.lower, call.export = lower, export
     return call
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from model.kernels.common import query_groups
+from model.kernels.common import query_groups, target_backend
 from model.kernels.cudnn import cudnn_local_attention
 from model.kernels.dense import dense_local_attention
 from model.kernels.splash import splash_local_attention
@@ -114,7 +114,8 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
                            max_segments: int | None = None, backend: str | None = None) -> str:
     """The implementation that `local_attention` runs for a call with these features.
 
-    ``"auto"`` picks the fastest exact path on ``backend`` (default: JAX's default backend):
+    ``"auto"`` picks the fastest exact path on ``backend`` (default: JAX's default backend, or
+    the platform of `model.kernels.common.lowering_platform` where one is in scope):
     on GPUs ``cudnn`` (20× ``xla`` on an H100: docs/benchmarks.md) where the call has a causal
     window, bfloat16/float16 inputs, no mask, relative positions or dropout, and either no
     segment ids or a ``max_segments`` bound; on TPUs ``splash`` where the call has no mask,
@@ -127,7 +128,7 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
             f"{['auto', *sorted(_IMPLEMENTATIONS)]}")
     if implementation != "auto":
         return implementation
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     kernel_features = not (has_mask or has_rel_pos_emb or dropout_rate > 0.0)
     if backend == "gpu" and kernel_features and window_size_right == 0 \
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \

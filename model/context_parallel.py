@@ -63,8 +63,9 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     length_axes = axes[-2] if axes else ()
     shards = math.prod(mesh.shape[a] for a in length_axes)
     if shards == 1:
-        return local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                               dropout_rate, dropout_rng, segment_ids, **kernel_options)
+        return _unsplit_sequence(q, k, v, mask, rel_pos_emb, window_size_left,
+                                 window_size_right, dropout_rate, dropout_rng, segment_ids,
+                                 mesh, axes, kv_axes, kernel_options)
     seq_len = q.shape[-2]
     if seq_len % shards:
         raise ValueError(f"seq_len={seq_len} is not divisible by mesh."
@@ -127,6 +128,35 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
 
     # Pallas kernels (splash) declare no per-axis variance for their outputs: shard_map's
     # variance check would refuse them.
+    return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec),
+                         check_vma=False)(inputs)
+
+
+def _unsplit_sequence(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
+                      dropout_rate, dropout_rng, segment_ids, mesh, axes, kv_axes,
+                      kernel_options):
+    """`local_attention` where the sequence is whole on each device. A Pallas kernel (splash)
+    cannot be partitioned by XLA: where a mesh splits the batch or the heads, each device
+    runs it on its own under ``jax.shard_map``."""
+    arguments = (mask, rel_pos_emb, window_size_left, window_size_right, dropout_rate,
+                 dropout_rng, segment_ids)
+    implementation = resolve_implementation(
+        kernel_options.get("implementation", "auto"), q.dtype, has_mask=mask is not None,
+        has_rel_pos_emb=rel_pos_emb is not None, dropout_rate=dropout_rate,
+        window_size_right=window_size_right, has_segment_ids=segment_ids is not None,
+        max_segments=kernel_options.get("max_segments"))
+    if implementation != "splash" or not axes:
+        return local_attention(q, k, v, *arguments, **kernel_options)
+    spec, kv_spec = _array_specs(q, k, mesh, axes, kv_axes, ())
+    inputs, specs = _sharded_inputs(q, k, v, mask, rel_pos_emb, dropout_rng, segment_ids, spec,
+                                    kv_spec)
+    del inputs["valid"], specs["valid"]  # splash takes no mask (a given one is refused)
+
+    def attend_shard(inputs):
+        return local_attention(inputs["q"], inputs["k"], inputs["v"], mask, None,
+                               window_size_left, window_size_right, dropout_rate, None,
+                               inputs.get("segment_ids"), **kernel_options)
+
     return jax.shard_map(attend_shard, in_specs=(specs,), out_specs=PartitionSpec(*spec),
                          check_vma=False)(inputs)
 

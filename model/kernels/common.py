@@ -6,11 +6,41 @@ cache outside the kernels.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+
+# The platform being lowered for, where it is not JAX's default backend (`lowering_platform`).
+_LOWERING_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lowering_platform", default=None)
+_BACKEND_OF_PLATFORM = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu"}
+
+
+@contextlib.contextmanager
+def lowering_platform(platform: str) -> Iterator[None]:
+    """Within it, traced attention chooses its kernel for ``platform`` ("cpu", "cuda",
+    "rocm" or "tpu", as ``jax.export``'s ``platforms`` names them) instead of JAX's default
+    backend: ``auto``'s pick and splash's interpret mode. For lowering on one machine what
+    another runs: ``with lowering_platform("tpu"): jax.export.export(f, platforms=["tpu"])``.
+    Raises ValueError for another name."""
+    if platform not in _BACKEND_OF_PLATFORM:
+        raise ValueError(f"platform={platform!r}: expected one of {sorted(_BACKEND_OF_PLATFORM)}")
+    token = _LOWERING_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _LOWERING_PLATFORM.reset(token)
+
+
+def target_backend() -> str:
+    """"cpu", "gpu" or "tpu": what the traced computation will run on (`lowering_platform`,
+    else JAX's default backend)."""
+    platform = _LOWERING_PLATFORM.get()
+    return _BACKEND_OF_PLATFORM[platform] if platform else jax.default_backend()
 
 
 def round_up(x: int, multiple: int) -> int:

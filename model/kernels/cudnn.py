@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.kernels.common import per_row_segments, reject_unsupported
+from model.kernels.common import per_row_segments, reject_unsupported, target_backend
 
 
 def packed_layout(segment_ids: jax.Array, max_segments: int):
@@ -44,9 +44,9 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
     if segment_ids is not None and max_segments is None:
         extra.append("segment_ids without max_segments (its packed layout needs the bound)")
     reject_unsupported("cudnn", mask, rel_pos_emb, dropout_rate, extra)
-    if jax.default_backend() != "gpu":
-        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the default backend is "
-                         f"{jax.default_backend()!r}: use implementation='xla' or 'auto'")
+    if target_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the backend is "
+                         f"{target_backend()!r}: use implementation='xla' or 'auto'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
     *lead, seq_len, head_dim = k.shape

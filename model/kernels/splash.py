@@ -1,5 +1,6 @@
 """The ``"splash"`` implementation: the Pallas splash attention kernel of TPUs with a local
-mask (Pallas interpret mode on other backends: exact but slow, for tests)."""
+mask (Pallas interpret mode on other backends: exact but slow, for tests). The backend is
+`model.kernels.common.target_backend`'s: lowered for a TPU from a CPU, it is the real kernel."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from model.kernels.common import (NO_SEGMENT, grouped, pad_sequence, per_row_segments,
-                                  query_groups, reject_unsupported, round_up)
+                                  query_groups, reject_unsupported, round_up, target_backend)
 
 
 @functools.lru_cache(maxsize=32)
@@ -60,7 +61,7 @@ def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     padded_len = round_up(seq_len, block)
     kernel = _splash_kernel(padded_len, groups, min(window_size_left, padded_len),
                             min(window_size_right, padded_len), block,
-                            interpret=jax.default_backend() != "tpu",
+                            interpret=target_backend() != "tpu",
                             mesh=jax.sharding.get_abstract_mesh())
     if segment_ids is None:
         ids = jnp.zeros((math.prod(lead[:-1]), seq_len), jnp.int32)
