@@ -85,7 +85,8 @@ def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: i
     evaluator = inference.make_evaluator(config, TransformerLM(model_cfg), run.mesh,
                                          jax.tree.map(lambda x: x.sharding, run.params),
                                          run.tokenizer)
-    sharding.check_length_fits_mesh(seq_len, run.mesh, model_cfg.layer_chunk_size)
+    sharding.check_length_fits_mesh(seq_len, run.mesh, model_cfg.layer_chunk_size,
+                                    model_cfg.window_size)
     examples = packed_examples(config.data, split, run.tokenizer, seq_len)
     result = evaluator(run.params, examples, max_tokens=max_tokens)
     bands = probes.loss_by_distance_band(result["loss_by_position"], result["tokens_by_position"],

@@ -83,17 +83,21 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, name: str = "batch_size")
         raise ValueError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
 
 
-def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0) -> None:
-    """One-line errors for a sequence that ``mesh.context`` cannot split evenly, or that
-    ``model.layer_chunk_size`` would slice across the devices that hold it."""
+def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0,
+                           window_size: int = 0) -> None:
+    """One-line errors for a sequence that ``mesh.context`` cannot split evenly, or whose
+    device blocks ``model.layer_chunk_size`` cannot cut into chunks (it must divide each
+    device's block, whose length must be at least ``window_size``)."""
     context = mesh.shape[LENGTH_AXIS]
     if seq_len % context:
         raise ValueError(f"seq_len={seq_len} is not divisible by mesh.context={context}, which "
                          f"shards the sequence")
-    if layer_chunk_size and context > 1:
-        raise ValueError(f"model.layer_chunk_size={layer_chunk_size} slices the whole sequence, "
-                         f"which mesh.context={context} splits over devices: set "
-                         f"model.layer_chunk_size=0 (each device holds 1/{context} of it)")
+    block = seq_len // context
+    if layer_chunk_size and context > 1 and (block % layer_chunk_size or window_size > block):
+        raise ValueError(f"model.layer_chunk_size={layer_chunk_size} with mesh.context="
+                         f"{context}: each device's block of {block} positions runs in chunks, "
+                         f"so the chunk must divide it and model.window_size={window_size} must "
+                         f"not exceed it")
 
 
 def check_shardings_divide(shapes, shardings) -> None:

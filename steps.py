@@ -220,7 +220,8 @@ def setup_training(config: ml_collections.ConfigDict, model_config: TransformerC
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_fits_mesh(config.batch_size // config.grad_accum_steps, mesh,
                                    "batch_size / grad_accum_steps")
-    sharding.check_length_fits_mesh(config.seq_len, mesh, model_config.layer_chunk_size)
+    sharding.check_length_fits_mesh(config.seq_len, mesh, model_config.layer_chunk_size,
+                                    model_config.window_size)
     model = TransformerLM(model_config)
     optimizer = make_optimizer(config)
     abstract, shardings = create_train_state(config, model, mesh, optimizer, abstract=True)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model.config import TransformerConfig
+from model.context_parallel import sequence_shards
+from model.kernels.common import NO_SEGMENT
 
 
 def global_layer_mask(config: TransformerConfig) -> jax.Array:
@@ -73,6 +76,10 @@ def _layer_in_chunks(block_type, config: TransformerConfig, deterministic: bool,
     output's cotangent ``d_out``, returns ``(d_params, d_x)`` instead, one chunk's backward
     pass at a time (``d_x`` summed in float32 where spans overlap).
     """
+    shards = sequence_shards()
+    if shards > 1 and config.layer_chunk_size and not global_layer:
+        return _layer_in_device_chunks(block_type, config, deterministic, layer_params, layer, x,
+                                       segment_ids, positions, dropout_key, d_out, shards)
     batch, length, _ = x.shape
     num_chunks, chunk, span = _layer_chunks(config, length, global_layer)
     if positions is None:  # a chunk's rotary positions are its place in the sequence
@@ -110,6 +117,109 @@ def _layer_in_chunks(block_type, config: TransformerConfig, deterministic: bool,
     zeros = (jax.tree.map(jnp.zeros_like, layer_params), jnp.zeros(x.shape, jnp.float32))
     (d_params, d_x), _ = jax.lax.scan(backward, zeros, jnp.arange(num_chunks))
     return d_params, d_x.astype(x.dtype)
+
+
+def _layer_in_device_chunks(block_type, config: TransformerConfig, deterministic: bool,
+                            layer_params, layer, x, segment_ids, positions, dropout_key, d_out,
+                            shards: int):
+    """`_layer_in_chunks` where the sequence is split over ``shards`` devices (context
+    parallelism): every device runs its own block in ``layer_chunk_size`` chunks at once.
+
+    The global arrays are viewed as ``(batch, shards, local_len, ...)``, the shards axis on the
+    devices that hold the blocks, and each block gets the ``window_size`` positions before it
+    from the previous device (one collective permute per layer; the first device's are
+    marked ``NO_SEGMENT``). Chunk ``c`` is then the same slice of every device's extended
+    block, computed as ``batch × shards`` independent rows of ``window_size + chunk``
+    positions with the axis rules moved from the sequence to the rows: nothing crosses a
+    device inside the chunk loop. The backward pass sends the halo's input gradients back to
+    the devices that own those positions.
+    """
+    batch, length, features = x.shape
+    local_len, chunk, window = length // shards, config.layer_chunk_size, config.window_size
+    if local_len % chunk or window > local_len:
+        raise ValueError(f"model.layer_chunk_size={chunk} with mesh.context={shards}: each "
+                         f"device's block of {local_len} positions runs in chunks, so the "
+                         f"chunk must divide it and model.window_size={window} must not exceed "
+                         f"it")
+    num_chunks, span = local_len // chunk, window + chunk
+    if positions is None:  # a chunk's rotary positions are its place in the sequence
+        positions = jnp.arange(length)[None]
+    positions = jnp.broadcast_to(positions, (batch, length))
+    segment_ids = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
+                   else segment_ids)
+
+    def extended(a, fill):  # (batch, length, ...) -> (batch, shards, window + local_len, ...)
+        blocks = a.reshape(batch, shards, local_len, *a.shape[2:])
+        before = jnp.roll(blocks[:, :, local_len - window:], 1, axis=1)  # from device d - 1
+        before = before.at[:, 0].set(fill)  # nothing precedes the first block
+        return jnp.concatenate([before, blocks], axis=2)
+
+    x_ext = extended(x, 0)
+    ids_ext, positions_ext = extended(segment_ids, NO_SEGMENT), extended(positions, 0)
+    rules = _rows_rules(nn.get_logical_axis_rules())
+
+    def span_of(index):
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, index * chunk, span, 2).reshape(  # noqa: E731
+            batch * shards, span, *a.shape[3:])
+        key = None if dropout_key is None else jax.random.fold_in(
+            jax.random.fold_in(dropout_key, layer), index)
+
+        def block(p, x):
+            with nn.logical_axis_rules(rules):  # the rows are sharded, not their positions
+                return block_type(config).apply(
+                    {"params": p}, x, rows(ids_ext), rows(positions_ext), deterministic, False,
+                    rngs=None if key is None else {"dropout": key})
+        return rows(x_ext), block
+
+    def to_sequence(chunks):  # (num_chunks, batch · shards, chunk, f) -> (batch, length, f)
+        chunks = chunks.reshape(num_chunks, batch, shards, chunk, features)
+        return jnp.moveaxis(chunks, 0, 2).reshape(batch, length, features)
+
+    if d_out is None:
+        def forward(index):
+            x_span, block = span_of(index)
+            return block(layer_params, x_span)[:, window:]
+
+        return to_sequence(jax.lax.map(forward, jnp.arange(num_chunks)))
+
+    d_out_blocks = d_out.reshape(batch, shards, local_len, features)
+
+    def backward(sums, index):
+        d_params_sum, d_ext_sum = sums
+        x_span, block = span_of(index)
+        out, block_vjp = jax.vjp(block, layer_params, x_span)
+        d_out_chunk = jax.lax.dynamic_slice_in_dim(d_out_blocks, index * chunk, chunk, 2)
+        d_params, d_x = block_vjp(jnp.concatenate(
+            [jnp.zeros_like(out[:, :window]),
+             d_out_chunk.reshape(batch * shards, chunk, features).astype(out.dtype)], axis=1))
+        d_rows = jax.lax.dynamic_slice_in_dim(d_ext_sum, index * chunk, span, 2) + d_x.reshape(
+            batch, shards, span, features)
+        return (jax.tree.map(jnp.add, d_params_sum, d_params),
+                jax.lax.dynamic_update_slice_in_dim(d_ext_sum, d_rows, index * chunk, 2)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, layer_params),
+             jnp.zeros((batch, shards, window + local_len, features), jnp.float32))
+    (d_params, d_ext), _ = jax.lax.scan(backward, zeros, jnp.arange(num_chunks))
+    # The halo's gradients belong to the previous device's last positions.
+    d_halo = jnp.roll(d_ext[:, :, :window], -1, axis=1).at[:, shards - 1].set(0)
+    d_x = d_ext[:, :, window:].at[:, :, local_len - window:].add(d_halo)
+    return d_params, d_x.reshape(batch, length, features).astype(x.dtype)
+
+
+def _rows_rules(rules) -> tuple:
+    """The logical axis rules with the sequence's mesh axes given to the batch instead: for
+    `_layer_in_device_chunks`' rows, each of one device's positions."""
+    length_axes = next((axes for name, axes in rules if name == "length"), None)
+    if length_axes is None:
+        return tuple(rules)
+    length_axes = (length_axes,) if isinstance(length_axes, str) else tuple(length_axes)
+
+    def axes_of(axes):
+        return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+    return tuple((name, None) if name == "length" else
+                 (name, axes_of(axes) + length_axes) if name == "batch" else (name, axes)
+                 for name, axes in rules)
 
 
 def _bits_dtype(dtype) -> Any:

@@ -83,8 +83,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.mesh.context=4 --config.seq_len=62",
      "error: seq_len=62 is not divisible by mesh.context=4"),
     ("--config.mesh.context=2 --config.model.scan_layers=True --config.model.remat=True "
-     "--config.model.layer_chunk_size=32",
-     "error: model.layer_chunk_size=32 slices the whole sequence, which mesh.context=2 splits"),
+     "--config.model.layer_chunk_size=24",
+     "error: model.layer_chunk_size=24 with mesh.context=2: each device's block of 32 "
+     "positions runs in chunks, so the chunk must divide it"),
     ("--config.model.num_heads=3", "error: model.d_model=32 is not divisible by "
                                    "model.num_heads=3; set model.head_dim"),
     ("--config.data.source=text", "error: data.paths"),

@@ -2,6 +2,7 @@
 the unsharded results, for the attention alone (against jax.nn.dot_product_attention) and for
 the whole model's loss and gradients; no device holds the whole sequence."""
 
+import dataclasses
 import functools
 import re
 
@@ -137,8 +138,8 @@ def _model_loss_and_grads(config, params, batch):
 
 def _model_case(length=96, **fields):
     config = TransformerConfig.from_config(dict(
-        vocab_size=64, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, window_size=12,
-        **fields))
+        vocab_size=64, num_layers=2, d_model=32, num_heads=2, mlp_dim=64, window_size=12)
+        | fields)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, length + 1), 0, 64)
     segment_ids = _documents(2, length, seed=3)
     starts = jnp.where(jnp.diff(segment_ids, axis=1, prepend=-1) != 0, jnp.arange(length), 0)
@@ -170,11 +171,13 @@ def test_model_loss_and_gradients_equal_the_unsharded_model(mesh_shape, fields):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_no_device_holds_the_whole_sequence():
+@pytest.mark.parametrize("fields", [{}, {"layer_chunk_size": 12}])
+def test_no_device_holds_the_whole_sequence(fields):
     """The compiled forward and backward pass at context 4: halos travel by collective-permute,
     and no array on a device has the sequence's length (96) as a dimension: nothing gathers
-    the keys, the values or any activation along the sequence."""
-    config, params, batch = _model_case(scan_layers=True, remat=True)
+    the keys, the values or any activation along the sequence, with the layers chunked or
+    not."""
+    config, params, batch = _model_case(scan_layers=True, remat=True, **fields)
     mesh = _mesh(context=4)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
     batch = jax.device_put(batch, sharding)
@@ -240,3 +243,27 @@ def test_every_kernel_serves_the_shards_with_documents(implementation, context):
     np.testing.assert_allclose(out, expected, atol=2e-6)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("mesh_shape, fields", [
+    # Blocks of 24 in chunks of 12, window 12: the halo is one chunk.
+    (dict(context=4), dict(layer_chunk_size=12)),
+    # Blocks of 48 in chunks of 16, a global layer (run whole), one key/value head, the batch
+    # over data as well.
+    (dict(data=2, context=2), dict(layer_chunk_size=16, global_layers=(1,), num_kv_heads=1)),
+    # Splash (interpret mode) on the rows, heads over tensor; a window of 5 in chunks of 8.
+    (dict(context=2, tensor=2), dict(layer_chunk_size=8, window_size=5,
+                                     attention_implementation="splash")),
+])
+def test_chunked_layers_under_context_parallelism_equal_the_unsharded_model(mesh_shape, fields):
+    """Each device runs its block in chunks, with the window before the block from the
+    previous device: the unsharded model's loss and gradients."""
+    config, params, batch = _model_case(scan_layers=True, remat=True, **fields)
+    loss_and_grads = functools.partial(_model_loss_and_grads, config)
+    loss, grads = _in_mesh(_mesh(**mesh_shape), loss_and_grads, params, batch)
+    unchunked = dataclasses.replace(config, layer_chunk_size=0)
+    expected_loss, expected_grads = jax.jit(functools.partial(_model_loss_and_grads, unchunked))(
+        params, batch)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
