@@ -63,7 +63,7 @@ def _pg19_step(platform: str, **overrides):
     model = config.model
     model.num_layers, model.d_model, model.num_heads, model.num_kv_heads = 2, 256, 4, 2
     model.mlp_dim, model.window_size, model.global_layers = 512, 512, (1,)
-    model.layer_chunk_size = 1024
+    model.layer_chunk_size = 512
     for key, value in overrides.items():
         parent, _, name = key.rpartition(".")
         config[parent][name] = value
@@ -80,7 +80,8 @@ def _pg19_step(platform: str, **overrides):
 
 @pytest.mark.parametrize("overrides", [
     {},  # 8-way FSDP, layers in chunks of 1024
-    {"mesh.fsdp": 2, "mesh.context": 4, "model.layer_chunk_size": 0},  # context parallel
+    {"mesh.fsdp": 2, "mesh.context": 4},  # context parallel, each block in chunks of 512
+    {"mesh.fsdp": 2, "mesh.context": 4, "model.layer_chunk_size": 0},  # whole blocks
 ])
 def test_the_pg19_step_lowers_for_tpu_with_splash(overrides):
     exported = _pg19_step("tpu", **overrides)
