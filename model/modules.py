@@ -157,10 +157,10 @@ class MultiHeadLocalAttention(nn.Module):
             query, key = (apply_rotary(x, positions, self.rotary_base, self.rope_scaling)
                           for x in (query, key))
         if decode_step:
-            out = self._decode_step(cache, query, key, value, rel_pos_emb, mask)
+            out = self._decode_step(cache, query, key, value, rel_pos_emb, mask, segment_ids)
         else:
             if cache_ready:
-                self._prefill_cache(cache, key, value, mask)
+                self._prefill_cache(cache, key, value, mask, segment_ids)
             out = self._attend(query, key, value, rel_pos_emb, mask, segment_ids,
                                *self._dropout(deterministic, dropout_rng, prng_key))
 
@@ -231,12 +231,17 @@ class MultiHeadLocalAttention(nn.Module):
             "cached_key": self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype),
             "cached_value": self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype),
             "cached_mask": self.variable("cache", "cached_mask", jnp.zeros, (*batch, slots), bool),
+            # Each slot's segment (packed documents): a token attends only its own.
+            "cached_segment": self.variable("cache", "cached_segment", jnp.zeros,
+                                            (*batch, slots), jnp.int32),
             "cache_index": self.variable("cache", "cache_index",
                                          lambda: jnp.array(0, jnp.int32)),
         }
 
-    def _prefill_cache(self, cache, key: Array, value: Array, mask: Array | None) -> None:
-        """Writes a prompt's last ``window_size_left + 1`` keys and values into an empty cache.
+    def _prefill_cache(self, cache, key: Array, value: Array, mask: Array | None,
+                       segment_ids: Array | None) -> None:
+        """Writes a prompt's last ``window_size_left + 1`` keys and values (and their key mask
+        and segment ids) into an empty cache.
 
         ``key``/``value``: ``(batch..., prompt_len, heads, head_dim)``. A prefill starts a new
         sequence: whatever the cache held is replaced and the next position is ``prompt_len``.
@@ -250,21 +255,24 @@ class MultiHeadLocalAttention(nn.Module):
         # Position p lives in slot p % slots, as in `_decode_step`.
         slot_of_kept = np.arange(length - kept, length) % slots
         token_mask = jnp.ones((*batch, length), bool) if mask is None else mask.astype(bool)
+        segments = (jnp.zeros((*batch, length), jnp.int32) if segment_ids is None
+                    else jnp.broadcast_to(segment_ids, (*batch, length)))
         axis = len(batch)
         for name, new in (("cached_key", key), ("cached_value", value),
-                          ("cached_mask", token_mask)):
+                          ("cached_mask", token_mask), ("cached_segment", segments)):
             kept_rows = lax.slice_in_dim(new, length - kept, length, axis=axis)
             empty = jnp.zeros_like(cache[name].value)
             cache[name].value = empty.at[(slice(None),) * axis + (slot_of_kept,)].set(
                 kept_rows.astype(empty.dtype))
         cache["cache_index"].value = jnp.array(length, jnp.int32)
 
-    def _decode_step(self, cache, query, key, value, rel_pos_emb, mask) -> Array:
+    def _decode_step(self, cache, query, key, value, rel_pos_emb, mask, segment_ids) -> Array:
         """One token: ``query (batch..., 1, heads, head_dim)``, ``key/value (batch..., 1,
         kv_heads, head_dim)`` -> ``(batch..., 1, heads, head_dim)``.
 
         The token at position ``t`` is written to slot ``t % (window_size_left + 1)``, where it
-        overwrites the key that has just left the window.
+        overwrites the key that has just left the window. It attends only cached keys of its
+        segment (``segment_ids (batch..., 1)``; None: the previous token's segment).
         """
         cached_key, cached_value = cache["cached_key"], cache["cached_value"]
         cached_mask, cache_index = cache["cached_mask"], cache["cache_index"]
@@ -284,13 +292,20 @@ class MultiHeadLocalAttention(nn.Module):
 
         cached_key.value = write(cached_key.value, key)
         cached_value.value = write(cached_value.value, value)
+        cached_segment = cache["cached_segment"]
+        if segment_ids is None:  # the sequence goes on in the previous token's segment
+            previous = (position - 1) % slots
+            segment = lax.dynamic_slice_in_dim(cached_segment.value, previous, 1, len(batch))
+        else:
+            segment = jnp.broadcast_to(segment_ids, (*batch, 1)).astype(jnp.int32)
         cached_mask.value = write(cached_mask.value, token_mask.reshape(*batch, 1))
+        cached_segment.value = write(cached_segment.value, segment)
         cache_index.value = position + 1
 
         # Slot s holds position `position - age`, age = (position - s) mod slots; slots not yet
         # written are still masked out.
         age = (position - jnp.arange(slots)) % slots
-        visible = cached_mask.value[..., None, :]  # (batch..., 1, slots)
+        visible = (cached_mask.value & (cached_segment.value == segment))[..., None, :]
         # Query heads grouped by their key/value head: (batch..., kv_heads, groups, head_dim).
         q = query[..., 0, :, :].reshape(*batch, kv_heads, heads // kv_heads, head_dim)
         q = q * head_dim ** -0.5

@@ -81,6 +81,35 @@ def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb, rotary_
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("prompt_len", [1, 7])
+def test_decoding_packed_documents_equals_the_full_forward_pass(prompt_len):
+    """Segment ids reach the decode cache: a token attends only cached keys of its own
+    document (given per call, or, without ids, the previous token's)."""
+    window, steps = 4, 14
+    x = _inputs((2, steps, 16))
+    segment_ids = jnp.array([[1] * 3 + [2] * 2 + [3] * 9, [5] * 6 + [6] * 8])
+    attention = MultiHeadLocalAttention(num_heads=2, qkv_features=16, window_size_left=window,
+                                        window_size_right=0, rotary_base=10_000.0)
+    params = attention.init(jax.random.key(1), x)["params"]
+    full = attention.apply({"params": params}, x, segment_ids=segment_ids)
+    decoder = attention.clone(decode=True)
+    cache = decoder.init(jax.random.key(1), x[:, :1])["cache"]
+
+    def step(cache, start, stop, ids):
+        out, updated = decoder.apply({"params": params, "cache": cache}, x[:, start:stop],
+                                     segment_ids=ids, mutable=["cache"])
+        return out, updated["cache"]
+
+    out, cache = step(cache, 0, prompt_len, segment_ids[:, :prompt_len])
+    outputs = [out]
+    for t in range(prompt_len, steps):
+        # The last document's tokens come without ids: they continue the previous token's.
+        ids = None if t >= 9 else segment_ids[:, t:t + 1]
+        out, cache = step(cache, t, t + 1, ids)
+        outputs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=2e-5, rtol=2e-5)
+
+
 def test_decode_needs_a_causal_window_and_a_prompt_restarts_the_sequence():
     x = _inputs((1, 9, 8))
     with pytest.raises(ValueError, match="window_size_right=0"):
