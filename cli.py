@@ -172,6 +172,20 @@ def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
 
 
+def check_output_file(flag: str, path: str | None) -> None:
+    """A one-line ValueError, before any work, where ``--flag=path`` (a file to write; None:
+    not asked for) names a folder, or a folder that does not exist or cannot be written."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--{flag}={path!r} is a folder: expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--{flag}={path!r}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag}={path!r}: the folder {folder} is not writable")
+
+
 # --- argparse (the bench scripts) ------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):

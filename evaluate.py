@@ -19,7 +19,6 @@ accuracy against the distance of a planted key, printed as a table, in the JSON
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -99,11 +98,8 @@ def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
-        for flag in ("output", "plot", "probe_plot"):
-            folder = os.path.dirname(os.path.abspath(FLAGS[flag].value or "."))
-            if FLAGS[flag].value and not os.path.isdir(folder):
-                raise ValueError(f"--{flag}={FLAGS[flag].value!r}: the folder {folder} does not "
-                                 f"exist")
+        for flag in ("output", "plot", "probe_plot"):  # before the work, not after it
+            cli.check_output_file(flag, FLAGS[flag].value)
         try:
             distances = [int(d) for d in FLAGS.probe_distances]
         except ValueError:

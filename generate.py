@@ -9,6 +9,8 @@ rolling attention caches (model/sampling.py); stops a sample at the end-of-docum
 
 from __future__ import annotations
 
+import math
+
 import jax
 from absl import flags, logging
 
@@ -32,9 +34,16 @@ def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     try:
-        if FLAGS.max_new_tokens < 1 or FLAGS.num_samples < 1:
-            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} and --num_samples="
-                             f"{FLAGS.num_samples}: expected positive ints")
+        for flag in ("max_new_tokens", "num_samples"):
+            if FLAGS[flag].value < 1:
+                raise ValueError(f"--{flag}={FLAGS[flag].value}: expected an int >= 1")
+        if FLAGS.top_k < 0:
+            raise ValueError(f"--top_k={FLAGS.top_k}: expected an int >= 0 (0: all tokens)")
+        if not 0 <= FLAGS.seed < 2**31:
+            raise ValueError(f"--seed={FLAGS.seed}: expected an int in [0, 2**31)")
+        if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
+            raise ValueError(f"--temperature={FLAGS.temperature}: expected a finite number >= 0 "
+                             f"(0: greedy)")
         launch.start_distributed()
         run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
         prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt

@@ -53,9 +53,10 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
         step, config = checkpoints.restore_config(step)
+        # The tokenizer the run trained with, whatever text the overrides point at.
+        tokenizer = make_tokenizer(config.data, workdir)
         run_config.apply_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.context": 1,
                                             "mesh.tensor": 1} | overrides)
-        tokenizer = make_tokenizer(config.data, workdir)
         model_cfg = run_config.model_config(config, tokenizer)
         mesh = sharding.make_mesh(config)
         abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,

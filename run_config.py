@@ -44,19 +44,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """One-line ValueErrors for bad training fields (model and data fields are checked where
     they are used: TransformerConfig.from_config, data/)."""
     def int_at_least(name, minimum):
-        value = config[name]
+        value = config[name] if "." not in name else config.data[name.split(".")[1]]
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
 
     for name in ("num_train_steps", "batch_size", "seq_len", "grad_accum_steps",
                  "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
         int_at_least(name, 1)
-    for name in ("warmup_steps", "eval_every_steps", "eval_batches", "sample_tokens"):
+    for name in ("warmup_steps", "eval_every_steps", "eval_batches", "sample_tokens",
+                 "data.prefetch", "data.max_documents"):
         int_at_least(name, 0)
+    for name in ("data.sentencepiece_vocab_size", "data.passkey_questions"):
+        int_at_least(name, 1)
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "min_learning_rate_ratio",
                  "peak_flops_per_device"):
         if not isinstance(config[name], (int, float)) or config[name] < 0:
             raise ValueError(f"{name}={config[name]!r}: expected a number >= 0")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) \
+            or not 0 <= config.seed < 2**31:
+        raise ValueError(f"seed={config.seed!r}: expected an int in [0, 2**31)")
+    rules = config.logical_axis_rules
+    if not isinstance(rules, (tuple, list)) or not all(
+            isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            for rule in rules):
+        raise ValueError(f"logical_axis_rules={rules!r}: expected (logical name, mesh axes) "
+                         f"pairs, as configs/default.py lists them")
     if config.learning_rate == 0:
         raise ValueError("learning_rate=0: expected a positive number")
     if config.decay_schedule not in DECAY_SCHEDULES:

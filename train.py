@@ -47,7 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluation (see `inference.evaluate_batches`), or ``{"stopped_at": step}`` after
     SIGTERM/SIGINT. Bad input raises a one-line ValueError."""
     run_config.validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    _make_workdir(workdir)
     with StopSignal() as stop:
         checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
         try:
@@ -59,6 +59,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         finally:
             checkpoints.wait()
             checkpoints.close()
+
+
+def _make_workdir(workdir: str) -> None:
+    """Creates ``workdir`` (a one-line ValueError where it is empty, a file, or cannot be
+    created or written)."""
+    if not workdir:
+        raise ValueError("--workdir is empty: expected a folder for the run's checkpoints and logs")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} is a file: expected a folder (a new one, or a "
+                         f"run's to resume)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        raise ValueError(f"--workdir={workdir!r}: cannot write there "
+                         f"({error.strerror or error})") from None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpoints,

@@ -217,7 +217,13 @@ def _hf_documents(config, split: str) -> Iterator[str]:
     try:
         dataset = datasets.load_dataset(config.hf_name, config.hf_config or None, split=hf_split,
                                         data_files=data_files, streaming=config.hf_streaming)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+    except ConnectionError as error:  # no network, or HF_HUB_OFFLINE without a cached copy
+        raise ValueError(
+            f"data.hf_name={config.hf_name!r}: cannot reach the Hugging Face Hub "
+            f"({first_line(error)}); run once with network to download it into the HF cache "
+            f"(then HF_DATASETS_OFFLINE=1 reads it offline), or give local files: "
+            f"data.hf_name='parquet' (or 'json', 'text') with data.paths") from None
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ValueError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: "
                          f"{first_line(error)}") from None
     columns = dataset.column_names

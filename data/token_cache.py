@@ -40,7 +40,7 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
     base = os.path.join(cache_dir, f"{config.source}-{split}-{key}")
     tokens = _load(base)
     if tokens is None:
-        os.makedirs(cache_dir, exist_ok=True)
+        _check_writable(cache_dir)
         with _exclusive(base + ".lock"):
             tokens = _load(base)  # another process may have built it while we waited
             if tokens is None:
@@ -57,6 +57,18 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
         raise ValueError(f"data.source={config.source!r} split {split!r} has no text "
                          f"(empty corpus)")
     return tokens
+
+
+def _check_writable(cache_dir: str) -> None:
+    """A one-line ValueError naming ``data.cache_dir`` where it cannot be created or written."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        raise ValueError(f"data.cache_dir={cache_dir!r}: cannot write the token cache there "
+                         f"({error.strerror or error}); set data.cache_dir to a writable "
+                         f"folder") from None
 
 
 @contextlib.contextmanager

@@ -110,7 +110,12 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={workdir}", "--config.seq_len=4"], "error: --config.seq_len: "
                                                              "evaluate.py takes only"),
             ([f"--workdir={workdir}", "--config.mesh.context=8", "--seq_len=100"],
-             "error: seq_len=100 is not divisible by mesh.context=8")):
+             "error: seq_len=100 is not divisible by mesh.context=8"),
+            # Paths to write are checked before the work, not after it.
+            ([f"--workdir={workdir}", f"--output={tmp_path}"], "error: --output="),
+            ([f"--workdir={workdir}", f"--plot={tmp_path}"], "error: --plot="),
+            ([f"--workdir={workdir}", "--plot=/proc/none/loss.png"],
+             "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist")):
         done = script("evaluate.py", *args)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
@@ -126,9 +131,14 @@ def test_generate_cli_is_seeded(run):
     assert "--- sample 1 of 1 (step 12) ---\nimport " in first.stdout
     other = script("generate.py", *args[:-1], "--seed=4", "--temperature=1.5")
     assert other.stdout != first.stdout
-    bad = script("generate.py", f"--workdir={workdir}", "--top_p=0")
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: top_p=0")
+    for flag, message in (("--top_p=0", "error: top_p=0"),
+                          ("--temperature=nan", "error: --temperature=nan: expected a finite"),
+                          ("--seed=9223372036854775808", "error: --seed=9223372036854775808"),
+                          ("--top_k=-1", "error: --top_k=-1: expected an int >= 0"),
+                          ("--num_samples=0", "error: --num_samples=0: expected an int >= 1")):
+        bad = script("generate.py", f"--workdir={workdir}", flag)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr
+        assert bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr[-500:]
 
 
 def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
@@ -158,3 +168,19 @@ def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
                   "--probe_distances=4,x")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: --probe_distances=4,x")
+
+
+def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
+    """The tokenizer comes from the run as trained: another corpus is scored with it, not
+    refused because the SentencePiece model was trained on other text."""
+    config = tiny_config(tmp_path / "cache", num_train_steps=4, eval_every_steps=0,
+                         sample_tokens=0, **{"data.max_documents": 12,
+                                             "data.tokenizer": "sentencepiece",
+                                             "data.sentencepiece_vocab_size": 400})
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    text = tmp_path / "some_file.py"
+    text.write_text("def f(x):\n    return x + 1\n" * 50)
+    done = script("evaluate.py", f"--workdir={tmp_path / 'run'}", "--config.data.source=text",
+                  f"--config.data.paths={text}", f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["num_tokens"] > 0

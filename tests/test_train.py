@@ -94,10 +94,19 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
     ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
+    ("--config.seed=-1", "error: seed=-1: expected an int in [0, 2**31)"),
+    ("--config.seed=9223372036854775808", "error: seed=9223372036854775808: expected an int"),
+    ("--config.data.prefetch=-1", "error: data.prefetch=-1: expected an int >= 0"),
+    ("--config.logical_axis_rules=1", "error: logical_axis_rules=(1,): expected (logical name, "
+                                      "mesh axes) pairs"),
+    ("--workdir=README.md", "error: --workdir='README.md' is a file: expected a folder"),
+    ("--workdir=", "error: --workdir is empty: expected a folder"),
+    ("--config.data.cache_dir=/proc/none", "error: data.cache_dir='/proc/none': cannot write the "
+                                           "token cache there"),
 ])
 def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
-    done = script("train.py", "--config=configs/tiny.py", *flag.split(),
-                  f"--workdir={tmp_path}/run", f"--config.data.cache_dir={tmp_path}/cache")
+    done = script("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
+                  f"--config.data.cache_dir={tmp_path}/cache", *flag.split())
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]
     assert "Traceback" not in done.stderr
@@ -245,3 +254,17 @@ def test_logs_that_cannot_be_written_are_one_line_errors(tmp_path):
         f"error: writing the logs in {run} failed (IsADirectoryError: Is a directory); the "
         f"checkpoints saved so far are kept: free space (or fix the folder) and run the same "
         f"command to resume"), done.stderr[-2000:]
+
+
+def test_the_hub_out_of_reach_is_one_line_saying_what_to_do(tmp_path):
+    """configs/pg19.py without network (the Hub offline, nothing cached): one line naming the
+    dataset and the ways on, not datasets' ConnectionError traceback."""
+    done = script("train.py", "--config=configs/pg19.py", f"--workdir={tmp_path}/run",
+                  f"--config.data.cache_dir={tmp_path}/cache",
+                  env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                           HF_HOME=str(tmp_path / "hf")))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: data.hf_name='emozilla/pg19': cannot reach the Hugging Face "
+                           "Hub"), line
+    assert "HF_DATASETS_OFFLINE=1" in line and "data.paths" in line
