@@ -7,9 +7,10 @@
   saved on one mesh resumes on another (orbax reshards);
 * ``data``: the training iterator's state (`data.TrainBatches.state()`), JSON;
 * ``config``: the training config that produced it, JSON;
-* ``checksums``: the `word_sums` of ``state`` (JSON), checked on restore, so that a damaged
-  file is an error rather than silently wrong weights. (A plain sum: it catches changed bits,
-  not words that trade places.)
+* ``checksums``: the `word_hashes` of ``state`` (JSON), checked on restore, so that a damaged
+  file is an error rather than silently wrong weights: changed bits and words that trade
+  places both change them. (Checkpoints written before them hold plain `word_sums`, which
+  are checked instead.)
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and the
 files are written in a background thread. A step's folder appears only when its save is
@@ -35,7 +36,48 @@ import orbax.checkpoint as ocp
 from errors import first_line
 
 ITEMS = ("state", "data", "config", "checksums")
+_HASH_KIND = "fmix32-position-sum"  # checksums' "kind": `word_hashes`; absent: `word_sums`
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer (Appleby): every input bit flips each output bit with
+    probability about 1/2. uint32 in, uint32 out (multiplications wrap)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+@jax.jit
+def _leaf_word_hashes(leaves: list) -> list:
+    """Per array: the wrapping uint32 sum over its elements of `_fmix32` of the element's bits
+    keyed by its flat position: exact, so the same whatever the sharding (a sum), and changed
+    by swapped elements or blocks (the key)."""
+    def word_hash(x):
+        words = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+        position = jnp.zeros(x.shape, jnp.uint32)
+        for axis, stride in enumerate(_strides(x.shape)):
+            position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
+        keyed = words ^ _fmix32(position * jnp.uint32(0x9E3779B9) + jnp.uint32(1))
+        return jnp.sum(_fmix32(keyed), dtype=jnp.uint32)
+    return [word_hash(x) for x in leaves]
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    """Row-major element strides of ``shape``, modulo 2**32."""
+    strides, stride = [], 1
+    for size in reversed(shape):
+        strides.append(stride % 2**32)
+        stride *= size
+    return strides[::-1]
+
+
+def word_hashes(state) -> list[int]:
+    """One int per array of ``state`` (a pytree of 1-, 2- or 4-byte arrays), computed on the
+    devices where the arrays are: see `_leaf_word_hashes`."""
+    return [int(c) for c in jax.device_get(_leaf_word_hashes(jax.tree.leaves(state)))]
 
 
 @jax.jit
@@ -50,7 +92,8 @@ def _leaf_word_sums(leaves: list) -> list:
 
 def word_sums(state) -> list[int]:
     """One int per array of ``state`` (a pytree of 1-, 2- or 4-byte arrays): the sum modulo
-    2**32 of its elements' bits read as unsigned words."""
+    2**32 of its elements' bits read as unsigned words. What checkpoints saved before
+    `word_hashes` hold."""
     return [int(c) for c in jax.device_get(_leaf_word_sums(jax.tree.leaves(state)))]
 
 
@@ -187,12 +230,13 @@ class Checkpoints:
     def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
         """Starts saving; returns when the arrays are off the devices (see the module doc).
         Raises `CheckpointError` where this save or the one before it failed."""
-        state_sums = word_sums(state)
+        hashes = word_hashes(state)
         self._writing(lambda: self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": state_sums}))), starts_a_save=True)
+            checksums=ocp.args.JsonSave({"state": hashes, "kind": _HASH_KIND}))),
+            starts_a_save=True)
 
     def wait(self) -> None:
         """Blocks until every started save is on disk; `CheckpointError` where one failed."""
@@ -253,7 +297,9 @@ class Checkpoints:
         step = self._step_or_latest(step)
         restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                                  data=ocp.args.JsonRestore(), checksums=ocp.args.JsonRestore())
-        if word_sums(restored.state) != restored.checksums["state"]:
+        recorded = restored.checksums
+        check = word_hashes if recorded.get("kind") == _HASH_KIND else word_sums
+        if check(restored.state) != recorded["state"]:
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} is corrupt: its "
                 f"arrays do not match the sums saved with them; it was left as it is: "
