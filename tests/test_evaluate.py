@@ -1,6 +1,7 @@
 """evaluate.py and generate.py on a tiny trained run: the reported loss equals a direct
 computation with dense attention; every token counts once at any context; the CLIs work."""
 
+import glob
 import json
 import math
 
@@ -13,7 +14,7 @@ import evaluate
 import train
 from data import make_tokenizer, packed_examples
 from model import TransformerConfig, TransformerLM
-from tests.training import restore_params, script, tiny_config
+from tests.training import ROOT, restore_params, script, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +179,8 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
                                              "data.tokenizer": "sentencepiece",
                                              "data.sentencepiece_vocab_size": 400})
     train.train_and_evaluate(config, str(tmp_path / "run"))
-    text = tmp_path / "some_file.py"
-    text.write_text("def f(x):\n    return x + 1\n" * 50)
+    text = tmp_path / "some_file.py"  # one file: its last 2% is the validation split
+    text.write_text("".join(open(p).read() for p in sorted(glob.glob(f"{ROOT}/data/*.py"))))
     done = script("evaluate.py", f"--workdir={tmp_path / 'run'}", "--config.data.source=text",
                   f"--config.data.paths={text}", f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
