@@ -37,3 +37,32 @@ def test_config_is_valid(name, config):
     config.mesh.data = config.mesh.fsdp = 1
     config.mesh.tensor = -1
     assert sharding.make_mesh(config).shape["tensor"] == 8
+
+
+@pytest.mark.parametrize("name, config", list(_configs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_config_builds_and_lowers_its_train_step(name, config):
+    """Each preset's model, sharded state and train step, traced and lowered on as many
+    simulated devices (up to 8) as its batch splits over: what train.py builds, without
+    running it (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from data.tokenizers import padded_vocab_size
+    from steps import setup_training
+
+    vocab = (padded_vocab_size(config.data.sentencepiece_vocab_size)
+             if config.data.tokenizer == "sentencepiece" else 384)
+    model = TransformerConfig.from_config(config.model.to_dict(), vocab_size=vocab)
+    rows = config.batch_size // config.grad_accum_steps
+    devices = jax.devices()[:max(d for d in range(1, 9) if rows % d == 0)]
+    training = setup_training(config, model, devices)
+    batch_sharding = sharding.batch_sharding(training.mesh)
+    batch = {field: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype,
+                                         sharding=batch_sharding)
+             for field, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
+                                  ("loss_mask", jnp.float32), ("segment_ids", jnp.int32),
+                                  ("positions", jnp.int32))}
+    state, metrics = training.train_step.lower(training.abstract_state, batch).out_info
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), state) == jax.tree.map(
+        lambda s: (s.shape, s.dtype), training.abstract_state)
+    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "tokens"}
