@@ -13,6 +13,7 @@ import pytest
 import evaluate
 import train
 from data import make_tokenizer, packed_examples
+from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM
 from tests.training import ROOT, restore_params, script, tiny_config
 
@@ -185,3 +186,25 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
                   f"--config.data.paths={text}", f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["num_tokens"] > 0
+
+
+def test_evaluate_the_train_split_and_generate_with_its_flags(run):
+    config, workdir = run
+    done = script("evaluate.py", f"--workdir={workdir}", "--split=train")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    train_tokens = split_tokens(config.data, "train", make_tokenizer(config.data))
+    assert result["split"] == "train" and result["num_tokens"] == train_tokens.size - 1
+
+    def generate(*flags):
+        done = script("generate.py", f"--workdir={workdir}", "--prompt=import ",
+                      "--max_new_tokens=16", *flags)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    # top_k=1 samples the likeliest token: greedy decoding, whatever the temperature.
+    assert generate("--top_k=1", "--temperature=2.0", "--top_p=1") == generate("--temperature=0")
+    two = generate("--step=5", "--num_samples=2", "--seed=1", "--temperature=1.5")
+    assert "--- sample 1 of 2 (step 5) ---" in two and "--- sample 2 of 2 (step 5) ---" in two
+    first, second = (part.split("---\n", 1)[1] for part in two.split("--- sample")[1:])
+    assert first != second  # seeds 1 and 2
