@@ -167,8 +167,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main) -> None:
     """absl's ``app.run(main)`` with `parse_flags`, in a process whose large allocations use
-    huge pages (see `launch.restart_with_huge_pages`)."""
+    huge pages (see `launch.restart_with_huge_pages`), under a supervisor in a multi-process
+    launch (`launch.supervise_multi_process`)."""
     launch.restart_with_huge_pages()
+    launch.supervise_multi_process()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -1,5 +1,6 @@
 """How a script's process starts: re-executed once with huge pages for glibc's malloc, and
-joined to the other processes of a multi-process run (``jax.distributed``).
+joined to the other processes of a multi-process run (``jax.distributed``), under a
+supervisor that reports the run's end in one line when the collectives abort the process.
 
 A bad launch (a missing or bad count or id, a coordinator that does not answer, processes
 started with different counts) is a one-line ValueError, which the scripts print as their
@@ -8,10 +9,16 @@ other one-line errors (cli.exit_with_error).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import re
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 from errors import first_line
@@ -44,6 +51,103 @@ def restart_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
+# Set in a supervised process: the file where it notes that it joined the other processes.
+_SUPERVISED = "LOCAL_ATTENTION_LM_JOINED_FILE"
+# gloo's note for each collective context it sets up (a dozen per run): noise, not news.
+# Several threads print them at once, so a line may hold pieces of several: any line with a
+# piece goes.
+_GLOO_CONNECTED = re.compile(r"\[Gloo\]|peer ranks")
+_FATAL = re.compile(r"^(F\d{4} |Fatal Python error)")
+
+
+def _multi_process_launch(env) -> str | None:
+    """"process I of N" where ``env`` asks for a multi-process run, else None."""
+    count = env.get("JAX_NUM_PROCESSES") or env.get("SLURM_NTASKS") \
+        or env.get("OMPI_COMM_WORLD_SIZE")
+    if not (count or "").isdigit() or int(count) < 2:
+        return None
+    index = env.get("JAX_PROCESS_ID") or env.get("SLURM_PROCID") \
+        or env.get("OMPI_COMM_WORLD_RANK") or "?"
+    return f"process {index} of {count}"
+
+
+def supervise_multi_process() -> None:
+    """In a multi-process launch, runs this script again as a child and reports how it ended.
+
+    JAX's collectives abort a process (SIGABRT, no word) when a peer dies or when the peers
+    never all join; the supervisor turns that into one line saying which it was and what to
+    do, with exit status 1. It passes SIGTERM and SIGINT on (the child saves a checkpoint and
+    stops), drops gloo's "connected" notes from the child's stderr, and takes the child down
+    with it if it is killed itself. Returns at once in a single-process run and in the child.
+    """
+    launch = _multi_process_launch(os.environ)
+    if launch is None or _SUPERVISED in os.environ:
+        return
+    joined = tempfile.NamedTemporaryFile(prefix="joined-", delete=False)
+    joined.close()
+    child = subprocess.Popen(sys.orig_argv, executable=sys.executable, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, _SUPERVISED: joined.name},
+                             text=True, preexec_fn=_die_with_parent)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda number, _: child.send_signal(number))
+    crash: list[str] = []  # the child's dying words: a fatal log, stacks
+    relays = [threading.Thread(target=_relay, args=(stream, target, held), daemon=True)
+              for stream, target, held in ((child.stdout, sys.stdout, None),
+                                           (child.stderr, sys.stderr, crash))]
+    for relay in relays:
+        relay.start()
+    code = child.wait()
+    for relay in relays:
+        relay.join()
+    if crash and code >= 0:
+        sys.stderr.writelines(crash)
+    with open(joined.name) as f:
+        had_joined = f.read() == "joined"
+    os.unlink(joined.name)
+    if code < 0:
+        how = signal.Signals(-code).name
+        if crash:
+            with tempfile.NamedTemporaryFile("w", prefix="crash-", suffix=".log",
+                                             delete=False) as f:
+                f.writelines(crash)
+            how += f"; its log: {f.name}"
+        heartbeat = os.environ.get("JAX_HEARTBEAT_TIMEOUT", "20")
+        initialization = os.environ.get("JAX_INITIALIZATION_TIMEOUT", "120")
+        if had_joined:
+            print(f"error: {launch} stopped ({how}): another process of the run was lost or "
+                  f"stopped answering (JAX_HEARTBEAT_TIMEOUT={heartbeat} s); the checkpoints "
+                  f"in the workdir are whole: run the same command again in every process to "
+                  f"resume", file=sys.stderr)
+        else:
+            print(f"error: {launch} stopped ({how}) before every process joined (within "
+                  f"JAX_INITIALIZATION_TIMEOUT={initialization} s): start all of them, with the "
+                  f"same JAX_NUM_PROCESSES and coordinator address", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _relay(stream, target, held: list | None) -> None:
+    """Copies the child's ``stream`` to ``target`` line by line, without gloo's notes; from a
+    fatal log line (absl's ``F...``, Python's "Fatal Python error") on, into ``held`` instead
+    (where given), for the supervisor to file away."""
+    for line in stream:
+        if held is not None and (held or _FATAL.match(line)):
+            held.append(line)
+            continue
+        if not _GLOO_CONNECTED.search(line):
+            target.write(line)
+            target.flush()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the supervisor dies (Linux's PR_SET_PDEATHSIG), so that
+    killing a process of the run kills all of it."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def start_distributed(environ=None) -> None:
@@ -124,6 +228,9 @@ def start_distributed(environ=None) -> None:
                          f"every process was started with the same coordinator address and "
                          f"process count") from None
     _check_same_launch(initialization_timeout)
+    if env.get(_SUPERVISED):
+        with open(env[_SUPERVISED], "w") as f:
+            f.write("joined")
 
 
 def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> None:

@@ -266,8 +266,15 @@ def test_checkpoints_move_between_two_processes_and_one(runs):
 @pytest.mark.slow
 def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs):
     assert runs["returncodes"][1] == -signal.SIGKILL, "the run ended before it could be killed"
-    assert runs["returncodes"][0] not in (0, None), runs["killed_output"][-3000:]
+    # The survivor says in one line what happened and what to do (its collectives abort it).
+    assert runs["returncodes"][0] == 1, runs["killed_output"][-3000:]
+    errors = [line for line in runs["killed_output"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: process 0 of 2 stopped (SIGABRT"), runs["killed_output"][-3000:]
+    assert "another process of the run was lost" in errors[0]
+    assert "run the same command again in every process to resume" in errors[0]
     assert runs["survivor_seconds"] < 60
+    assert "[Gloo]" not in runs["rerun_output"]  # gloo's "connected" notes are dropped
     assert f"resuming at step {runs['killed_resumed_at']}" in runs["rerun_output"]
     assert runs["killed_resumed_at"] > CHECKPOINT_EVERY
     _assert_same_run(runs, "killed")
@@ -300,6 +307,16 @@ def test_bad_launches_are_one_line_errors(tmp_path):
     alone = launch_processes(train_command(tmp_path / "alone", flags), 1, JAX_INITIALIZATION_TIMEOUT="5",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID="1")[0]
+    # Two processes that agree on three: no third joins, JAX aborts them; one line each.
+    address = f"127.0.0.1:{_free_port()}"
+    short = [start(train_command(tmp_path / "short", flags),
+                   _environment(4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="3",
+                                JAX_PROCESS_ID=str(index), JAX_INITIALIZATION_TIMEOUT="5"))
+             for index in range(2)]
+    for index, process in enumerate(short):
+        line = _one_line_error(process, 60)
+        assert line.startswith(f"error: process {index} of 3 stopped (SIGABRT"), line
+        assert "before every process joined (within JAX_INITIALIZATION_TIMEOUT=5 s)" in line
     assert "started with 3 processes, process 0 with 2" in _one_line_error(disagreeing[1], 60)
     assert "started with 2 processes, process 1 with 3" in _one_line_error(disagreeing[0], 60)
     assert "JAX_INITIALIZATION_TIMEOUT=5 s" in _one_line_error(alone, 60)
