@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
 
 
+# Within this many seconds, a second signal is the first delivered twice: a process under
+# `launch.supervise_multi_process` gets a group's or a scheduler's signal both directly and
+# from its supervisor.
+_SAME_REQUEST_SECONDS = 2.0
+
+
 class StopSignal:
     """Within ``with StopSignal() as stop:``, SIGTERM/SIGINT set ``stop.received`` (the signal
-    number) instead of ending the process; a second signal of the same kind acts as usual."""
+    number) instead of ending the process; a second signal of the same kind, more than
+    `_SAME_REQUEST_SECONDS` later, acts as usual."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._received_at = 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -25,8 +34,12 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, self._previous[signum])
+        if self.received == signum:
+            if time.monotonic() - self._received_at > _SAME_REQUEST_SECONDS:
+                signal.signal(signum, self._previous[signum])
+                signal.raise_signal(signum)  # acts as usual
+            return
+        self.received, self._received_at = signum, time.monotonic()
 
     def any_process_received(self) -> bool:
         """Whether any process of the run received a signal. All processes must stop at the
