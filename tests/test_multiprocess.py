@@ -320,3 +320,21 @@ def test_bad_launches_are_one_line_errors(tmp_path):
     assert "started with 3 processes, process 0 with 2" in _one_line_error(disagreeing[1], 60)
     assert "started with 2 processes, process 1 with 3" in _one_line_error(disagreeing[0], 60)
     assert "JAX_INITIALIZATION_TIMEOUT=5 s" in _one_line_error(alone, 60)
+
+
+@pytest.mark.slow
+def test_sentencepiece_is_trained_by_process_0_and_read_by_both(tmp_path):
+    """The workdir's SentencePiece model: process 0 trains it while process 1 waits at a
+    barrier, then both load the same file (a different vocabulary in one process would end
+    the run at its first collective)."""
+    config = tiny_config(tmp_path / "cache", num_train_steps=3, eval_every_steps=0,
+                         sample_tokens=0, **{"data.tokenizer": "sentencepiece",
+                                             "data.sentencepiece_vocab_size": 400,
+                                             "data.max_documents": 12})
+    flags = ["--config=configs/tiny.py"] + config_flags(config)
+    workdir = tmp_path / "run"
+    finish(launch_processes(train_command(workdir, flags), 2))
+    assert (workdir / "sentencepiece.model").exists()
+    assert json.loads((workdir / "sentencepiece.json").read_text())["vocab_size"] == 400
+    saved = Checkpoints(str(workdir), read_only=True).restore_config()[1]
+    assert saved.data.tokenizer == "sentencepiece" and sorted(train_metrics(workdir)) == [1, 2, 3]
