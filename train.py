@@ -17,7 +17,6 @@ one-line errors) is cli.py's, the multi-process launch launch.py's.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
@@ -35,6 +34,7 @@ from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples
 from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
+from folders import writable_folder_problem
 from inference import make_evaluator, sample_text
 from metrics import MetricsLog, ThroughputMeter, peak_flops_per_device
 from model import count_parameters, training_flops_per_token
@@ -66,16 +66,10 @@ def _make_workdir(workdir: str) -> None:
     created or written)."""
     if not workdir:
         raise ValueError("--workdir is empty: expected a folder for the run's checkpoints and logs")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir!r} is a file: expected a folder (a new one, or a "
-                         f"run's to resume)")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        if not os.access(workdir, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as error:
-        raise ValueError(f"--workdir={workdir!r}: cannot write there "
-                         f"({error.strerror or error})") from None
+    problem = writable_folder_problem(workdir)
+    if problem:
+        raise ValueError(f"--workdir={workdir!r}: {problem}: expected a folder to write the "
+                         f"run into (a new one, or a run's to resume)")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpoints,

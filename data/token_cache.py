@@ -28,6 +28,7 @@ import numpy as np
 
 from data import sources
 from data.tokenizers import Tokenizer
+from folders import writable_folder_problem
 
 _FORMAT = 2
 
@@ -61,14 +62,10 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
 
 def _check_writable(cache_dir: str) -> None:
     """A one-line ValueError naming ``data.cache_dir`` where it cannot be created or written."""
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        if not os.access(cache_dir, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as error:
+    problem = writable_folder_problem(cache_dir)
+    if problem:
         raise ValueError(f"data.cache_dir={cache_dir!r}: cannot write the token cache there "
-                         f"({error.strerror or error}); set data.cache_dir to a writable "
-                         f"folder") from None
+                         f"({problem}); set data.cache_dir to a writable folder")
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.data.prefetch=-1", "error: data.prefetch=-1: expected an int >= 0"),
     ("--config.logical_axis_rules=1", "error: logical_axis_rules=(1,): expected (logical name, "
                                       "mesh axes) pairs"),
-    ("--workdir=README.md", "error: --workdir='README.md' is a file: expected a folder"),
+    ("--workdir=README.md", "error: --workdir='README.md': it is a file: expected a folder"),
     ("--workdir=", "error: --workdir is empty: expected a folder"),
     ("--config.data.cache_dir=/proc/none", "error: data.cache_dir='/proc/none': cannot write the "
                                            "token cache there"),
