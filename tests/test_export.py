@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import inference
-import train
 from data.sources import read_documents
 from model import TransformerLM
-from tests.training import script, tiny_config
+from tests.training import script, train_tiny
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,9 +20,7 @@ transformers = pytest.importorskip("transformers")
 def exported(tmp_path_factory):
     """A tiny run of 80 steps (enough to write more than spaces), exported."""
     folder = tmp_path_factory.mktemp("export")
-    config = tiny_config(folder / "cache", num_train_steps=80, eval_every_steps=0,
-                         sample_tokens=0)
-    train.train_and_evaluate(config, str(folder / "run"))
+    train_tiny(folder, steps=80)
     done = script("export.py", f"--workdir={folder / 'run'}", f"--output={folder / 'hf'}")
     assert done.returncode == 0, done.stderr[-2000:]
     return folder

@@ -17,17 +17,13 @@ from checkpoints import Checkpoints
 from model import TransformerLM
 from steps import setup_training
 from tests.training import (check_sigkill_resume_is_exact, config_flags, restore_params, script,
-                            tiny_config)
+                            tiny_config, train_tiny)
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A tiny run of 10 steps at seq_len 64."""
-    folder = tmp_path_factory.mktemp("source")
-    config = tiny_config(folder / "cache", num_train_steps=10, eval_every_steps=0,
-                         sample_tokens=0)
-    train.train_and_evaluate(config, str(folder / "run"))
-    return folder / "run"
+    return train_tiny(tmp_path_factory.mktemp("source"), steps=10)
 
 
 def test_a_workdir_source_gives_its_parameters_and_architecture(source, tmp_path):

@@ -27,6 +27,17 @@ def tiny_config(cache_dir, **overrides):
     return config
 
 
+def train_tiny(folder, steps: int):
+    """``folder/run``: configs/tiny.py trained in-process for ``steps`` steps, without periodic
+    evaluation or samples (its token cache in ``folder/cache``)."""
+    import train
+
+    config = tiny_config(folder / "cache", num_train_steps=steps, eval_every_steps=0,
+                         sample_tokens=0)
+    train.train_and_evaluate(config, str(folder / "run"))
+    return folder / "run"
+
+
 def config_flags(config) -> list[str]:
     """The --config.* flags that turn configs/tiny.py into ``config`` (leaves only)."""
     from configs import tiny
