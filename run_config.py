@@ -20,15 +20,16 @@ from model import TransformerConfig
 # checkpoint (their shapes and what they mean: the model and its vocabulary) ...
 PARAMETER_FIELDS = ("model", "data.tokenizer", "data.sentencepiece_model",
                     "data.sentencepiece_vocab_size", "data.hf_tokenizer")
-# ... and the data iterator's saved position (which examples, cut how, in which order): the
-# fields that decide the training split's text (data.sources.source_identity; a data folder
-# may move) and how it is cut.
+# ... and the data iterator's saved position (which examples, cut how, in which order, and
+# what is planted in them): the fields that decide the training split's text
+# (data.sources.source_identity; a data folder may move), how it is cut and what rows hold.
 DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths",
                      "data.validation_paths", "data.document_separator", "data.hf_name",
                      "data.hf_config", "data.hf_train_split", "data.hf_text_field",
                      "data.tfds_name", "data.tfds_train_split", "data.tfds_text_field",
                      "data.packing", "data.max_documents", "data.validation_fraction",
-                     "data.passkey_fraction", "data.passkey_questions")
+                     "data.passkey_fraction", "data.passkey_questions",
+                     "data.passkey_answer_weight")
 # model.* fields that change neither the parameters nor the data: free to change on resume.
 _MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
                                 "layer_chunk_size", "loss_chunk_size")

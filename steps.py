@@ -116,11 +116,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
     """The jitted ``(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     ``batch``: dict of ``(batch_size, seq_len)`` int32 arrays (see data/packing.py), rows
-    sharded over data × fsdp. The loss is the mean over the batch's target tokens. With
+    sharded over data × fsdp. The loss is the mean over the batch's target tokens, weighted by
+    ``loss_mask`` (0 on padding, 1 elsewhere but for weighted pass-key answers). With
     ``grad_accum_steps = A`` the batch is scanned as A micro-batches whose gradients are summed
     before one update: the same update as the whole batch at once, in 1/A of the activation
     memory. ``metrics``: float32 scalars ``loss``, ``grad_norm`` (before clipping),
-    ``learning_rate``, ``tokens``.
+    ``learning_rate``, ``tokens`` (the targets counted, whatever their weight: what tokens/s
+    and MFU count).
     """
     accum = config.grad_accum_steps
     schedule = learning_rate_schedule(config)
@@ -129,13 +131,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
 
     def loss_sum(params, batch, dropout_key):
         losses = token_losses(model, params, batch, deterministic=False, dropout_key=dropout_key)
-        return losses.sum(), batch["loss_mask"].sum(dtype=jnp.float32)
+        return losses.sum(), batch["loss_mask"].sum(dtype=jnp.float32)  # the weights' sum
 
     def train_step(state: TrainState, batch: dict):
         step_key = jax.random.fold_in(state.rng, state.step)
         gradient = jax.value_and_grad(loss_sum, has_aux=True)
         if accum == 1:
-            (total, tokens), grads = gradient(state.params, batch, step_key)
+            (total, weights), grads = gradient(state.params, batch, step_key)
         else:
             # Micro-batch m holds rows m, m + A, ...: each device keeps its own rows.
             micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
@@ -143,20 +145,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: TransformerLM,
 
             def accumulate(carry, inputs):
                 index, micro_batch = inputs
-                (total, tokens), grads = gradient(state.params, micro_batch,
-                                                  jax.random.fold_in(step_key, index))
-                return jax.tree.map(jnp.add, carry, (total, tokens, grads)), None
+                (total, weights), grads = gradient(state.params, micro_batch,
+                                                   jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, (total, weights, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                      jax.tree.map(jnp.zeros_like, state.params))
-            (total, tokens, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-        denominator = jnp.maximum(tokens, 1.0)
+            (total, weights, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+        denominator = jnp.maximum(weights, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, opt_state=opt_state,
                                   params=optax.apply_updates(state.params, updates))
         metrics = {"loss": total / denominator, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step), "tokens": tokens}
+                   "learning_rate": schedule(state.step),
+                   "tokens": jnp.count_nonzero(batch["loss_mask"]).astype(jnp.float32)}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())

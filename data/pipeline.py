@@ -91,16 +91,17 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
                     seed: int = 0) -> PackedExamples | PasskeyRows:
     """The ``split`` ('train' or 'validation') packed into examples of ``seq_len`` tokens;
     with ``data.passkey_fraction`` the training split's rows get pass keys planted (from
-    ``seed``, see `PasskeyRows`)."""
+    ``seed``, see `PasskeyRows`), their answers weighted ``data.passkey_answer_weight``."""
     if config.packing not in PACKING:
         raise ValueError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
     fraction = config.get("passkey_fraction", 0.0)  # configs saved before the field: none
     questions = config.get("passkey_questions", 1)
-    check_passkey_settings(fraction, questions, config.packing)
+    answer_weight = config.get("passkey_answer_weight", 1.0)
+    check_passkey_settings(fraction, questions, config.packing, answer_weight)
     examples = PackedExamples(split_tokens(config, split, tokenizer), seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
                               isolate_documents=config.packing == "documents")
     if split == "train" and fraction:
-        return PasskeyRows(examples, tokenizer, fraction, seed, questions)
+        return PasskeyRows(examples, tokenizer, fraction, seed, questions, answer_weight)
     return examples
 
 

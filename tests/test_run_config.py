@@ -19,6 +19,10 @@ def test_resume_names_the_first_field_that_differs():
     config.data.passkey_questions = 3
     with pytest.raises(ValueError, match=r"^data.passkey_questions=3, but"):
         run_config.check_resume_compatible(saved, config, "DIR")
+    config = tiny.get_config()
+    config.data.passkey_answer_weight = 16.0  # the same rows, weighted otherwise
+    with pytest.raises(ValueError, match=r"^data.passkey_answer_weight=16.0, but"):
+        run_config.check_resume_compatible(saved, config, "DIR")
     # Held-out files leave the training split with more text: other examples, other order.
     config = tiny.get_config()
     config.data.validation_paths = "held_out.txt"
@@ -35,7 +39,7 @@ def test_kernel_fields_may_change_and_missing_fields_mean_their_defaults():
     # A checkpoint written before a field existed: it meant the field's default.
     for name in ("rope_base", "tie_embeddings"):
         del saved.model[name]
-    del saved.data["passkey_questions"]
+    del saved.data["passkey_questions"], saved.data["passkey_answer_weight"]
     run_config.check_resume_compatible(saved, tiny.get_config(), "DIR")
     config = tiny.get_config()
     config.model.rope_base = 500_000.0

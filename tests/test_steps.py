@@ -127,6 +127,27 @@ def test_gradient_accumulation_matches_the_whole_batch(batches, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_loss_is_the_weighted_mean_and_tokens_count_targets(accum, batches, tmp_path):
+    """Weighted pass-key answers (data.passkey_answer_weight): the loss is the loss_mask-weighted
+    mean of the per-token losses of the model's own forward pass; tokens/s and MFU count the
+    targets (the mask's non-zeros), not their weights."""
+    config = _sharding_config(tmp_path, grad_accum_steps=accum, **{"model.dropout_rate": 0.0})
+    batch = dict(batches[0])
+    weights = np.random.default_rng(0).choice([0.0, 1.0, 16.0], batch["loss_mask"].shape)
+    batch["loss_mask"] = (batch["loss_mask"] * weights).astype(np.float32)
+    model_config = TransformerConfig.from_config(config.model.to_dict(), vocab_size=384)
+    training = setup_training(config, model_config, jax.devices()[:accum])
+    state = training.init_state()
+    losses = TransformerLM(model_config).apply({"params": state.params}, batch["inputs"],
+                                               targets=batch["targets"])
+    expected = float((np.asarray(losses) * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+    _, metrics = training.train_step(
+        state, sharding.to_global_batch(batch, sharding.batch_sharding(training.mesh)))
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert float(metrics["tokens"]) == np.count_nonzero(batch["loss_mask"])
+
+
 def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
     config = _sharding_config(tmp_path / "cache")
     state, _ = _run_steps(config, (2, 4, 1), batches[:1])

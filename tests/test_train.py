@@ -91,6 +91,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.data.source=text", "error: data.paths"),
     ("--config.data.passkey_fraction=0.5", "error: data.passkey_fraction=0.5 needs "
                                            "data.packing='stream', not 'documents'"),
+    ("--config.data.passkey_answer_weight=-2", "error: data.passkey_answer_weight=-2.0: "
+                                               "expected a finite number >= 0"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
     ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),

@@ -72,6 +72,24 @@ def test_more_questions_ask_for_the_same_key_after_the_planted_sentence():
     assert len(re.findall(r"\d{5}", _text(one[3]))) == 2
 
 
+def test_the_answers_digits_carry_the_answer_weight_in_the_loss_mask():
+    plain = PasskeyRows(EXAMPLES, TOKENIZER, fraction=1.0, seed=0, questions=3)
+    weighted = PasskeyRows(EXAMPLES, TOKENIZER, fraction=1.0, seed=0, questions=3,
+                           answer_weight=16.0)
+    for index in range(len(EXAMPLES)):
+        example, original = weighted[index], plain[index]
+        for name in ("inputs", "targets"):  # the same rows; only the weights differ
+            np.testing.assert_array_equal(example[name], original[name])
+        # Bytes: a text index is a token index, and token t is the target at t - 1.
+        text = _text(example)
+        answers = [m.end() + digit for m in re.finditer(re.escape(QUESTION), text)
+                   for digit in range(5)]
+        expected = EXAMPLES[index]["loss_mask"].copy()
+        expected[np.asarray(answers, int) - 1] = 16.0
+        np.testing.assert_array_equal(example["loss_mask"], expected)
+        assert len(answers) == (15 if index < len(EXAMPLES) - 1 else 0)  # the short last row
+
+
 def test_planting_is_a_function_of_seed_and_index_so_a_resumed_run_reads_the_same_rows():
     rows = PasskeyRows(EXAMPLES, TOKENIZER, fraction=0.5, seed=1)
     again = PasskeyRows(EXAMPLES, TOKENIZER, fraction=0.5, seed=1)
@@ -106,6 +124,10 @@ def test_fraction_zero_changes_nothing_and_bad_values_are_one_line_errors(tmp_pa
     for fields, message in ((dict(passkey_fraction=1.5), "data.passkey_fraction=1.5: expected"),
                             (dict(passkey_questions=0),  # checked even with no keys planted
                              "data.passkey_questions=0: expected an int >= 1"),
+                            (dict(passkey_answer_weight=-1.0),
+                             "data.passkey_answer_weight=-1.0: expected a finite number >= 0"),
+                            (dict(passkey_answer_weight=float("nan")),
+                             "data.passkey_answer_weight=nan: expected"),
                             (dict(passkey_fraction=0.5, packing="documents"),
                              "needs data.packing='stream'")):
         with pytest.raises(ValueError, match=re.escape(message)) as error:
