@@ -12,8 +12,9 @@ Prints and writes (``--output``) JSON with ``loss`` (nats/token), ``perplexity``
 ``bits_per_byte`` (tokenizer-independent), ``num_tokens`` and ``loss_by_distance_band`` (tokens
 with 0–W, W–L·W and more than L·W tokens of context, probes.py); ``--plot`` draws the loss
 against the position in the context. ``--probe=passkey`` adds the retrieval probe (probes.py):
-accuracy against the distance of a planted key, printed as a table, in the JSON
-(``passkey``) and drawn by ``--probe_plot``.
+ranking accuracy, exact greedy copies and per-digit accuracy against the distance of a planted
+key and by band (within W, W to L·W, beyond L·W), printed as tables, in the JSON (``passkey``,
+``passkey_bands``) and drawn by ``--probe_plot``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ flags.DEFINE_enum("probe", None, ["passkey"], "Also run this long-range probe (p
 flags.DEFINE_list("probe_distances", [], "Passkey distances in tokens (default: W/2, W, 2W, "
                   "L·W/2, L·W, 2·L·W, 4·L·W for window W, L layers).")
 flags.DEFINE_integer("probe_trials", 16, "Passkey trials per distance.")
-flags.DEFINE_string("probe_plot", None, "Write a PNG of passkey accuracy against distance.")
+flags.DEFINE_string("probe_plot", None, "Write a PNG of passkey retrieval against distance.")
 cli.define_config_dict(default.get_config(), "Overrides of the run's config: --config.data.*, "
                                              "--config.mesh.*, --config.batch_size.")
 
@@ -115,16 +116,17 @@ def main(argv) -> None:
         summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
                                           "seq_len", "step", "split", "loss_by_distance_band")}
         if FLAGS.probe == "passkey":
-            summary["passkey"], reach = probes.passkey_probe(run, distances, FLAGS.probe_trials)
+            passkey = probes.passkey_probe(run, distances, FLAGS.probe_trials)
+            summary["passkey"], summary["passkey_bands"] = passkey.rows, passkey.bands
     except ValueError as error:  # the user's input: one line, no traceback
         cli.exit_with_error(error)
     if jax.process_index() != 0:  # every process holds the same result; one reports it
         return
     if "passkey" in summary:
-        print(probes.format_passkey_table(summary["passkey"]), file=sys.stderr)
+        print(probes.format_passkey_table(passkey), file=sys.stderr)
         if FLAGS.probe_plot:
-            plots.plot_passkey({"accuracy": summary["passkey"]}, FLAGS.probe_plot, reach,
-                               f"passkey, step {result['step']}")
+            plots.plot_passkey({"this run": passkey.rows}, FLAGS.probe_plot, passkey.window,
+                               passkey.reach, f"passkey, step {result['step']}")
     print(json.dumps(summary, indent=1))
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:

@@ -1,5 +1,5 @@
 """The PNGs of evaluate.py (loss against position in the context) and of the passkey probe
-(accuracy against the key's distance), drawn with matplotlib's Agg backend (no display)."""
+(ranking accuracy and exact copies against the key's distance), drawn with matplotlib's Agg backend (no display)."""
 
 from __future__ import annotations
 
@@ -47,21 +47,23 @@ def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
         axes.set_xscale("symlog")
 
 
-def plot_passkey(curves: dict[str, list[dict]], path: str, reach: int, title: str) -> None:
-    """Accuracy against the key's distance as a PNG, one line per ``curves`` entry (label ->
-    the rows of `probes.passkey_accuracy`), with chance and the local reach L·W marked."""
-    import matplotlib.ticker
-
+def plot_passkey(curves: dict[str, list[dict]], path: str, window: int, reach: int,
+                 title: str) -> None:
+    """Passkey retrieval against the key's distance as a PNG: per ``curves`` entry (label ->
+    the rows of `probes.passkey_accuracy`) the ranking accuracy (solid) and the exact greedy
+    copies (dashed) in one colour, with the ranking's chance, the window W and the local
+    reach L·W marked."""
     with _figure(path, title, "tokens from the planted key to the question's end",
-                 "passkey accuracy") as axes:
+                 "share of trials") as axes:
         for label, rows in curves.items():
-            axes.plot([r["key_distance"] for r in rows], [r["accuracy"] for r in rows],
-                      marker="o", label=label)
+            distances = [r["key_distance"] for r in rows]
+            line, = axes.plot(distances, [r["accuracy"] for r in rows], marker="o",
+                              label=f"{label}: key ranked first")
+            axes.plot(distances, [r["exact_copies"] for r in rows], marker="s", linestyle="--",
+                      color=line.get_color(), label=f"{label}: exact greedy copy")
         axes.axhline(next(iter(curves.values()))[0]["chance"], color="gray", linestyle="--",
-                     label="chance")
-        axes.axvline(reach, color="red", linestyle=":", label="layers × window")
-        axes.set_xscale("log")
-        axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axes.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+                     label="ranking by chance")
+        axes.axvline(window, color="orange", linestyle=":", label="window W")
+        axes.axvline(reach, color="red", linestyle=":", label="layers × window L·W")
         axes.set_ylim(-0.02, 1.02)
-        axes.legend()
+        axes.legend(fontsize="small")

@@ -7,9 +7,11 @@
 * `passkey_accuracy`: a random five-digit key planted in validation text at a chosen distance
   before the question that asks for it (``the pass key is 48213. remember it. `` ... filler
   ... `` what is the pass key? the pass key is ``). The model ranks the true key against
-  ``candidates - 1`` random others by the log-likelihood of their tokens (robust for small
-  models, which rarely generate the exact digits greedily); accuracy is how often the true
-  key ranks first, chance ``1 / candidates``.
+  ``candidates - 1`` random others by the log-likelihood of their tokens (lenient: a copy
+  with its digits out of order still ranks first); accuracy is how often the true key ranks
+  first, chance ``1 / candidates``. The strict measure beside it: how often greedy decoding
+  writes the key exactly, and each digit's accuracy. `passkey_bands` sums the trials by how
+  far the key lies: within one window W, within the local reach L·W, or beyond it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.passkey import key_distance, passkey_parts, random_keys
+from typing import NamedTuple
+
+from data.passkey import KEY_DIGITS, key_distance, passkey_parts, random_keys
 from data.pipeline import split_tokens
-from model import TransformerConfig, TransformerLM
+from model import TransformerConfig, TransformerLM, generate
+
+BANDS = ("within W", "W to L·W", "beyond L·W")
 
 
 def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.ndarray,
@@ -45,7 +51,7 @@ def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.n
 def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.ndarray,
                      distances: list[int], trials: int = 16, candidates: int = 8,
                      seed: int = 0) -> list[dict]:
-    """Accuracy of retrieving a planted key against its distance from the question.
+    """Retrieval of a planted key against its distance from the question: ranked and copied.
 
     Args:
       params: the model's parameters; config: its `TransformerConfig`; tokenizer: the run's.
@@ -57,7 +63,11 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
 
     Returns one dict per distance: ``distance``, ``key_distance`` (tokens from the key's last
     token to the question's end: beyond L·W no answer token of a local model sees the key),
-    ``accuracy``, ``chance``, ``trials``.
+    ``band`` (`distance_band`), ``accuracy`` (the true key ranked first), ``exact_copies``
+    (greedy decoding wrote all `KEY_DIGITS` digits right), ``digit_accuracy`` (the share of
+    digits right) and ``digit_accuracy_by_position`` (one share per digit, first to last),
+    ``chance`` (of the ranking), ``trials``. Raises a one-line ValueError for trials < 1, candidates < 2 or a
+    distance outside ``0..len(filler)``.
     """
     if trials < 1 or candidates < 2:
         raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
@@ -67,10 +77,11 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
         raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
                          f"{len(filler)} (the validation text's length)")
     score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id)
+    continue_greedily = greedy_continuations(params, config, KEY_DIGITS, batch=candidates)
     rng = np.random.default_rng(seed)
     rows = []
     for distance in distances:
-        correct = 0
+        correct, prefixes, true_keys = 0, [], []
         for _ in range(trials):
             keys = random_keys(rng, candidates)
             start = rng.integers(0, len(filler) - distance + 1)
@@ -78,9 +89,19 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
             prefix = np.concatenate([planted, filler[start:start + distance], question])
             scores = score(prefix, [passkey_parts(tokenizer, key)[2] for key in keys])
             correct += int(np.argmax(scores) == 0)
-        rows.append({"distance": int(distance),
-                     "key_distance": key_distance(tokenizer, int(distance)),
+            prefixes.append(prefix)
+            true_keys.append(int(keys[0]))
+        right = np.stack([copied_digits(key, tokenizer.decode(_until_special(continuation,
+                                                                             tokenizer)))
+                          for key, continuation in zip(true_keys, continue_greedily(prefixes))])
+        far = key_distance(tokenizer, int(distance))
+        rows.append({"distance": int(distance), "key_distance": far,
+                     "band": distance_band(far, config.window_size,
+                                           config.window_size * config.num_layers),
                      "accuracy": correct / trials,
+                     "exact_copies": float(right.all(axis=1).mean()),
+                     "digit_accuracy": float(right.mean()),
+                     "digit_accuracy_by_position": right.mean(axis=0).tolist(),
                      "chance": 1.0 / candidates, "trials": trials})
     return rows
 
@@ -109,22 +130,112 @@ def answer_log_likelihoods(model: TransformerLM, params, pad_id: int):
     return score
 
 
-def passkey_probe(run, distances: list[int], trials: int) -> tuple[list[dict], int]:
+def _until_special(ids: np.ndarray, tokenizer) -> np.ndarray:
+    """``ids`` up to the first end-of-document or padding id, which ends an answer (and which
+    decoding would drop, joining the digits around it)."""
+    special = np.isin(ids, [tokenizer.end_of_document_id, tokenizer.pad_id])
+    return ids[:np.argmax(special)] if special.any() else ids
+
+
+def copied_digits(key: int, text: str) -> np.ndarray:
+    """Which of ``key``'s digits the greedy answer ``text`` (leading spaces dropped) writes in
+    their place: bool ``(KEY_DIGITS,)``; a digit that is missing counts as wrong."""
+    text = text.lstrip()
+    return np.array([i < len(text) and text[i] == digit for i, digit in enumerate(str(key))])
+
+
+def greedy_continuations(params, config: TransformerConfig, length: int, batch: int):
+    """``continue_greedily(prompts)``: for each int32 prompt (any lengths), the ``length``
+    token ids that greedy decoding (`model.generate` at temperature 0, the rolling caches)
+    appends. Prompts of one length run together, ``batch`` rows at a time (one compilation
+    per prompt length and batch)."""
+    @jax.jit
+    def greedy(params, prompts):
+        return generate(params, prompts, jax.random.key(0), config=config,
+                        max_new_tokens=length, temperature=0.0)[0]
+
+    def continue_greedily(prompts: list[np.ndarray]) -> list[np.ndarray]:
+        continuations = [None] * len(prompts)
+        for size in sorted({len(prompt) for prompt in prompts}):
+            indices = [i for i, prompt in enumerate(prompts) if len(prompt) == size]
+            for first in range(0, len(indices), batch):
+                rows = indices[first:first + batch]
+                tokens = np.asarray(greedy(params, jnp.asarray(np.stack(
+                    [prompts[i] for i in rows]), jnp.int32)))
+                for i, continuation in zip(rows, tokens, strict=True):
+                    continuations[i] = continuation
+        return continuations
+
+    return continue_greedily
+
+
+def distance_band(key_distance: int, window: int, reach: int) -> str:
+    """Where a key ``key_distance`` tokens back lies for a model of window W and local reach
+    L·W = ``reach``: ``within W`` where every digit of a `KEY_DIGITS`-token key is within one
+    window of the token that predicts its copy (key_distance + KEY_DIGITS - 1 <= W; digit i
+    is predicted i tokens after the question's end and lies i tokens after the key's first),
+    ``beyond L·W`` where even the key's last token is out of a local stack's reach
+    (key_distance > L·W), ``W to L·W`` between: reachable by relaying through layers."""
+    if key_distance + KEY_DIGITS - 1 <= window:
+        return BANDS[0]
+    return BANDS[2] if key_distance > reach else BANDS[1]
+
+
+def passkey_bands(rows: list[dict]) -> list[dict]:
+    """The rows of `passkey_accuracy` summed by their ``band``: one dict per band that has
+    rows, in `BANDS` order: ``band``, ``key_distances`` ([least, most]), ``trials`` and the
+    trial-weighted ``accuracy``, ``exact_copies``, ``digit_accuracy`` and
+    ``digit_accuracy_by_position``."""
+    bands = []
+    for name in BANDS:
+        members = [row for row in rows if row["band"] == name]
+        if not members:
+            continue
+        trials = np.array([row["trials"] for row in members], float)
+        distances = [row["key_distance"] for row in members]
+        bands.append({"band": name, "key_distances": [min(distances), max(distances)],
+                      "trials": int(trials.sum())} | {
+            field: (np.array([row[field] for row in members]).T @ trials / trials.sum()).tolist()
+            for field in ("accuracy", "exact_copies", "digit_accuracy",
+                          "digit_accuracy_by_position")})
+    return bands
+
+
+class PasskeyResult(NamedTuple):
+    """What `passkey_probe` found: the rows of `passkey_accuracy`, their `passkey_bands`, and
+    the model's window W and local reach L·W."""
+
+    rows: list[dict]
+    bands: list[dict]
+    window: int
+    reach: int
+
+
+def passkey_probe(run, distances: list[int], trials: int) -> PasskeyResult:
     """`passkey_accuracy` of a trained run (`inference.LoadedRun`), the filler from its
-    validation split; ``distances`` empty: multiples of the window W and of the local reach
-    L·W (W/2, W, 2W, L·W/2, L·W, 2·L·W, 4·L·W). Returns the rows and the reach L·W."""
+    validation split, and its `passkey_bands`; ``distances`` empty: multiples of the window W
+    and of the local reach L·W (W/2, W, 2W, L·W/2, L·W, 2·L·W, 4·L·W)."""
     config, model_cfg = run.config, run.model_config
     window, reach = model_cfg.window_size, model_cfg.window_size * model_cfg.num_layers
     distances = distances or sorted({window // 2, window, 2 * window, reach // 2, reach,
                                      2 * reach, 4 * reach})
     filler = np.asarray(split_tokens(config.data, "validation", run.tokenizer))
-    return passkey_accuracy(run.params, model_cfg, run.tokenizer, filler, distances, trials,
-                            seed=config.seed), reach
+    rows = passkey_accuracy(run.params, model_cfg, run.tokenizer, filler, distances, trials,
+                            seed=config.seed)
+    return PasskeyResult(rows, passkey_bands(rows), window, reach)
 
 
-def format_passkey_table(rows: list[dict]) -> str:
-    """The passkey results as a plain-text table."""
-    lines = ["distance  key distance  accuracy  chance"]
-    lines += [f"{r['distance']:>8}  {r['key_distance']:>12}  {r['accuracy']:>8.2f}  "
-              f"{r['chance']:>6.3f}" for r in rows]
+def format_passkey_table(result: PasskeyResult) -> str:
+    """The passkey results as plain-text tables: by distance, then by band."""
+    lines = [f"W = {result.window}, L·W = {result.reach}; ranking chance "
+             f"{result.rows[0]['chance']:.3f}",
+             "distance  key distance  band        ranking  exact copies  digits"]
+    lines += [f"{r['distance']:>8}  {r['key_distance']:>12}  {r['band']:<10}  "
+              f"{r['accuracy']:>7.2f}  {r['exact_copies']:>12.2f}  {r['digit_accuracy']:>6.2f}"
+              for r in result.rows]
+    lines += ["", "band        key distances  trials  ranking  exact copies  digits by position"]
+    lines += [f"{b['band']:<10}  {b['key_distances'][0]:>6}-{b['key_distances'][1]:<6}  "
+              f"{b['trials']:>6}  {b['accuracy']:>7.2f}  {b['exact_copies']:>12.2f}  "
+              + " ".join(f"{d:.2f}" for d in b["digit_accuracy_by_position"])
+              for b in result.bands]
     return "\n".join(lines)

@@ -145,7 +145,8 @@ def test_generate_cli_is_seeded(run):
 
 def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
     """The JSON's loss by distance band adds up to the loss and the tokens; --probe=passkey
-    prints a table and writes accuracies per distance and a PNG."""
+    prints the tables and writes ranking accuracy and exact copies per distance and per band,
+    and a PNG."""
     _, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "passkey.png"
     done = script("evaluate.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
@@ -163,8 +164,12 @@ def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
     # Bytes: ". remember it. " and the question lie between the key and the question's end too.
     assert [r["key_distance"] for r in written["passkey"]] == [4 + 54, 40 + 54]
     assert all(r["trials"] == 3 and r["accuracy"] in (0, 1 / 3, 2 / 3, 1)
-               and r["chance"] == 1 / 8 for r in written["passkey"])
-    assert "distance  key distance  accuracy  chance" in done.stderr
+               and r["exact_copies"] in (0, 1 / 3, 2 / 3, 1) and r["chance"] == 1 / 8
+               and len(r["digit_accuracy_by_position"]) == 5 for r in written["passkey"])
+    # W = 16, L·W = 32: both keys lie beyond the local reach.
+    assert [(b["band"], b["key_distances"], b["trials"]) for b in written["passkey_bands"]] == \
+        [("beyond L·W", [58, 94], 6)]
+    assert "distance  key distance  band        ranking  exact copies  digits" in done.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     done = script("evaluate.py", f"--workdir={workdir}", "--probe=passkey",
                   "--probe_distances=4,x")
