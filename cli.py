@@ -117,22 +117,26 @@ def _flag_argument(argv: list[str], name: str) -> str | None:
     return value
 
 
+def _override_paths(argv: list[str]) -> list[str]:
+    """The paths of ``argv``'s ``--config.PATH=VALUE`` flags (``--[no]config.PATH`` for a
+    bool), e.g. ``model.window_size`` or ``logical_axis_rules[0]``, in order."""
+    return [match.group(1) for arg in argv
+            if (match := re.match(r"--?(?:no)?config\.([^=\s]+)", arg))]
+
+
 def _check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     """A one-line error for the first ``--config.PATH`` of ``argv`` that ``config`` lacks."""
-    for arg in argv:
-        match = re.match(r"--?(?:no)?config\.([^=\s]+)", arg)
-        if match:
-            message = unknown_config_field(config, match.group(1))
-            if message:
-                exit_with_error(message)
+    for path in _override_paths(argv):
+        message = unknown_config_field(config, path)
+        if message:
+            exit_with_error(message)
 
 
 def config_fields_given(argv: list[str]) -> set[str]:
     """The dotted config fields that ``--config.FIELD=VALUE`` flags in ``argv`` set, e.g.
     ``{"model.window_size"}``: the values the user chose, which a run's source must not
     overwrite (`init_from.adopt_source_config`)."""
-    return {match.group(1).split("[")[0] for arg in argv
-            if (match := re.match(r"--?(?:no)?config\.([^=\s]+)", arg))}
+    return {path.split("[")[0] for path in _override_paths(argv)}
 
 
 def unknown_config_field(config: ml_collections.ConfigDict, path: str) -> str | None:
