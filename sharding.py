@@ -19,6 +19,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.kernels.common import lowering_platform
+from model.layer_stack import check_device_chunks
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these mesh axes
@@ -92,12 +93,8 @@ def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0,
     if seq_len % context:
         raise ValueError(f"seq_len={seq_len} is not divisible by mesh.context={context}, which "
                          f"shards the sequence")
-    block = seq_len // context
-    if layer_chunk_size and context > 1 and (block % layer_chunk_size or window_size > block):
-        raise ValueError(f"model.layer_chunk_size={layer_chunk_size} with mesh.context="
-                         f"{context}: each device's block of {block} positions runs in chunks, "
-                         f"so the chunk must divide it and model.window_size={window_size} must "
-                         f"not exceed it")
+    if layer_chunk_size and context > 1:
+        check_device_chunks(seq_len // context, layer_chunk_size, window_size, context)
 
 
 def check_shardings_divide(shapes, shardings) -> None:

@@ -119,6 +119,16 @@ def _layer_in_chunks(block_type, config: TransformerConfig, deterministic: bool,
     return d_params, d_x.astype(x.dtype)
 
 
+def check_device_chunks(block: int, chunk: int, window: int, shards: int) -> None:
+    """A one-line ValueError where each of ``shards`` devices' ``block`` positions cannot run
+    in chunks of ``chunk`` under context parallelism: the chunk must divide the block, and the
+    window (the halo from the previous device) must not exceed it."""
+    if block % chunk or window > block:
+        raise ValueError(f"model.layer_chunk_size={chunk} with mesh.context={shards}: each "
+                         f"device's block of {block} positions runs in chunks, so the chunk "
+                         f"must divide it and model.window_size={window} must not exceed it")
+
+
 def _layer_in_device_chunks(block_type, config: TransformerConfig, deterministic: bool,
                             layer_params, layer, x, segment_ids, positions, dropout_key, d_out,
                             shards: int):
@@ -136,11 +146,7 @@ def _layer_in_device_chunks(block_type, config: TransformerConfig, deterministic
     """
     batch, length, features = x.shape
     local_len, chunk, window = length // shards, config.layer_chunk_size, config.window_size
-    if local_len % chunk or window > local_len:
-        raise ValueError(f"model.layer_chunk_size={chunk} with mesh.context={shards}: each "
-                         f"device's block of {local_len} positions runs in chunks, so the "
-                         f"chunk must divide it and model.window_size={window} must not exceed "
-                         f"it")
+    check_device_chunks(local_len, chunk, window, shards)
     num_chunks, span = local_len // chunk, window + chunk
     if positions is None:  # a chunk's rotary positions are its place in the sequence
         positions = jnp.arange(length)[None]
