@@ -95,7 +95,7 @@ def measure_point(args) -> dict:
     else:
         tensors = load_file(os.path.join(args.folder, "model.safetensors"))
         host = {path: convert(tensors.__getitem__, names)
-                for path, (names, convert) in _our_leaves(config).items()}
+                for path, (names, convert, _) in _our_leaves(config).items()}
         del tensors
         params = jax.tree_util.tree_map_with_path(
             lambda path, a: jax.device_put(host[tuple(k.key for k in path)], a.sharding), abstract)

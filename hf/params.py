@@ -138,27 +138,31 @@ class TensorFiles:
             return f.get_tensor(name).astype(np.float32, copy=False)
 
 
-def _our_leaves(config: TransformerConfig) -> dict[tuple, tuple[list[str], Callable]]:
+def _our_leaves(config: TransformerConfig) -> dict[tuple, tuple[list[str], Callable, Callable]]:
     """Each of our parameter paths -> (the Hugging Face names it is built from, in layer order;
-    how to build it from those tensors, read by a function of a name)."""
+    how to build it from those tensors, read by a function of a name; how one layer's slice
+    of it maps to a Hugging Face tensor, up to scale: what gives the shape each name needs)."""
     scale = _embedding_scale(config)
+    same = lambda k: k  # noqa: E731
     leaves = {
         ("embed", "embedding"): (["model.embed_tokens.weight"],
-                                 lambda read, names: read(names[0]) / scale),
+                                 lambda read, names: read(names[0]) / scale, same),
         ("final_norm", "scale"): (["model.norm.weight"], lambda read, names: read(names[0])
-                                  * (scale if config.tie_embeddings else 1)),
+                                  * (scale if config.tie_embeddings else 1), same),
     }
     if not config.tie_embeddings:
-        leaves[("logits", "kernel")] = (["lm_head.weight"], lambda read, names: read(names[0]).T)
-    for name, path, to_ours, _ in _layer_tensors(config):
+        leaves[("logits", "kernel")] = (["lm_head.weight"], lambda read, names: read(names[0]).T,
+                                        lambda k: k.T)
+    for name, path, to_ours, to_hf in _layer_tensors(config):
         names = [f"model.layers.{layer}.{name}" for layer in range(config.num_layers)]
         if config.scan_layers:
             leaves[("layers", *path)] = (names, lambda read, names, to_ours=to_ours: np.stack(
-                [to_ours(read(n)) for n in names]))
+                [to_ours(read(n)) for n in names]), to_hf)
         else:
             for layer, hf_name in enumerate(names):
                 leaves[(f"layer_{layer}", *path)] = (
-                    [hf_name], lambda read, names, to_ours=to_ours: to_ours(read(names[0])))
+                    [hf_name], lambda read, names, to_ours=to_ours: to_ours(read(names[0])),
+                    to_hf)
     return leaves
 
 
@@ -172,7 +176,7 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
     """
     files = TensorFiles(folder)
     leaves = _our_leaves(config)
-    wanted = {name for names, _ in leaves.values() for name in names}
+    wanted = {name for names, _, _ in leaves.values() for name in names}
     spare = sorted(name for name in files.names() - wanted
                    if not name.endswith(_IGNORED_SUFFIXES)
                    and not (config.tie_embeddings and name == "lm_head.weight"))
@@ -187,30 +191,19 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
         return tuple(getattr(key, "key", key) for key in path)
 
     def check_shapes(path, abstract):  # every header before any tensor is read
-        names, _ = leaves[key_path(path)]
+        names, _, to_hf = leaves[key_path(path)]
         layer_shape = abstract.shape[1:] if path[0].key == "layers" else abstract.shape
-        expected = _hf_shape(names[0], layer_shape)
+        expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape
         for name in names:
             if files.shape(name) != expected:
                 raise ValueError(f"{folder}: tensor {name} has shape {files.shape(name)}; this "
                                  f"model needs {expected} (from its model.* config)")
 
     def build(path, abstract):
-        names, convert = leaves[key_path(path)]
+        names, convert, _ = leaves[key_path(path)]
         tensor = convert(files.read, names)
         return jax.make_array_from_callback(abstract.shape, abstract.sharding,
                                             lambda index: tensor[index])
 
     jax.tree_util.tree_map_with_path(check_shapes, abstract_params)
     return jax.tree_util.tree_map_with_path(build, abstract_params)
-
-
-def _hf_shape(name: str, our_shape: tuple) -> tuple:
-    """The Hugging Face shape of tensor ``name`` that gives our ``our_shape``."""
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return (our_shape[1] * our_shape[2], our_shape[0])
-    if name.endswith("o_proj.weight"):
-        return (our_shape[2], our_shape[0] * our_shape[1])
-    if len(our_shape) == 2 and name != "model.embed_tokens.weight":
-        return tuple(reversed(our_shape))
-    return tuple(our_shape)
