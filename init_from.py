@@ -134,7 +134,8 @@ def initial_params(config: ml_collections.ConfigDict, training: TrainSetup):
     try:
         step, saved = checkpoints.restore_config(step)
         source_model = run_config.model_config(saved, make_tokenizer(saved.data, path))
-        # The source's state, restored by orbax straight into the shards of this run's mesh.
+        # The source's state, restored by orbax straight into the shards of this run's mesh:
+        # all of it, optimizer moments too, since the saved hash that verifies it covers all.
         abstract, _ = create_train_state(config, TransformerLM(source_model), training.mesh,
                                          training.optimizer, abstract=True)
         params = checkpoints.restore(abstract, step).state.params
