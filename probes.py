@@ -22,7 +22,7 @@ import numpy as np
 
 from typing import NamedTuple
 
-from data.passkey import KEY_DIGITS, key_distance, passkey_parts, random_keys
+from data.passkey import KEY_DIGITS, key_distance, passkey_parts, prompt_length, random_keys
 from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM, generate
 
@@ -48,6 +48,21 @@ def loss_by_distance_band(loss_by_position: np.ndarray, tokens_by_position: np.n
     return bands
 
 
+def passkey_prompt(tokenizer, key: int, filler: np.ndarray, distance: int, length: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """One trial's prompt: ``length`` int32 ids ending with the question, ``distance`` ids of
+    text between the planted sentence (with ``key``) and the question, and text before the
+    sentence to fill the length, so that every trial asks at the same position and the probe
+    compiles once. Both stretches of text are cut from ``filler`` at offsets drawn from
+    ``rng`` (the one between first)."""
+    planted, question, _ = passkey_parts(tokenizer, key)
+    lead = length - len(planted) - distance - len(question)
+    start = rng.integers(0, len(filler) - distance + 1)
+    lead_start = rng.integers(0, len(filler) - lead + 1)
+    return np.concatenate([filler[lead_start:lead_start + lead], planted,
+                           filler[start:start + distance], question]).astype(np.int32)
+
+
 def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.ndarray,
                      distances: list[int], trials: int = 16, candidates: int = 8,
                      seed: int = 0) -> list[dict]:
@@ -55,9 +70,10 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
 
     Args:
       params: the model's parameters; config: its `TransformerConfig`; tokenizer: the run's.
-      filler: int token ids of validation text (at least ``max(distances)`` long), cut at
-        random offsets between the planted key and the question.
-      distances: filler tokens between the planted sentence and the question.
+      filler: int token ids of validation text (at least ``max(distances) + KEY_DIGITS``
+        long), cut at random offsets around the planted sentence (`passkey_prompt`; every
+        prompt as long as the longest distance's).
+      distances: text tokens between the planted sentence and the question.
       trials, candidates: keys per distance; keys ranked per trial (the true one included).
       seed: the keys and filler offsets follow from it.
 
@@ -66,34 +82,32 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     ``band`` (`distance_band`), ``accuracy`` (the true key ranked first), ``exact_copies``
     (greedy decoding wrote all `KEY_DIGITS` digits right), ``digit_accuracy`` (the share of
     digits right) and ``digit_accuracy_by_position`` (one share per digit, first to last),
-    ``chance`` (of the ranking), ``trials``. Raises a one-line ValueError for trials < 1, candidates < 2 or a
-    distance outside ``0..len(filler)``.
+    ``chance`` (of the ranking), ``trials``. Raises a one-line ValueError for trials < 1,
+    candidates < 2 or a distance outside ``0..len(filler) - KEY_DIGITS``.
     """
     if trials < 1 or candidates < 2:
         raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
                          f"trial and >= 2 candidates")
-    longest = max(distances)
-    if longest > len(filler) or min(distances) < 0:
+    if max(distances) > len(filler) - KEY_DIGITS or min(distances) < 0:
         raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
-                         f"{len(filler)} (the validation text's length)")
-    score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id)
+                         f"{len(filler) - KEY_DIGITS} (the validation text's length less a key)")
+    length = prompt_length(tokenizer, max(distances))
+    score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id, KEY_DIGITS)
     continue_greedily = greedy_continuations(params, config, KEY_DIGITS, batch=candidates)
     rng = np.random.default_rng(seed)
     rows = []
     for distance in distances:
-        correct, prefixes, true_keys = 0, [], []
+        correct, prompts, true_keys = 0, [], []
         for _ in range(trials):
             keys = random_keys(rng, candidates)
-            start = rng.integers(0, len(filler) - distance + 1)
-            planted, question, _ = passkey_parts(tokenizer, keys[0])
-            prefix = np.concatenate([planted, filler[start:start + distance], question])
-            scores = score(prefix, [passkey_parts(tokenizer, key)[2] for key in keys])
+            prompt = passkey_prompt(tokenizer, int(keys[0]), filler, distance, length, rng)
+            scores = score(prompt, [passkey_parts(tokenizer, key)[2] for key in keys])
             correct += int(np.argmax(scores) == 0)
-            prefixes.append(prefix)
+            prompts.append(prompt)
             true_keys.append(int(keys[0]))
-        right = np.stack([copied_digits(key, tokenizer.decode(_until_special(continuation,
-                                                                             tokenizer)))
-                          for key, continuation in zip(true_keys, continue_greedily(prefixes))])
+        answers = continue_greedily(np.stack(prompts))
+        right = np.stack([copied_digits(key, tokenizer.decode(_until_special(answer, tokenizer)))
+                          for key, answer in zip(true_keys, answers, strict=True)])
         far = key_distance(tokenizer, int(distance))
         rows.append({"distance": int(distance), "key_distance": far,
                      "band": distance_band(far, config.window_size,
@@ -106,18 +120,23 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     return rows
 
 
-def answer_log_likelihoods(model: TransformerLM, params, pad_id: int):
+def answer_log_likelihoods(model: TransformerLM, params, pad_id: int, answer_room: int):
     """``score(prefix, answers)``: the log-likelihood (float32 ``(len(answers),)``) of each
     answer's token ids after the ``prefix`` ids, in one batch. Answers may have different
-    lengths (a SentencePiece tokenization of five digits has one to five pieces): each row is
-    padded after its answer, and only the answer's tokens count."""
+    lengths up to ``answer_room`` (a SentencePiece tokenization of five digits has one to five
+    pieces): each row is padded after its answer to ``answer_room`` (one compilation per
+    prefix length), and only the answer's tokens count. Raises a ValueError for an answer
+    longer than ``answer_room``."""
     @jax.jit
     def masked_sums(tokens, counted):  # (rows, length) int32, (rows, length - 1) float32
         losses = model.apply({"params": params}, tokens[:, :-1], targets=tokens[:, 1:])
         return -(losses * counted).sum(axis=1)
 
     def score(prefix: np.ndarray, answers: list[np.ndarray]) -> np.ndarray:
-        width = len(prefix) + max(len(answer) for answer in answers)
+        if max(len(answer) for answer in answers) > answer_room:
+            raise ValueError(f"answers of {[len(a) for a in answers]} tokens: expected at most "
+                             f"answer_room={answer_room}")
+        width = len(prefix) + answer_room
         tokens = np.full((len(answers), width), pad_id, np.int32)
         counted = np.zeros((len(answers), width - 1), np.float32)
         tokens[:, :len(prefix)] = prefix
@@ -145,26 +164,22 @@ def copied_digits(key: int, text: str) -> np.ndarray:
 
 
 def greedy_continuations(params, config: TransformerConfig, length: int, batch: int):
-    """``continue_greedily(prompts)``: for each int32 prompt (any lengths), the ``length``
-    token ids that greedy decoding (`model.generate` at temperature 0, the rolling caches)
-    appends. Prompts of one length run together, ``batch`` rows at a time (one compilation
-    per prompt length and batch)."""
+    """``continue_greedily(prompts)``: for int32 ``prompts (n, prompt_len)``, the
+    ``(n, length)`` token ids that greedy decoding (`model.generate` at temperature 0, with
+    the rolling caches) appends to each, ``batch`` rows at a time (the last call filled up
+    with copies of a row, so that it compiles once)."""
     @jax.jit
     def greedy(params, prompts):
         return generate(params, prompts, jax.random.key(0), config=config,
                         max_new_tokens=length, temperature=0.0)[0]
 
-    def continue_greedily(prompts: list[np.ndarray]) -> list[np.ndarray]:
-        continuations = [None] * len(prompts)
-        for size in sorted({len(prompt) for prompt in prompts}):
-            indices = [i for i, prompt in enumerate(prompts) if len(prompt) == size]
-            for first in range(0, len(indices), batch):
-                rows = indices[first:first + batch]
-                tokens = np.asarray(greedy(params, jnp.asarray(np.stack(
-                    [prompts[i] for i in rows]), jnp.int32)))
-                for i, continuation in zip(rows, tokens, strict=True):
-                    continuations[i] = continuation
-        return continuations
+    def continue_greedily(prompts: np.ndarray) -> np.ndarray:
+        continued = []
+        for first in range(0, len(prompts), batch):
+            rows = prompts[first:first + batch]
+            filled = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
+            continued.append(np.asarray(greedy(params, jnp.asarray(filled)))[:len(rows)])
+        return np.concatenate(continued)
 
     return continue_greedily
 

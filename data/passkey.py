@@ -45,6 +45,13 @@ def key_distance(tokenizer, distance: int) -> int:
     return len(after) + distance + len(question)
 
 
+def prompt_length(tokenizer, distance: int) -> int:
+    """The most tokens that a planted sentence, ``distance`` tokens of text and the question
+    take (a key is at most `KEY_DIGITS` tokens, one per digit)."""
+    before, _, _ = _fixed_ids(tokenizer)
+    return len(before) + KEY_DIGITS + key_distance(tokenizer, distance)
+
+
 def check_passkey_settings(fraction, questions, packing: str, answer_weight=1.0) -> None:
     """One-line ValueErrors for a ``data.passkey_fraction`` that cannot be planted, a
     ``data.passkey_questions`` that is not a count or a ``data.passkey_answer_weight`` that is

@@ -22,7 +22,7 @@ def test_answers_of_different_lengths_score_as_each_alone():
     answers = [rng.integers(0, 60, n).astype(np.int32) for n in (1, 5, 3, 2)]
     params = model.init(jax.random.PRNGKey(0), prefix[None])["params"]
 
-    scores = answer_log_likelihoods(model, params, pad_id=63)(prefix, answers)
+    scores = answer_log_likelihoods(model, params, pad_id=63, answer_room=5)(prefix, answers)
     for answer, got in zip(answers, scores, strict=True):
         row = np.concatenate([prefix, answer])[None]
         losses = model.apply({"params": params}, row[:, :-1], targets=row[:, 1:])
@@ -42,14 +42,14 @@ def _full_pass_greedy(model, params, prompt, length):
 
 def test_greedy_continuations_equal_greedy_decoding_by_full_passes():
     """The rolling caches (with a global layer: a cache of the whole prompt) give the tokens
-    that argmax over the full forward pass gives, for prompts of several lengths, batched."""
+    that argmax over the full forward pass gives, in batches (the last one filled up)."""
     config = TransformerConfig.from_config(dict(vocab_size=64, num_layers=2, d_model=32,
                                                 num_heads=2, mlp_dim=64, window_size=8,
                                                 global_layers=2))
     model = TransformerLM(config)
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 64, n).astype(np.int32) for n in (30, 12, 30, 30, 12)]
-    params = model.init(jax.random.PRNGKey(1), prompts[0][None])["params"]
+    prompts = rng.integers(0, 64, (5, 30)).astype(np.int32)
+    params = model.init(jax.random.PRNGKey(1), prompts[:1])["params"]
     continued = greedy_continuations(params, config, 5, batch=2)(prompts)
     for prompt, continuation in zip(prompts, continued, strict=True):
         np.testing.assert_array_equal(continuation, _full_pass_greedy(model, params, prompt, 5))
@@ -91,9 +91,9 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
     shares are neither 0 nor 1."""
     import jax.numpy as jnp
 
-    from data.passkey import passkey_parts, random_keys
+    from data.passkey import QUESTION, passkey_parts, random_keys
     from data.tokenizers import ByteTokenizer
-    from probes import passkey_accuracy
+    from probes import passkey_accuracy, passkey_prompt
 
     tokenizer = ByteTokenizer()
     config = TransformerConfig.from_config(dict(vocab_size=tokenizer.vocab_size, num_layers=2,
@@ -115,9 +115,13 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
         correct, exact, right = 0, 0, np.zeros(5)
         for _ in range(trials):
             keys = random_keys(rng, 8)
-            start = rng.integers(0, len(filler) - distance + 1)
+            # Every prompt as long as the longest distance's: the planted sentence (36 bytes),
+            # 60 bytes of text, the question (39 bytes).
+            prefix = passkey_prompt(tokenizer, keys[0], filler, distance, 36 + 60 + 39, rng)
             planted, question, _ = passkey_parts(tokenizer, keys[0])
-            prefix = np.concatenate([planted, filler[start:start + distance], question])
+            assert len(prefix) == 135 and tokenizer.decode(prefix).endswith(QUESTION)
+            at = len(prefix) - len(question) - distance - len(planted)
+            np.testing.assert_array_equal(prefix[at:at + len(planted)], planted)
             # Bytes: every answer is its 5 digits, so the 8 candidates make one batch.
             answers = np.stack([passkey_parts(tokenizer, key)[2] for key in keys])
             tokens = np.concatenate([np.tile(prefix, (len(keys), 1)), answers], axis=1)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data import ByteTokenizer, PackedExamples, TrainBatches, make_tokenizer, packed_examples
-from data.passkey import PLANTED, QUESTION, PasskeyRows, key_distance, passkey_parts
+from data.passkey import (PLANTED, QUESTION, PasskeyRows, key_distance, passkey_parts,
+                          prompt_length)
 
 TOKENIZER = ByteTokenizer()
 # Lowercase filler without digits, so that every digit in a row belongs to a planted key.
@@ -166,3 +167,4 @@ def test_the_planted_sentence_holds_the_answers_ids(kind, data_config, tmp_path)
         assert key_distance(tokenizer, 7) == after + 7 + len(question)
     if kind == "bytes":
         assert key_distance(tokenizer, 0) == len(". remember it. ") + len(QUESTION)
+        assert prompt_length(tokenizer, 7) == len(PLANTED.format(key=48213)) + 7 + len(QUESTION)
