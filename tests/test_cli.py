@@ -55,6 +55,11 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]
     ("bench/model.py", ["--contexts=1024,x"],
      "error: argument --contexts: '1024,x': expected comma-separated ints"),
     ("bench/data.py", ["--batch_size=8.5"], "error: argument --batch_size: invalid int value"),
+    ("bench/passkey.py", ["--steps=0"], "error: --steps=0: expected an int >= 1"),
+    ("bench/passkey.py", ["--only=local"], "error: --only needs --workdir"),
+    ("bench/passkey.py", ["--trials=0"], "error: --trials=0: expected an int >= 1"),
+    ("bench/passkey.py", ["--plot=/nonexistent/passkey.png"],
+     "error: --plot='/nonexistent/passkey.png': the folder /nonexistent does not exist"),
 ])
 def test_command_line_mistakes_are_one_line(name, args, message):
     done = script(name, *args)
