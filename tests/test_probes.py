@@ -23,21 +23,26 @@ def test_answers_of_different_lengths_score_as_each_alone():
     params = model.init(jax.random.PRNGKey(0), prefix[None])["params"]
 
     scores = answer_log_likelihoods(model, params, pad_id=63, answer_room=5)(prefix, answers)
+    losses_of = jax.jit(lambda row: model.apply({"params": params}, row[:, :-1],
+                                                targets=row[:, 1:]))
     for answer, got in zip(answers, scores, strict=True):
-        row = np.concatenate([prefix, answer])[None]
-        losses = model.apply({"params": params}, row[:, :-1], targets=row[:, 1:])
+        losses = losses_of(np.concatenate([prefix, answer])[None])
         assert got == pytest.approx(-float(losses[0, -len(answer):].sum()), rel=1e-5)
 
 
-def _full_pass_greedy(model, params, prompt, length):
-    """Greedy decoding the slow way: the whole sequence through the model for each token (the
-    row padded to its final length; causal attention keeps the padding out of earlier
-    positions)."""
+def _full_pass_greedy(model, params, length):
+    """``decode(prompt)``: greedy decoding the slow way, the whole sequence through the model
+    for each token (the row padded to its final length; causal attention keeps the padding
+    out of earlier positions)."""
     logits = jax.jit(lambda tokens: model.apply({"params": params}, tokens[None])[0])
-    tokens = np.concatenate([prompt, np.zeros(length, np.int32)])
-    for step in range(len(prompt), len(tokens)):
-        tokens[step] = np.argmax(logits(tokens)[step - 1])
-    return tokens[len(prompt):]
+
+    def decode(prompt):
+        tokens = np.concatenate([prompt, np.zeros(length, np.int32)])
+        for step in range(len(prompt), len(tokens)):
+            tokens[step] = np.argmax(logits(tokens)[step - 1])
+        return tokens[len(prompt):]
+
+    return decode
 
 
 def test_greedy_continuations_equal_greedy_decoding_by_full_passes():
@@ -51,8 +56,9 @@ def test_greedy_continuations_equal_greedy_decoding_by_full_passes():
     prompts = rng.integers(0, 64, (5, 30)).astype(np.int32)
     params = model.init(jax.random.PRNGKey(1), prompts[:1])["params"]
     continued = greedy_continuations(params, config, 5, batch=2)(prompts)
+    decode = _full_pass_greedy(model, params, 5)
     for prompt, continuation in zip(prompts, continued, strict=True):
-        np.testing.assert_array_equal(continuation, _full_pass_greedy(model, params, prompt, 5))
+        np.testing.assert_array_equal(continuation, decode(prompt))
 
 
 def test_copied_digits_compares_each_digit_in_its_place():
@@ -109,6 +115,7 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
 
     log_softmax = jax.jit(lambda tokens: jax.nn.log_softmax(
         model.apply({"params": params}, tokens), axis=-1))
+    decode = _full_pass_greedy(model, params, 5)
     rng = np.random.default_rng(5)
     right_digits = 0
     for row, distance in zip(rows, distances, strict=True):
@@ -128,7 +135,7 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
             log_probs = np.asarray(log_softmax(jnp.asarray(tokens[:, :-1])))[:, len(prefix) - 1:]
             scores = np.take_along_axis(log_probs, answers[..., None], axis=-1).sum(axis=(1, 2))
             correct += int(np.argmax(scores) == 0)
-            written = _full_pass_greedy(model, params, prefix, 5)
+            written = decode(prefix)
             matches = written == answers[0]
             exact += int(matches.all())
             right += matches
