@@ -22,7 +22,8 @@ import numpy as np
 
 from typing import NamedTuple
 
-from data.passkey import KEY_DIGITS, key_distance, passkey_parts, prompt_length, random_keys
+from data.passkey import (KEY_DIGITS, key_distance, key_tokens, passkey_parts, prompt_length,
+                          random_keys)
 from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM, generate
 
@@ -70,9 +71,9 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
 
     Args:
       params: the model's parameters; config: its `TransformerConfig`; tokenizer: the run's.
-      filler: int token ids of validation text (at least ``max(distances) + KEY_DIGITS``
-        long), cut at random offsets around the planted sentence (`passkey_prompt`; every
-        prompt as long as the longest distance's).
+      filler: int token ids of validation text (at least ``max(distances)`` plus a key's
+        `key_tokens` long), cut at random offsets around the planted sentence
+        (`passkey_prompt`; every prompt as long as the longest distance's).
       distances: text tokens between the planted sentence and the question.
       trials, candidates: keys per distance; keys ranked per trial (the true one included).
       seed: the keys and filler offsets follow from it.
@@ -83,17 +84,18 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     (greedy decoding wrote all `KEY_DIGITS` digits right), ``digit_accuracy`` (the share of
     digits right) and ``digit_accuracy_by_position`` (one share per digit, first to last),
     ``chance`` (of the ranking), ``trials``. Raises a one-line ValueError for trials < 1,
-    candidates < 2 or a distance outside ``0..len(filler) - KEY_DIGITS``.
+    candidates < 2 or a distance outside ``0..len(filler) - key_tokens``.
     """
     if trials < 1 or candidates < 2:
         raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
                          f"trial and >= 2 candidates")
-    if max(distances) > len(filler) - KEY_DIGITS or min(distances) < 0:
+    room = key_tokens(tokenizer)
+    if max(distances) > len(filler) - room or min(distances) < 0:
         raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
-                         f"{len(filler) - KEY_DIGITS} (the validation text's length less a key)")
+                         f"{len(filler) - room} (the validation text's length less a key)")
     length = prompt_length(tokenizer, max(distances))
-    score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id, KEY_DIGITS)
-    continue_greedily = greedy_continuations(params, config, KEY_DIGITS, batch=candidates)
+    score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id, room)
+    continue_greedily = greedy_continuations(params, config, room, batch=candidates)
     rng = np.random.default_rng(seed)
     rows = []
     for distance in distances:

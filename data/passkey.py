@@ -45,11 +45,18 @@ def key_distance(tokenizer, distance: int) -> int:
     return len(after) + distance + len(question)
 
 
+def key_tokens(tokenizer) -> int:
+    """The most tokens any key takes with ``tokenizer``: `KEY_DIGITS` with bytes, but a
+    Llama-style tokenizer adds a piece for the leading space (every key encoded, once)."""
+    keys = range(10**(KEY_DIGITS - 1), 10**KEY_DIGITS)
+    return max(len(tokenizer.encode(str(key))) for key in keys)
+
+
 def prompt_length(tokenizer, distance: int) -> int:
     """The most tokens that a planted sentence, ``distance`` tokens of text and the question
-    take (a key is at most `KEY_DIGITS` tokens, one per digit)."""
+    take (the key's tokens: `key_tokens`)."""
     before, _, _ = _fixed_ids(tokenizer)
-    return len(before) + KEY_DIGITS + key_distance(tokenizer, distance)
+    return len(before) + key_tokens(tokenizer) + key_distance(tokenizer, distance)
 
 
 def check_passkey_settings(fraction, questions, packing: str, answer_weight=1.0) -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from data import ByteTokenizer, PackedExamples, TrainBatches, make_tokenizer, packed_examples
-from data.passkey import (PLANTED, QUESTION, PasskeyRows, key_distance, passkey_parts,
-                          prompt_length)
+from data.passkey import (PLANTED, QUESTION, PasskeyRows, key_distance, key_tokens,
+                          passkey_parts, prompt_length)
 
 TOKENIZER = ByteTokenizer()
 # Lowercase filler without digits, so that every digit in a row belongs to a planted key.
@@ -168,3 +168,14 @@ def test_the_planted_sentence_holds_the_answers_ids(kind, data_config, tmp_path)
     if kind == "bytes":
         assert key_distance(tokenizer, 0) == len(". remember it. ") + len(QUESTION)
         assert prompt_length(tokenizer, 7) == len(PLANTED.format(key=48213)) + 7 + len(QUESTION)
+
+
+def test_key_tokens_counts_a_leading_piece_that_a_tokenizer_adds():
+    class SpaceBeforeDigits(ByteTokenizer):  # as Llama's tokenizer adds "▁" before a number
+        def encode(self, text):
+            return super().encode(" " + text if text[:1].isdigit() else text)
+
+    assert key_tokens(TOKENIZER) == 5
+    assert key_tokens(SpaceBeforeDigits()) == 6
+    planted, question, _ = passkey_parts(SpaceBeforeDigits(), 48213)
+    assert prompt_length(SpaceBeforeDigits(), 7) == len(planted) + 7 + len(question)
