@@ -1,9 +1,39 @@
-"""Test setup: 8 simulated CPU devices (for sharding tests) before jax is imported."""
+"""Test setup, before jax is imported: 8 simulated CPU devices (for sharding tests), and what
+keeps the suite fast on a 2-core machine.
+
+- XLA's CPU backend at optimization level 0: the tests' programs are tiny, so compiling them
+  is most of their time, and LLVM's optimizations take half of that. Numbers stay within the
+  tests' tolerances; comparisons that must be exact compare two runs under the same flags.
+- JAX's persistent compilation cache in the session's temporary folder, shared by
+  pytest-xdist's workers and every script the tests start (they inherit the environment): a
+  program compiled once (the tiny config's train step, say) is read back, not compiled again.
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import pytest
+
+_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")]
+    + [flag for flag in _XLA_FLAGS
+       if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # What cli.run restarts train.py, evaluate.py and generate.py with (huge pages for XLA's
 # temporaries): the scripts the tests start, and pytest-xdist's workers, start with it.
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which makes the temporary folder's root
+def pytest_configure(config):
+    """The session's shared folders, made by the controlling process before pytest-xdist
+    starts its workers (which inherit its environment): JAX's compilation cache and the
+    trained runs of tests/runs.py."""
+    if hasattr(config, "workerinput"):  # a worker: the controller has set them
+        return
+    root = config._tmp_path_factory.getbasetemp()  # what pytest-xdist builds workers' from
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_compilation_cache"))
+    # Programs that compile in under a second are cheaper to compile than to read back.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("TESTS_SHARED_RUNS", str(root / "shared_runs"))

@@ -11,9 +11,9 @@ reference's end; bad launches are one-line errors in bounded time.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,9 +54,13 @@ def _free_port() -> int:
 def _environment(devices: int, **variables) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    # The suite's XLA flags (tests/conftest.py), with this launch's device count.
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       env.get("XLA_FLAGS", ""))
     # PYTHONFAULTHANDLER: a hung process prints its threads' stacks when `finish` aborts it.
     return env | {"JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1",
-                  "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} | variables
+                  "XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={devices}"
+                  .strip()} | variables
 
 
 def launch_processes(command: list[str], processes: int, **variables) -> list[subprocess.Popen]:
@@ -155,13 +159,9 @@ def runs(tmp_path_factory):
     packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
     flags = ["--config=configs/tiny.py"] + config_flags(config)
     run = {"root": root, "config": config}
-    # Launches after the first reuse its compiled programs: JAX's persistent compilation
-    # cache (the same executables; where a process would compile, process 0 of 2 and single
-    # processes read them instead).
-    compilation_cache = {"JAX_COMPILATION_CACHE_DIR": str(root / "compilation_cache"),
-                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-    launch = functools.partial(launch_processes, **compilation_cache)
+    # Launches after the first reuse its compiled programs through the suite's persistent
+    # compilation cache (tests/conftest.py).
+    launch = launch_processes
     for name in ("reference", "two", "killed", "two_to_one"):
         run[name] = root / name
 
