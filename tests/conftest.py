@@ -37,3 +37,27 @@ def pytest_configure(config):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("TESTS_SHARED_RUNS", str(root / "shared_runs"))
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The shared tiny run (tests/training.py's SHARED_*), trained once per session:
+    ``{"folder", "run", "cache", "config", "result"}``, the result being the loss and bits
+    per byte that train_and_evaluate returned. Read only: a test that changes a run copies it."""
+    import json
+
+    from tests.training import SHARED_OVERRIDES, SHARED_STEPS, build_once, tiny_config
+
+    def build(folder):
+        import train
+
+        config = tiny_config(folder / "cache", num_train_steps=SHARED_STEPS, **SHARED_OVERRIDES)
+        result = train.train_and_evaluate(config, str(folder / "run"))
+        (folder / "result.json").write_text(json.dumps(
+            {key: float(value) for key, value in result.items() if key in ("loss", "bits_per_byte")}))
+
+    folder = build_once("tiny", build)
+    return {"folder": folder, "run": folder / "run", "cache": folder / "cache",
+            "config": tiny_config(folder / "cache", num_train_steps=SHARED_STEPS,
+                                  **SHARED_OVERRIDES),
+            "result": json.loads((folder / "result.json").read_text())}

@@ -15,16 +15,13 @@ import train
 from data import make_tokenizer, packed_examples
 from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM
-from tests.training import ROOT, restore_params, script, tiny_config
+from tests.training import ROOT, SHARED_STEPS, restore_params, script, tiny_config
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    config = tiny_config(root / "cache", num_train_steps=12, eval_every_steps=0,
-                         **{"data.max_documents": 12})
-    train.train_and_evaluate(config, str(root / "run"))
-    return config, str(root / "run")
+@pytest.fixture
+def run(trained):
+    """The shared tiny run (tests/conftest.py): its config and workdir."""
+    return trained["config"], str(trained["run"])
 
 
 def _direct_loss(config, workdir, seq_len):
@@ -130,7 +127,7 @@ def test_generate_cli_is_seeded(run):
     first, second = script("generate.py", *args), script("generate.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout
-    assert "--- sample 1 of 1 (step 12) ---\nimport " in first.stdout
+    assert f"--- sample 1 of 1 (step {SHARED_STEPS}) ---\nimport " in first.stdout
     other = script("generate.py", *args[:-1], "--seed=4", "--temperature=1.5")
     assert other.stdout != first.stdout
     for flag, message in (("--top_p=0", "error: top_p=0"),
@@ -209,7 +206,7 @@ def test_evaluate_the_train_split_and_generate_with_its_flags(run):
 
     # top_k=1 samples the likeliest token: greedy decoding, whatever the temperature.
     assert generate("--top_k=1", "--temperature=2.0", "--top_p=1") == generate("--temperature=0")
-    two = generate("--step=5", "--num_samples=2", "--seed=1", "--temperature=1.5")
-    assert "--- sample 1 of 2 (step 5) ---" in two and "--- sample 2 of 2 (step 5) ---" in two
+    two = generate("--step=75", "--num_samples=2", "--seed=1", "--temperature=1.5")
+    assert "--- sample 1 of 2 (step 75) ---" in two and "--- sample 2 of 2 (step 75) ---" in two
     first, second = (part.split("---\n", 1)[1] for part in two.split("--- sample")[1:])
     assert first != second  # seeds 1 and 2

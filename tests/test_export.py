@@ -10,26 +10,26 @@ import pytest
 import inference
 from data.sources import read_documents
 from model import TransformerLM
-from tests.training import script, train_tiny
+from tests.training import script
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny run of 80 steps (enough to write more than spaces), exported."""
-    folder = tmp_path_factory.mktemp("export")
-    train_tiny(folder, steps=80)
-    done = script("export.py", f"--workdir={folder / 'run'}", f"--output={folder / 'hf'}")
+def exported(trained, tmp_path_factory):
+    """The shared tiny run (tests/conftest.py: enough steps to write more than spaces) and its
+    export: ``{"run", "hf"}``."""
+    hf = tmp_path_factory.mktemp("export") / "hf"
+    done = script("export.py", f"--workdir={trained['run']}", f"--output={hf}")
     assert done.returncode == 0, done.stderr[-2000:]
-    return folder
+    return {"run": trained["run"], "hf": hf}
 
 
 def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
-    run = inference.load_for_inference(str(exported / "run"))
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported / "hf").eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported / "hf")
+    run = inference.load_for_inference(str(exported["run"]))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported["hf"]).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported["hf"])
     documents = list(read_documents(run.config.data, "validation"))
     assert documents
     for text in documents[:3]:  # our ids from its tokenizer, and our logits beyond the window
@@ -42,7 +42,7 @@ def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
         assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
     prompt = "def "
-    generated = script("generate.py", f"--workdir={exported / 'run'}", f"--prompt={prompt}",
+    generated = script("generate.py", f"--workdir={exported['run']}", f"--prompt={prompt}",
                        "--temperature=0", "--max_new_tokens=50")
     assert generated.returncode == 0, generated.stderr[-2000:]
     ours = generated.stdout.split("---\n", 1)[1].rstrip("\n")
@@ -58,9 +58,9 @@ def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
 
 def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path):
     for flags, message in [
-        ([f"--workdir={exported / 'run'}", f"--output={exported / 'hf'}"], "it exists"),
+        ([f"--workdir={exported['run']}", f"--output={exported['hf']}"], "it exists"),
         ([f"--workdir={tmp_path / 'none'}", f"--output={tmp_path / 'out'}"], "has no checkpoints"),
-        ([f"--workdir={exported / 'run'}", f"--output={tmp_path / 'out'}", "--step=7"],
+        ([f"--workdir={exported['run']}", f"--output={tmp_path / 'out'}", "--step=7"],
          "no checkpoint for it"),
     ]:
         done = script("export.py", *flags)

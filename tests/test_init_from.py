@@ -17,13 +17,13 @@ from checkpoints import Checkpoints
 from model import TransformerLM
 from steps import setup_training
 from tests.training import (check_sigkill_resume_is_exact, config_flags, restore_params, script,
-                            tiny_config, train_tiny)
+                            tiny_config)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A tiny run of 10 steps at seq_len 64."""
-    return train_tiny(tmp_path_factory.mktemp("source"), steps=10)
+@pytest.fixture
+def source(trained):
+    """The shared tiny run (tests/conftest.py) at seq_len 64."""
+    return trained["run"]
 
 
 def test_a_workdir_source_gives_its_parameters_and_architecture(source, tmp_path):
@@ -41,8 +41,8 @@ def test_a_workdir_source_gives_its_parameters_and_architecture(source, tmp_path
 
 
 def test_another_shape_is_a_one_line_error(source, tmp_path):
-    config = tiny_config(tmp_path / "cache", init_from=f"{source}@5", **{"model.mlp_dim": 48})
-    with pytest.raises(ValueError, match=r"^init_from=.*@5: parameter \['layer_0'\]\['mlp'\]"
+    config = tiny_config(tmp_path / "cache", init_from=f"{source}@75", **{"model.mlp_dim": 48})
+    with pytest.raises(ValueError, match=r"^init_from=.*@75: parameter \['layer_0'\]\['mlp'\]"
                                          r"\['down'\]\['kernel'\] has shape \(64, 32\) there; "
                                          r"this run's model needs \(48, 32\)$"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -51,7 +51,7 @@ def test_another_shape_is_a_one_line_error(source, tmp_path):
 @pytest.mark.parametrize("value,message", [
     ("{tmp}/nothing", r"neither a workdir with checkpoints nor a Hugging Face model folder"),
     ("{source}@x", r"expected PATH or PATH@STEP"),
-    ("{source}@7", r"step=7: no checkpoint for it in .* \(steps there: \[5, 10\]\)"),
+    ("{source}@77", r"step=77: no checkpoint for it in .* \(steps there: \[70, 75, 80\]\)"),
     ("{tmp}/qwen", r"config.json: model_type='qwen2'; expected one of \['mistral', "),
     ("{tmp}/qwen@3", r"a Hugging Face folder has no steps; drop @3"),
 ])
@@ -70,11 +70,12 @@ def test_a_bad_source_is_one_line(source, tmp_path, value, message):
 
 @pytest.mark.slow
 def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tmp_path):
+    """train.py's one SIGKILL-and-resume test: a run started from another (its parameters
+    until its own first checkpoint), with dropout (whose keys must resume too)."""
     config = tiny_config(tmp_path / "cache", init_from=str(source), seq_len=256,
                          num_train_steps=12, checkpoint_every_steps=3, eval_every_steps=0,
-                         sample_tokens=0)
-    flags = ["--config=configs/tiny.py"] + config_flags(config)
-    expected = check_sigkill_resume_is_exact(flags, tmp_path, 12,
+                         sample_tokens=0, **{"model.dropout_rate": 0.1})
+    expected = check_sigkill_resume_is_exact(config, tmp_path, 12,
                                              random.Random(os.getpid()).randint(4, 10))
     # It started from the source: its first loss is the source's level, not a random model's
     # ln(384) = 5.95.

@@ -1,9 +1,9 @@
-"""train.py: the tiny config learns; resume after SIGKILL is bit-identical; SIGTERM saves; the
-bad input is one line and loses nothing. (The step itself: tests/test_steps.py.)"""
+"""train.py: the tiny config learns; SIGTERM saves; the bad input is one line and loses
+nothing. (The step itself: tests/test_steps.py; resume after SIGKILL is bit-identical:
+tests/test_init_from.py.)"""
 
 import glob
 import os
-import random
 import re
 import signal
 import subprocess
@@ -15,34 +15,27 @@ import pytest
 
 import train
 from checkpoints import Checkpoints
-from tests.training import (ROOT, check_sigkill_resume_is_exact, config_flags, restore_params,
-                            script, tiny_config, train_metrics)
+from tests.training import (ROOT, SHARED_STEPS, config_flags, restore_params, script,
+                            tiny_config, train_metrics)
 
-def test_tiny_config_trains_and_its_loss_falls(tmp_path):
-    workdir = tmp_path / "run"
-    config = tiny_config(tmp_path / "cache", num_train_steps=30)
-    result = train.train_and_evaluate(config, str(workdir))
-
+def test_tiny_config_trains_and_its_loss_falls(trained):
+    workdir = trained["run"]
     metrics = train_metrics(workdir)
-    assert sorted(metrics) == list(range(1, 31))
-    first = np.mean([metrics[s]["loss"] for s in (1, 2, 3)])
-    last = np.mean([metrics[s]["loss"] for s in (28, 29, 30)])
+    steps = sorted(metrics)
+    assert steps == list(range(1, SHARED_STEPS + 1))
+    first = np.mean([metrics[s]["loss"] for s in steps[:3]])
+    last = np.mean([metrics[s]["loss"] for s in steps[-3:]])
     assert last < first - 1.5, (first, last)  # from ~ln(384) = 5.95 towards ~3
-    assert result["loss"] < 4.0 and result["bits_per_byte"] < 6.0
+    assert trained["result"]["loss"] < 4.0 and trained["result"]["bits_per_byte"] < 6.0
     # keep_checkpoints = 3 of the saves every 5 steps; TensorBoard events beside them.
-    assert Checkpoints(str(workdir), read_only=True).all_steps() == [20, 25, 30]
+    assert Checkpoints(str(workdir), read_only=True).all_steps() == steps[-11::5]
     assert glob.glob(str(workdir / "events.out.tfevents.*"))
     for key in ("tokens_per_second", "mfu", "learning_rate", "grad_norm", "overhead_fraction"):
-        assert np.isfinite(metrics[30][key])
-    assert "checkpoint_save_seconds" in metrics[30]
+        assert np.isfinite(metrics[steps[-1]][key])
+    assert "checkpoint_save_seconds" in metrics[steps[-1]]
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    config = tiny_config(tmp_path / "cache", num_train_steps=16, checkpoint_every_steps=4,
-                         eval_every_steps=0, **{"model.dropout_rate": 0.1})
-    flags = ["--config=configs/tiny.py"] + config_flags(config)
-    check_sigkill_resume_is_exact(flags, tmp_path, 16, random.Random(os.getpid()).randint(5, 13))
+# SIGKILL and resume: tests/test_init_from.py (a run started from another, with dropout).
 
 
 @pytest.mark.slow
@@ -136,58 +129,51 @@ def test_one_large_text_file_trains_and_evaluates_on_its_tail(tmp_path):
     assert 0.9 * tail < result["num_tokens"] < 1.1 * tail and np.isfinite(result["loss"])
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(tiny_config(root / "cache", num_train_steps=10, eval_every_steps=0),
-                             str(root / "run"))
-    return root
-
-
 def _snapshot(folder):
     return {p: os.path.getsize(p) for p in glob.glob(f"{folder}/**", recursive=True)
             if os.path.isfile(p)}
 
 
-def test_resuming_with_another_model_is_a_one_line_error_and_keeps_the_checkpoints(
-        trained_workdir):
-    before = _snapshot(trained_workdir / "run" / "checkpoints")
-    done = script("train.py", "--config=configs/tiny.py", "--config.model.d_model=64",
-                  f"--workdir={trained_workdir}/run",
-                  f"--config.data.cache_dir={trained_workdir}/cache")
+def _shared_run_flags(trained) -> list[str]:
+    """train.py's flags for the shared run's config and folders (tests/conftest.py)."""
+    return ["--config=configs/tiny.py", *config_flags(trained["config"]),
+            f"--workdir={trained['run']}"]
+
+
+def test_resuming_with_another_model_is_a_one_line_error_and_keeps_the_checkpoints(trained):
+    before = _snapshot(trained["run"] / "checkpoints")
+    done = script("train.py", *_shared_run_flags(trained), "--config.model.d_model=64")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: model.d_model=64, but the checkpoints in {trained_workdir}/run/checkpoints were "
+        f"error: model.d_model=64, but the checkpoints in {trained['run']}/checkpoints were "
         f"trained with 32: use another workdir, or the same value to resume")
-    assert _snapshot(trained_workdir / "run" / "checkpoints") == before
+    assert _snapshot(trained["run"] / "checkpoints") == before
 
 
-def test_resuming_with_another_batch_size_is_a_one_line_error(trained_workdir):
-    done = script("train.py", "--config=configs/tiny.py", "--config.batch_size=16",
-                  f"--workdir={trained_workdir}/run",
-                  f"--config.data.cache_dir={trained_workdir}/cache")
+def test_resuming_with_another_batch_size_is_a_one_line_error(trained):
+    done = script("train.py", *_shared_run_flags(trained), "--config.batch_size=16")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: batch_size=16, but the checkpoints in")
 
 
-def test_the_attention_kernel_and_document_bound_may_change_on_resume(trained_workdir, tmp_path):
+def test_the_attention_kernel_and_document_bound_may_change_on_resume(trained, tmp_path):
     import shutil
 
     workdir = tmp_path / "run"
-    shutil.copytree(trained_workdir / "run", workdir)
-    config = tiny_config(trained_workdir / "cache", num_train_steps=11, eval_every_steps=0,
-                         **{"model.attention_implementation": "dense",
-                            "model.max_documents_per_row": 4})
+    shutil.copytree(trained["run"], workdir)
+    config = trained["config"].copy_and_resolve_references()
+    config.update(num_train_steps=SHARED_STEPS + 1, eval_every_steps=0)
+    config.model.update(attention_implementation="dense", max_documents_per_row=4)
     result = train.train_and_evaluate(config, str(workdir))
-    assert max(train_metrics(workdir)) == 11 and np.isfinite(result["loss"])
+    assert max(train_metrics(workdir)) == SHARED_STEPS + 1 and np.isfinite(result["loss"])
 
 
-def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_workdir, tmp_path):
+def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained, tmp_path):
     import shutil
 
     workdir = tmp_path / "run"
-    shutil.copytree(trained_workdir / "run", workdir)
+    shutil.copytree(trained["run"], workdir)
     latest = max(Checkpoints(str(workdir), read_only=True).all_steps())
     victims = sorted(glob.glob(f"{workdir}/checkpoints/{latest}/state/**/*", recursive=True))
     victims = [p for p in victims if os.path.isfile(p) and os.path.getsize(p) > 100]
@@ -195,9 +181,9 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained_work
         f.write(b"\0" * 100)
     before = _snapshot(workdir / "checkpoints")
     for name in ("train.py", "evaluate.py"):
-        args = ["--config=configs/tiny.py"] if name == "train.py" else []
+        args = _shared_run_flags(trained)[:-1] if name == "train.py" else []
         done = script(name, *args, f"--workdir={workdir}",
-                      f"--config.data.cache_dir={trained_workdir}/cache")
+                      f"--config.data.cache_dir={trained['cache']}")
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stdout and "Event loop" not in done.stderr
         last = done.stderr.strip().splitlines()[-1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import time
 
 import jax
 import numpy as np
+
+from tests.script_server import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,15 +31,40 @@ def tiny_config(cache_dir, **overrides):
     return config
 
 
-def train_tiny(folder, steps: int):
-    """``folder/run``: configs/tiny.py trained in-process for ``steps`` steps, without periodic
-    evaluation or samples (its token cache in ``folder/cache``)."""
+def train_tiny(folder, steps: int, **overrides):
+    """``folder/run``: configs/tiny.py (and ``overrides``) trained in-process for ``steps``
+    steps, without periodic evaluation or samples (its token cache in ``folder/cache``)."""
     import train
 
     config = tiny_config(folder / "cache", num_train_steps=steps, eval_every_steps=0,
-                         sample_tokens=0)
+                         sample_tokens=0, **overrides)
     train.train_and_evaluate(config, str(folder / "run"))
     return folder / "run"
+
+
+# The shared tiny run (tests/conftest.py's ``trained``): configs/tiny.py as it is (evaluation
+# every 10 steps, samples, checkpoints every 5 of which 3 are kept), for
+# enough steps to write more than spaces.
+SHARED_STEPS = 80
+SHARED_OVERRIDES: dict = {}
+
+
+def build_once(name: str, build) -> pathlib.Path:
+    """``$TESTS_SHARED_RUNS/name``, made by ``build(folder)`` once per test session, whichever
+    pytest-xdist worker asks first (the others wait for it; tests/conftest.py sets the
+    folder). Tests only read it: one that changes a run works on a copy."""
+    from filelock import FileLock
+
+    root = pathlib.Path(os.environ["TESTS_SHARED_RUNS"])
+    root.mkdir(parents=True, exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 def config_flags(config) -> list[str]:
@@ -58,12 +87,17 @@ def _flatten(tree, prefix=""):
 
 
 def script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
-    """Runs ``python <name> args`` from the repository root (``popen=True``: starts it)."""
-    command = [sys.executable, os.path.join(ROOT, name), *args]
+    """Runs ``python <name> args`` from the repository root, a process of its own: forked
+    from tests/script_server.py (JAX already imported) in the tests' environment; started
+    anew where ``env`` sets another, or with ``popen=True`` (started, to signal it)."""
+    path = os.path.join(ROOT, name)
     if kwargs.pop("popen", False):
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, path, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+    if "env" in kwargs:
+        return subprocess.run([sys.executable, path, *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, **kwargs)
+    return run_script([path, *args], cwd=ROOT, timeout=600)
 
 
 def train_metrics(workdir) -> dict[int, dict]:
@@ -105,15 +139,22 @@ def kill_after_a_checkpoint(flags: list[str], workdir, kill_after: int) -> None:
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
-def check_sigkill_resume_is_exact(flags: list[str], tmp_path, num_steps: int,
+def check_sigkill_resume_is_exact(config, tmp_path, num_steps: int,
                                   kill_after: int) -> dict[int, dict]:
-    """Runs ``train.py flags`` uninterrupted, and again SIGKILLed after step ``kill_after``
-    (`kill_after_a_checkpoint`) then resumed; asserts both logged the same loss, gradient
-    norm and learning rate at every step and ended with the same parameters. Returns the
-    uninterrupted run's metrics by step."""
+    """Runs ``config`` uninterrupted (in-process, as train.py's main does: the same compiled
+    programs), and as ``train.py`` SIGKILLed after step ``kill_after``
+    (`kill_after_a_checkpoint`) then resumed by the same command; asserts both logged the
+    same loss, gradient norm and learning rate at every step and ended with the same
+    parameters. Returns the uninterrupted run's metrics by step."""
+    import init_from
+    import train
+
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    done = script("train.py", *flags, f"--workdir={uninterrupted}")
-    assert done.returncode == 0, done.stderr[-2000:]
+    flags = ["--config=configs/tiny.py"] + config_flags(config)
+    reference = config.copy_and_resolve_references()
+    given = {flag.split("=")[0][len("--config."):] for flag in flags[1:]}
+    init_from.adopt_source_config(reference, str(uninterrupted), given)
+    train.train_and_evaluate(reference, str(uninterrupted))
     kill_after_a_checkpoint(flags, interrupted, kill_after)
     resumed = script("train.py", *flags, f"--workdir={interrupted}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
