@@ -17,6 +17,9 @@ from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM
 from tests.training import ROOT, SHARED_STEPS, restore_params, script, tiny_config
 
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def run(trained):
@@ -78,7 +81,6 @@ def test_context_parallel_evaluation_matches_a_direct_computation(run):
     assert result["loss"] == pytest.approx(loss / tokens, rel=1e-5)
 
 
-@pytest.mark.slow
 def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     config, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "loss.png"
@@ -120,7 +122,6 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
 
 
-@pytest.mark.slow
 def test_generate_cli_is_seeded(run):
     _, workdir = run
     args = [f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=24", "--seed=3"]

@@ -3,6 +3,7 @@ our greedy continuation and our token ids; bad input is one line and writes noth
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import inference
 from data.sources import read_documents
 from model import TransformerLM
 from tests.training import script
+
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -35,8 +39,8 @@ def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
     for text in documents[:3]:  # our ids from its tokenizer, and our logits beyond the window
         ids = run.tokenizer.encode(text[:400])
         assert hf_tokenizer(text[:400])["input_ids"] == ids.tolist()
-        ours = TransformerLM(run.model_config).apply({"params": run.params},
-                                                     jnp.asarray(ids)[None])
+        ours = jax.jit(TransformerLM(run.model_config).apply)({"params": run.params},
+                                                              jnp.asarray(ids)[None])
         with torch.no_grad():
             theirs = hf_model(torch.tensor(ids)[None]).logits.numpy()
         assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()

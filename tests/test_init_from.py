@@ -19,6 +19,9 @@ from steps import setup_training
 from tests.training import (check_sigkill_resume_is_exact, config_flags, restore_params, script,
                             tiny_config)
 
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def source(trained):
@@ -68,7 +71,6 @@ def test_a_bad_source_is_one_line(source, tmp_path, value, message):
     assert re.search(message, done.stderr), done.stderr
 
 
-@pytest.mark.slow
 def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tmp_path):
     """train.py's one SIGKILL-and-resume test: a run started from another (its parameters
     until its own first checkpoint), with dropout (whose keys must resume too)."""
@@ -120,7 +122,7 @@ def test_continue_a_hugging_face_model_at_4x_its_context_then_export_it(tmp_path
     assert exported.config.rope_parameters["factor"] == 4.0
     loaded = inference.load_for_inference(str(run))
     tokens = np.random.RandomState(0).randint(0, 256, (1, 256))
-    ours = TransformerLM(loaded.model_config).apply({"params": loaded.params}, tokens)
+    ours = jax.jit(TransformerLM(loaded.model_config).apply)({"params": loaded.params}, tokens)
     with torch.no_grad():
         theirs = exported(torch.tensor(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()

@@ -30,6 +30,9 @@ import pytest
 from checkpoints import Checkpoints
 from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
 
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
+
 STEPS = 24
 CHECKPOINT_EVERY = 4
 TIMEOUT = 300  # seconds for any one launch: a hang fails the test rather than the suite
@@ -218,7 +221,6 @@ def _assert_same_run(runs, name, steps=range(1, STEPS + 1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
     _assert_same_run(runs, "two")
 
@@ -238,7 +240,6 @@ def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
         assert all(shape[0] == config.batch_size // 2 for shape, _ in fed)  # and no more
 
 
-@pytest.mark.slow
 def test_evaluate_in_two_processes_matches_one(runs):
     import evaluate
 
@@ -250,7 +251,6 @@ def test_evaluate_in_two_processes_matches_one(runs):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_checkpoints_move_between_two_processes_and_one(runs):
     # 2 -> 1: the checkpoint of step 12 that 2 processes wrote, resumed in one.
     assert f"resuming at step {3 * CHECKPOINT_EVERY}" in runs["two_to_one_output"]
@@ -263,7 +263,6 @@ def test_checkpoints_move_between_two_processes_and_one(runs):
         np.testing.assert_allclose(got[step]["loss"], expected[step]["loss"], rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs):
     assert runs["returncodes"][1] == -signal.SIGKILL, "the run ended before it could be killed"
     # The survivor says in one line what happened and what to do (its collectives abort it).
@@ -294,7 +293,6 @@ def _one_line_error(process: subprocess.Popen, timeout: float) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
 def test_bad_launches_are_one_line_errors(tmp_path):
     flags = ["--config=configs/tiny.py", f"--config.data.cache_dir={tmp_path / 'cache'}"]
     # Processes started with different counts: both stop at once.
@@ -322,7 +320,6 @@ def test_bad_launches_are_one_line_errors(tmp_path):
     assert "JAX_INITIALIZATION_TIMEOUT=5 s" in _one_line_error(alone, 60)
 
 
-@pytest.mark.slow
 def test_sentencepiece_is_trained_by_process_0_and_read_by_both(tmp_path):
     """The workdir's SentencePiece model: process 0 trains it while process 1 waits at a
     barrier, then both load the same file (a different vocabulary in one process would end

@@ -20,7 +20,7 @@ def test_answers_of_different_lengths_score_as_each_alone():
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, 60, 30).astype(np.int32)
     answers = [rng.integers(0, 60, n).astype(np.int32) for n in (1, 5, 3, 2)]
-    params = model.init(jax.random.PRNGKey(0), prefix[None])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), prefix[None])["params"]
 
     scores = answer_log_likelihoods(model, params, pad_id=63, answer_room=5)(prefix, answers)
     losses_of = jax.jit(lambda row: model.apply({"params": params}, row[:, :-1],
@@ -54,7 +54,7 @@ def test_greedy_continuations_equal_greedy_decoding_by_full_passes():
     model = TransformerLM(config)
     rng = np.random.default_rng(3)
     prompts = rng.integers(0, 64, (5, 30)).astype(np.int32)
-    params = model.init(jax.random.PRNGKey(1), prompts[:1])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), prompts[:1])["params"]
     continued = greedy_continuations(params, config, 5, batch=2)(prompts)
     decode = _full_pass_greedy(model, params, 5)
     for prompt, continuation in zip(prompts, continued, strict=True):
@@ -106,7 +106,8 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
                                                 d_model=32, num_heads=2, mlp_dim=64,
                                                 window_size=16))
     model = TransformerLM(config)
-    params = nn.unbox(model.init(jax.random.PRNGKey(4), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(4),
+                                          jnp.zeros((1, 8), jnp.int32))["params"])
     digits = np.arange(ord("0"), ord("9") + 1)
     params["embed"]["embedding"] = params["embed"]["embedding"].at[digits].multiply(8.0)
     filler = np.random.default_rng(1).integers(32, 127, 400).astype(np.int32)

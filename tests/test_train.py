@@ -18,6 +18,10 @@ from checkpoints import Checkpoints
 from tests.training import (ROOT, SHARED_STEPS, config_flags, restore_params, script,
                             tiny_config, train_metrics)
 
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
+
+
 def test_tiny_config_trains_and_its_loss_falls(trained):
     workdir = trained["run"]
     metrics = train_metrics(workdir)
@@ -38,7 +42,6 @@ def test_tiny_config_trains_and_its_loss_falls(trained):
 # SIGKILL and resume: tests/test_init_from.py (a run started from another, with dropout).
 
 
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     config = tiny_config(tmp_path / "cache", num_train_steps=10_000,
                          checkpoint_every_steps=10_000, eval_every_steps=0)
@@ -192,7 +195,6 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained, tmp
         assert _snapshot(workdir / "checkpoints") == before
 
 
-@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_same_command_resumes(tmp_path):
     # A 1.5 MB file system: the tiny run's checkpoints (~0.5 MB each, every 2 steps) fill it.
     disk = tmp_path / "disk"

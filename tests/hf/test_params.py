@@ -76,7 +76,7 @@ def test_import_gives_transformers_logits_beyond_the_window(tmp_path, kind, scan
     assert model.config.window_size == WINDOW - 1
     assert model.config.global_layer_indices == ((1,) if kind == "ministral" else ())
     tokens = _tokens()
-    ours = model.apply({"params": params}, jnp.asarray(tokens))
+    ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
     assert _relative_error(ours, _hf_logits(hf_model, tokens)) <= 1e-4
 
 
@@ -95,7 +95,7 @@ def test_a_window_off_by_one_changes_the_logits(tmp_path):
     hf_model.save_pretrained(tmp_path)
     model, params = _import(str(tmp_path), window_size=WINDOW)  # L = W, not W - 1
     tokens = _tokens()
-    assert _relative_error(model.apply({"params": params}, jnp.asarray(tokens)),
+    assert _relative_error(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)),
                            _hf_logits(hf_model, tokens)) > 1e-3
 
 
@@ -113,7 +113,7 @@ def test_rope_scaling_equals_transformers_past_the_original_length(tmp_path, sca
     model, params = _import(str(tmp_path))
     assert model.config.rope_scaling.rope_type == scaling["rope_type"]
     tokens = _tokens(length=2 * SEQ_LEN)
-    ours = model.apply({"params": params}, jnp.asarray(tokens))
+    ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
     assert _relative_error(ours, _hf_logits(hf_model, tokens)) <= 1e-4
     unscaled, _ = _import(str(tmp_path), rope_scaling={})
     assert _relative_error(unscaled.apply({"params": params}, jnp.asarray(tokens)),
@@ -124,7 +124,8 @@ def _our_model(**overrides):
     values = dict(vocab_size=384, num_layers=3, d_model=48, num_heads=4, num_kv_heads=2,
                   head_dim=12, mlp_dim=80, window_size=WINDOW - 1) | overrides
     model = TransformerLM(TransformerConfig.from_config(values))
-    params = nn.unbox(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 1), jnp.int32))["params"])
+    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(3),
+                                          jnp.zeros((1, 1), jnp.int32))["params"])
     # Norm scales away from 1, so that a misplaced one shows.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * (1 + 0.3 * jax.random.uniform(jax.random.PRNGKey(len(str(path))),
@@ -148,7 +149,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, overrides, archi
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(hf_model).__name__ == architecture
     tokens = _tokens(vocab=258)
-    ours = model.apply({"params": params}, jnp.asarray(tokens))
+    ours = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
     assert _relative_error(ours, _hf_logits(hf_model, tokens)) <= 1e-4
 
 
@@ -174,8 +175,9 @@ def test_scaled_embeddings_round_trip_as_the_same_function(tmp_path):
     imported, loaded = _import(folder)
     assert not imported.config.scale_embeddings
     tokens = jnp.asarray(_tokens(vocab=258))
-    np.testing.assert_allclose(imported.apply({"params": loaded}, tokens),
-                               model.apply({"params": params}, tokens), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(imported.apply)({"params": loaded}, tokens),
+                               jax.jit(model.apply)({"params": params}, tokens),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_bad_folders_are_one_line_errors(tmp_path):

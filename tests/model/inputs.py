@@ -46,7 +46,7 @@ def random_tokens(batch=2, length=40, seed=0):
 
 def init_params(config, tokens):
     """The (boxed) parameters of ``TransformerLM(config)`` initialised on ``tokens``."""
-    return TransformerLM(config).init(jax.random.key(1), tokens)["params"]
+    return jax.jit(TransformerLM(config).init)(jax.random.key(1), tokens)["params"]
 
 
 def stacked_params(params, num_layers):

@@ -146,7 +146,7 @@ def _model_case(length=96, **fields):
     positions = jnp.arange(length) - jax.lax.cummax(starts, axis=1)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
              "positions": positions}
-    params = TransformerLM(config).init(jax.random.PRNGKey(1), batch["inputs"])["params"]
+    params = jax.jit(TransformerLM(config).init)(jax.random.PRNGKey(1), batch["inputs"])["params"]
     return config, nn.unbox(params), batch
 
 

@@ -24,7 +24,7 @@ def _config(**overrides):
 
 def _setup(config, batch=2, length=40):
     tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, VOCAB)
-    params = TransformerLM(config).init(jax.random.key(1), tokens)["params"]
+    params = jax.jit(TransformerLM(config).init)(jax.random.key(1), tokens)["params"]
     return tokens, params
 
 
@@ -34,10 +34,10 @@ def test_decode_logits_equal_full_forward_far_past_the_window(position_embedding
     config = _config(position_embedding=position_embedding, scan_layers=scan_layers)
     prompt_len, total = 3 * WINDOW + 3, 8 * WINDOW  # prompt and continuation both > 3 windows
     tokens, params = _setup(config, length=total)
-    full = TransformerLM(config).apply({"params": params}, tokens)
+    full = jax.jit(TransformerLM(config).apply)({"params": params}, tokens)
 
     decoder = TransformerLM(config, decode=True)
-    cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
+    cache = jax.jit(decoder.init)(jax.random.key(1), tokens[:, :1])["cache"]
     np.testing.assert_allclose(_decode(decoder, params, cache, tokens, prompt_len), full,
                                atol=1e-4, rtol=1e-4)
 
@@ -141,7 +141,7 @@ def test_decode_with_global_layers_and_grouped_heads_equals_the_full_forward(sca
     unscanned = dataclasses.replace(config, scan_layers=False)
     layer_params = unstack_layers(params, config) if scan_layers else params
     decoder = TransformerLM(unscanned, decode=True, decode_length=total)
-    cache = decoder.init(jax.random.key(1), tokens[:, :1])["cache"]
+    cache = jax.jit(decoder.init)(jax.random.key(1), tokens[:, :1])["cache"]
     assert cache["layer_1"]["attention"]["cached_key"].shape == (2, total, 2, 8)  # global
     assert cache["layer_0"]["attention"]["cached_key"].shape == (2, WINDOW + 1, 2, 8)
     np.testing.assert_allclose(_decode(decoder, layer_params, cache, tokens, prompt_len),

@@ -24,8 +24,8 @@ from tests.model.inputs import (VOCAB, init_params, random_tokens, small_config,
 def test_shapes_dtypes_and_logical_axes(overrides):
     config = small_config(**overrides)
     tokens = random_tokens()
-    variables = TransformerLM(config).init(jax.random.key(1), tokens)
-    logits = TransformerLM(config).apply(variables, tokens)
+    variables = jax.jit(TransformerLM(config).init)(jax.random.key(1), tokens)
+    logits = jax.jit(TransformerLM(config).apply)(variables, tokens)
     assert logits.shape == (2, 40, VOCAB) and logits.dtype == jnp.float32
     params = nn.unbox(variables["params"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # float32 master weights
