@@ -13,8 +13,9 @@ from data.sources import read_documents
 from model import TransformerLM
 from tests.training import script
 
-# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
-pytestmark = pytest.mark.slow
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier. One worker
+# runs the module, which shares one export.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
