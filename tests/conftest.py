@@ -55,6 +55,9 @@ SWEEPS_QUICK_ON_THE_FIRST_CASE = {
     "tests/test_steps.py::test_sharded_step_matches_one_device",
     "tests/test_steps.py::test_context_parallel_step_matches_one_device",
 }
+# Modules that start first: the multi-process launches take minutes on one worker, so they
+# overlap the rest rather than end the session alone (longest first).
+FIRST = ("tests/test_multiprocess.py",)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,26 +68,28 @@ def pytest_collection_modifyitems(config, items):
             if function in seen:
                 item.add_marker(pytest.mark.slow)
             seen.add(function)
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: order kept
 
 
 @pytest.fixture(scope="session")
 def trained():
-    """The shared tiny run (tests/training.py's SHARED_STEPS), trained once per session:
+    """The shared tiny run (tests/training.py's SHARED_*), trained once per session:
     ``{"folder", "run", "cache", "config", "result"}``, the result being the loss and bits
     per byte that train_and_evaluate returned. Read only: a test that changes a run copies it."""
     import json
 
-    from tests.training import SHARED_STEPS, build_once, tiny_config
+    from tests.training import SHARED_OVERRIDES, SHARED_STEPS, build_once, tiny_config
 
     def build(folder):
         import train
 
-        config = tiny_config(folder / "cache", num_train_steps=SHARED_STEPS)
+        config = tiny_config(folder / "cache", num_train_steps=SHARED_STEPS, **SHARED_OVERRIDES)
         result = train.train_and_evaluate(config, str(folder / "run"))
         (folder / "result.json").write_text(json.dumps(
             {key: float(value) for key, value in result.items() if key in ("loss", "bits_per_byte")}))
 
     folder = build_once("tiny", build)
     return {"folder": folder, "run": folder / "run", "cache": folder / "cache",
-            "config": tiny_config(folder / "cache", num_train_steps=SHARED_STEPS),
+            "config": tiny_config(folder / "cache", num_train_steps=SHARED_STEPS,
+                                  **SHARED_OVERRIDES),
             "result": json.loads((folder / "result.json").read_text())}

@@ -13,9 +13,8 @@ from data.sources import read_documents
 from model import TransformerLM
 from tests.training import script
 
-# End-to-end (the scripts run as processes, trained runs): out of the quick tier. One worker
-# runs the module, which shares one export.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -30,9 +30,8 @@ import pytest
 from checkpoints import Checkpoints
 from tests.training import ROOT, config_flags, restore_params, tiny_config, train_metrics
 
-# End-to-end (the scripts run as processes, trained runs): out of the quick tier. One worker
-# runs the module, whose launches share the fixture below.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+# End-to-end (the scripts run as processes, trained runs): out of the quick tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 24
 CHECKPOINT_EVERY = 4

@@ -15,10 +15,6 @@ from model import TransformerConfig, TransformerLM
 from steps import setup_training
 from tests.training import tiny_config
 
-# One pytest-xdist worker runs the module: its module fixtures (the one-device runs every
-# mesh is compared with) are made once.
-pytestmark = pytest.mark.xdist_group("steps")
-
 EMBED = ("fsdp", "context")  # the mesh axes of a parameter's embed axis (ZeRO-3)
 
 

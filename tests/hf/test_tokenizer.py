@@ -19,10 +19,6 @@ from data.sources import read_documents
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from hf.tokenizer import TOKENIZER_FILES, HuggingFaceTokenizer, export_tokenizer
 
-# One pytest-xdist worker runs the module: its module fixtures (a SentencePiece model
-# trained here) are made once.
-pytestmark = pytest.mark.xdist_group("hf_tokenizer")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A leading space, tabs, runs of spaces, blank lines, "\r\n", a no-break space, non-ASCII, emoji and characters
 # a small model never saw (byte fallback), and special tokens' strings, which are text.
