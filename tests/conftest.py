@@ -55,9 +55,6 @@ SWEEPS_QUICK_ON_THE_FIRST_CASE = {
     "tests/test_steps.py::test_sharded_step_matches_one_device",
     "tests/test_steps.py::test_context_parallel_step_matches_one_device",
 }
-# Modules that start first: the multi-process launches take minutes on one worker, so they
-# overlap the rest rather than end the session alone (longest first).
-FIRST = ("tests/test_multiprocess.py",)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,7 +65,6 @@ def pytest_collection_modifyitems(config, items):
             if function in seen:
                 item.add_marker(pytest.mark.slow)
             seen.add(function)
-    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: order kept
 
 
 @pytest.fixture(scope="session")
