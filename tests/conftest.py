@@ -11,6 +11,7 @@ keeps the suite fast on a 2-core machine.
   program compiled once (the tiny config's train step, say) is read back, not compiled again.
 """
 
+import collections
 import os
 
 import pytest
@@ -31,7 +32,7 @@ os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 def pytest_configure(config):
     """The session's shared folders, made by the controlling process before pytest-xdist
     starts its workers (which inherit its environment): JAX's compilation cache and the
-    trained runs of tests/runs.py."""
+    trained runs of tests/training.py's ``build_once``."""
     if hasattr(config, "workerinput"):  # a worker: the controller has set them
         return
     root = config._tmp_path_factory.getbasetemp()  # what pytest-xdist builds workers' from
@@ -42,26 +43,28 @@ def pytest_configure(config):
     os.environ.setdefault("TESTS_SHARED_RUNS", str(root / "shared_runs"))
 
 
-# Parametrized sweeps (meshes, kernels, shapes) whose first case stands for the others in the
-# quick tier (-m "not slow"); the full suite runs every case.
-SWEEPS_QUICK_ON_THE_FIRST_CASE = {
-    "tests/model/test_context_parallel.py::test_model_loss_and_gradients_equal_the_unsharded_model",
-    "tests/model/test_context_parallel.py::"
-    "test_chunked_layers_under_context_parallelism_equal_the_unsharded_model",
-    "tests/model/test_xla.py::test_matches_jax_dot_product_attention_forward_and_gradients",
-    "tests/model/test_xla.py::test_masks_segments_and_relative_positions_match_dense_reference",
-    "tests/model/test_xla.py::"
-    "test_a_global_window_with_segments_and_grouped_heads_equals_jax_attention",
-    "tests/test_steps.py::test_sharded_step_matches_one_device",
-    "tests/test_steps.py::test_context_parallel_step_matches_one_device",
-}
+# Modules that pytest-xdist's workers start first (the README's command passes
+# --no-loadscope-reorder, so modules run in the order below): their fixtures and launches are
+# the longest single pieces of work, and started last they would end the session on one worker
+# while the other idles. The rest follow in pytest-xdist's own order, most tests first.
+START_FIRST = ("tests/test_multiprocess.py", "tests/test_evaluate.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    tests_in = collections.Counter(item.nodeid.split("::")[0] for item in items)
+
+    def order(item):
+        module = item.nodeid.split("::")[0]
+        first = START_FIRST.index(module) if module in START_FIRST else len(START_FIRST)
+        return first, -tests_in[module], module
+
+    items.sort(key=order)  # stable: the tests of a module keep their order
+    # The quick tier (-m "not slow") runs each parametrized test on its first case, which
+    # stands for the others (meshes, kernels, shapes); the full suite runs every case.
     seen = set()
     for item in items:
-        function = item.nodeid.split("[")[0]
-        if function in SWEEPS_QUICK_ON_THE_FIRST_CASE:
+        if hasattr(item, "callspec"):
+            function = item.nodeid.split("[")[0]
             if function in seen:
                 item.add_marker(pytest.mark.slow)
             seen.add(function)
@@ -69,23 +72,25 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def trained():
-    """The shared tiny run (tests/training.py's SHARED_*), trained once per session:
+    """The shared tiny run (tests/training.py's SHARED_STEPS), trained once per session:
     ``{"folder", "run", "cache", "config", "result"}``, the result being the loss and bits
     per byte that train_and_evaluate returned. Read only: a test that changes a run copies it."""
     import json
+    import pathlib
 
-    from tests.training import SHARED_OVERRIDES, SHARED_STEPS, build_once, tiny_config
+    from tests.training import SHARED_STEPS, build_once, tiny_config
 
-    def build(folder):
+    def config(folder: pathlib.Path):
+        return tiny_config(folder / "cache", num_train_steps=SHARED_STEPS)
+
+    def build(folder: pathlib.Path):
         import train
 
-        config = tiny_config(folder / "cache", num_train_steps=SHARED_STEPS, **SHARED_OVERRIDES)
-        result = train.train_and_evaluate(config, str(folder / "run"))
+        result = train.train_and_evaluate(config(folder), str(folder / "run"))
         (folder / "result.json").write_text(json.dumps(
-            {key: float(value) for key, value in result.items() if key in ("loss", "bits_per_byte")}))
+            {key: float(result[key]) for key in ("loss", "bits_per_byte")}))
 
     folder = build_once("tiny", build)
     return {"folder": folder, "run": folder / "run", "cache": folder / "cache",
-            "config": tiny_config(folder / "cache", num_train_steps=SHARED_STEPS,
-                                  **SHARED_OVERRIDES),
+            "config": config(folder),
             "result": json.loads((folder / "result.json").read_text())}

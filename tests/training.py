@@ -31,22 +31,10 @@ def tiny_config(cache_dir, **overrides):
     return config
 
 
-def train_tiny(folder, steps: int, **overrides):
-    """``folder/run``: configs/tiny.py (and ``overrides``) trained in-process for ``steps``
-    steps, without periodic evaluation or samples (its token cache in ``folder/cache``)."""
-    import train
-
-    config = tiny_config(folder / "cache", num_train_steps=steps, eval_every_steps=0,
-                         sample_tokens=0, **overrides)
-    train.train_and_evaluate(config, str(folder / "run"))
-    return folder / "run"
-
-
 # The shared tiny run (tests/conftest.py's ``trained``): configs/tiny.py as it is (evaluation
 # every 10 steps, samples, checkpoints every 5 of which 3 are kept), for
 # enough steps to write more than spaces.
 SHARED_STEPS = 80
-SHARED_OVERRIDES: dict = {}
 
 
 def build_once(name: str, build) -> pathlib.Path:
