@@ -193,7 +193,9 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
 
 def test_evaluate_the_train_split_and_generate_with_its_flags(run):
     config, workdir = run
-    done = script("evaluate.py", f"--workdir={workdir}", "--split=train")
+    # Rows of 512 tokens, 32 a batch: the split's million tokens in 64 batches, not 2,000.
+    done = script("evaluate.py", f"--workdir={workdir}", "--split=train", "--seq_len=512",
+                  "--config.batch_size=32")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     train_tokens = split_tokens(config.data, "train", make_tokenizer(config.data))

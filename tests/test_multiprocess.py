@@ -176,7 +176,8 @@ def runs(tmp_path_factory):
     _copy_up_to(run["reference"], run["killed"], CHECKPOINT_EVERY)
     _copy_up_to(run["two"], run["two_to_one"], 3 * CHECKPOINT_EVERY)
     command = train_command(run["killed"], flags)
-    killed = launch(command, 2)
+    # A heartbeat timeout of 5 s rather than 20: the survivor finds out sooner.
+    killed = launch(command, 2, JAX_HEARTBEAT_TIMEOUT="5")
     try:
         while all(p.poll() is None for p in killed) and not _checkpoint_after(
                 run["killed"], CHECKPOINT_EVERY):
@@ -271,6 +272,7 @@ def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs
     assert len(errors) == 1 and errors[0].startswith(
         "error: process 0 of 2 stopped (SIGABRT"), runs["killed_output"][-3000:]
     assert "another process of the run was lost" in errors[0]
+    assert "(JAX_HEARTBEAT_TIMEOUT=5 s)" in errors[0]
     assert "run the same command again in every process to resume" in errors[0]
     assert runs["survivor_seconds"] < 60
     assert "[Gloo]" not in runs["rerun_output"]  # gloo's "connected" notes are dropped
