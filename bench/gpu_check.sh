@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks, prepared to run in one call of the device tool on an NVIDIA H200 (Python 3.12,
-# jax 0.11 with CUDA 13, flax, optax, orbax, torch, transformers; no network). From the
-# repository root, carrying wheels/:
+# jax 0.11.2 with CUDA 13, flax, optax, orbax, torch, transformers; no network; the project
+# pins jax 0.12.1). From the repository root, carrying wheels/:
 #
 #   bash bench/gpu_check.sh [STAGES]     STAGES: comma-separated of tests,attention,long,train
 #                                        (default: all four, in that order, within 560 s)
 #
 # Each stage has a time budget (`timeout`), so that the whole call ends inside the device
 # tool's 600 s per command; a stage that runs out keeps what it wrote so far (every script
-# prints and logs its rows as it goes). Budgets: tests 90 s, attention 200 s, long 150 s,
+# prints and logs its rows as it goes). Budgets: tests 30 + 90 s, attention 170 s, long 150 s,
 # train 120 s. What each measures:
-#   tests      the GPU tests of the kernels: cuDNN with and without documents against the
-#              blocked kernel, auto's choice, splash (interpret mode, as on a CPU)
+#   tests      first grouped k/v heads with packed documents on cuDNN against the blocked
+#              kernel (outputs and gradients: the pair that jax before 0.11.1 computed wrong,
+#              silently), then the GPU tests of the kernels: cuDNN with and without documents
+#              against the blocked kernel, auto's choice, splash (interpret mode, as on a CPU)
 #   attention  bench/attention.py: xla, cudnn, cudnn with 8k-token documents, full causal
 #              cuDNN; n = 32k and 131k; head_dim 64 and 128; 16 heads, bf16, window 1024
 #   long       the pg19 model's train step at 1,048,576 and 2,097,152 tokens on one GPU
@@ -38,12 +40,15 @@ python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$
 bytes_stdlib=(--config.data.source=stdlib --config.data.tokenizer=bytes)
 
 if [[ "$stages" == *,tests,* ]]; then
+  timeout 30 python -m pytest -q tests/model/test_cudnn.py \
+    -k "grouped_heads_with_packed_documents or grouped_heads_with_documents" \
+    2>&1 | tee "$out/tests_grouped_heads_documents.log" | tail -3
   timeout 90 python -m pytest -q tests/model/test_cudnn.py tests/model/test_splash.py \
     tests/model/test_attention.py -k "cudnn or auto or splash or packed" \
     2>&1 | tee "$out/tests.log" | tail -5
 fi
 if [[ "$stages" == *,attention,* ]]; then
-  timeout 200 python bench/attention.py --sizes 32768,131072 --window 1024 --documents 0,8192 \
+  timeout 170 python bench/attention.py --sizes 32768,131072 --window 1024 --documents 0,8192 \
     --methods xla,cudnn,causal_cudnn --repeats 5 --timeout 60 \
     --json "$out/attention_gpu.json" 2>&1 | tee "$out/attention.log" | tail -14
 fi

@@ -25,6 +25,23 @@ def packed_layout(segment_ids: jax.Array, max_segments: int):
     return lengths, jnp.concatenate([offsets, jnp.full((batch, 1), -1, jnp.int32)], axis=1)
 
 
+# jax before 0.11.1 strides the packed layout's key/value offsets by the number of query heads
+# (`_fix_seqlen_offsets` in jax/_src/cudnn/fused_attention_stablehlo.py: ``kv_offsets * N * H``;
+# fixed by jax PR 39521, first released in 0.11.1): with fewer k/v heads than query heads and
+# packed documents, cuDNN reads keys and values from the wrong places, and no error says so.
+PACKED_GROUPED_HEADS_FIXED_IN = (0, 11, 1)
+
+
+def repeat_key_value_heads(k: jax.Array, v: jax.Array, query_heads: int):
+    """``k`` and ``v``, ``(batch, n, kv_heads, d)``, with each head repeated for the
+    ``query_heads // kv_heads`` query heads it serves (query head ``h`` reads k/v head
+    ``h // group``, jax.nn.dot_product_attention's grouping): the layout that the packed
+    attention of a jax before `PACKED_GROUPED_HEADS_FIXED_IN` computes correctly, at the cost
+    of the memory of full k/v heads."""
+    group = query_heads // k.shape[2]
+    return (k, v) if group == 1 else (jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2))
+
+
 def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
                           max_segments):
@@ -37,7 +54,9 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
     Takes `model.local_attention`'s arguments (checked there) and returns its
     ``(..., seq_len, head_dim)`` in q's dtype. A one-line ValueError for a mask, rel_pos_emb,
     dropout, a right window, segment ids without ``max_segments`` or differing per head, a
-    backend other than an NVIDIA GPU, or inputs other than bfloat16/float16."""
+    backend other than an NVIDIA GPU, or inputs other than bfloat16/float16. On a jax before
+    0.11.1, grouped k/v heads with segment ids are repeated to the query heads first
+    (`PACKED_GROUPED_HEADS_FIXED_IN`)."""
     del dropout_rng, block_size, precision
     extra = [f"window_size_right={window_size_right} (it computes causal windows)"] * bool(
         window_size_right)
@@ -69,8 +88,11 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
 
         lengths, offsets = packed_layout(per_row_segments(segment_ids, tuple(lead), seq_len),
                                           max_segments)
+        k, v = to_bnhd(k), to_bnhd(v)
+        if jax.__version_info__ < PACKED_GROUPED_HEADS_FIXED_IN:
+            k, v = repeat_key_value_heads(k, v, q.shape[-3] if q.ndim >= 3 else 1)
         out = cudnn.dot_product_attention(
-            to_bnhd(q), to_bnhd(k), to_bnhd(v), None, None, lengths, lengths, offsets, offsets,
+            to_bnhd(q), k, v, None, None, lengths, lengths, offsets, offsets,
             scale=head_dim ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
             sliding_window_length=min(window_size_left, seq_len - 1) + 1)
     return jnp.swapaxes(out, 1, 2).reshape(q.shape)
