@@ -30,6 +30,12 @@ from ml_collections import config_flags
 import launch
 from errors import first_line
 
+# jax 0.11 and newer (requirements.txt) need Python 3.12: an older one, from a virtual
+# environment made before the move, says so in one line rather than failing somewhere inside.
+if sys.version_info < (3, 12):
+    sys.exit(f"error: this is Python {sys.version.split()[0]}; the project needs Python 3.12 or "
+             f"newer (jax 0.12): make its environment with the README's python3.12 -m venv")
+
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 

@@ -102,3 +102,21 @@ def test_unknown_config_field_names_the_first_missing_part():
     nested = ml_collections.ConfigDict({"a": {"b": 1}})
     assert cli.unknown_config_field(nested, "a.b.c") == (
         "--config.a.b.c: a.b=1 is not a group of fields")
+
+
+def test_an_older_python_is_one_line_naming_the_python_needed():
+    """A script run by a Python older than 3.12 (a virtual environment from before the move to
+    jax 0.12): faked here by the version that cli.py reads."""
+    import subprocess
+    import sys
+
+    from tests.training import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.version_info = (3, 11, 7); "
+                               "sys.version = '3.11.7 (faked)'; import cli"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip() == (
+        "error: this is Python 3.11.7; the project needs Python 3.12 or newer (jax 0.12): make "
+        "its environment with the README's python3.12 -m venv")

@@ -55,8 +55,13 @@ def _free_port() -> int:
 
 
 def _environment(devices: int, **variables) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    # A process of a multi-process launch compiles its own programs: under jax 0.12.1, the
+    # processes of a run whose programs come from JAX's persistent compilation cache
+    # (tests/conftest.py) can wait for each other's collectives forever on CPU (seen here: a
+    # resumed 2-process run hung at its first step, or at its final evaluation).
+    dropped = ("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") + (
+        ("JAX_COMPILATION_CACHE_DIR",) if "JAX_NUM_PROCESSES" in variables else ())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     # The suite's XLA flags (tests/conftest.py), with this launch's device count.
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                        env.get("XLA_FLAGS", ""))
@@ -162,8 +167,8 @@ def runs(tmp_path_factory):
     packed_examples(config.data, "train", make_tokenizer(config.data), config.seq_len)
     flags = ["--config=configs/tiny.py"] + config_flags(config)
     run = {"root": root, "config": config}
-    # Launches after the first reuse its compiled programs through the suite's persistent
-    # compilation cache (tests/conftest.py).
+    # Single-process launches after the first reuse its compiled programs through the suite's
+    # persistent compilation cache (tests/conftest.py); multi-process ones compile their own.
     launch = launch_processes
     for name in ("reference", "two", "killed", "two_to_one"):
         run[name] = root / name
@@ -179,8 +184,10 @@ def runs(tmp_path_factory):
     # A heartbeat timeout of 5 s rather than 20: the survivor finds out sooner.
     killed = launch(command, 2, JAX_HEARTBEAT_TIMEOUT="5")
     try:
+        deadline = time.monotonic() + TIMEOUT
         while all(p.poll() is None for p in killed) and not _checkpoint_after(
                 run["killed"], CHECKPOINT_EVERY):
+            assert time.monotonic() < deadline, "the resumed run wrote no checkpoint in time"
             time.sleep(0.02)
         killed[1].send_signal(signal.SIGKILL)  # not the coordinator: found by heartbeats
         kill_time = time.monotonic()
