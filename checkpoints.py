@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+import launch
 from errors import first_line
 
 ITEMS = ("state", "data", "config", "checksums")
@@ -255,6 +256,8 @@ class Checkpoints:
         try:
             write()
         except Exception as error:  # orbax and tensorstore raise many types (OSError, ...)
+            if launch.lost_peer_message(error):  # not the disk: another process is gone
+                raise
             self._held_stderr.silence()
             # From the disk: the manager's own list may already drop a checkpoint that its
             # failed save was to replace. A step's folder gets its plain name when complete.

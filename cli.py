@@ -178,10 +178,21 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main) -> None:
     """absl's ``app.run(main)`` with `parse_flags`, in a process whose large allocations use
     huge pages (see `launch.restart_with_huge_pages`), under a supervisor in a multi-process
-    launch (`launch.supervise_multi_process`)."""
+    launch (`launch.supervise_multi_process`), where a collective that fails because another
+    process is gone is one line (`launch.lost_peer_message`)."""
     launch.restart_with_huge_pages()
     launch.supervise_multi_process()
-    app.run(main, flags_parser=parse_flags)
+
+    def main_or_lost_peer(argv):
+        try:
+            return main(argv)
+        except Exception as error:  # a collective that lost its peer: one line (launch.py)
+            message = launch.lost_peer_message(error)
+            if message is None:
+                raise
+            exit_with_error(message)
+
+    app.run(main_or_lost_peer, flags_parser=parse_flags)
 
 
 def check_output_file(flag: str, path: str | None) -> None:

@@ -62,6 +62,27 @@ _GLOO_CONNECTED = re.compile(r"\[Gloo\]|peer ranks")
 _FATAL = re.compile(r"^(F\d{4} |Fatal Python error)")
 
 
+# Under jax 0.12, a collective or barrier whose peer process died raises where older jax
+# aborted the process: JaxRuntimeError "Gloo AllGather failed: ... Connection reset by peer",
+# or "Barrier failed because: ... Task 1 heartbeat timeout. This indicates that ...".
+_COLLECTIVE_FAILED = re.compile(r"Gloo \w+ failed|heartbeat timeout")
+
+
+def lost_peer_message(error: BaseException) -> str | None:
+    """The one-line error for ``error`` where it is a collective of a multi-process run that
+    failed because another process is gone (killed, crashed, its host down), else None: the
+    survivor says so and how to resume, as the supervisor does for an abort
+    (`supervise_multi_process`), rather than blaming what it was doing (a checkpoint save)."""
+    launch = _multi_process_launch(os.environ)
+    if launch is None or type(error).__name__ != "JaxRuntimeError" \
+            or not _COLLECTIVE_FAILED.search(str(error)):
+        return None
+    reason = first_line(error).split(". ")[0]  # jax's advice after it is not ours
+    return (f"{launch} stopped: another process of the run was lost ({reason}); "
+            f"the checkpoints in the workdir are whole: run the same command again in every "
+            f"process to resume")
+
+
 def _multi_process_launch(env) -> str | None:
     """"process I of N" where ``env`` asks for a multi-process run, else None."""
     count = env.get("JAX_NUM_PROCESSES") or env.get("SLURM_NTASKS") \

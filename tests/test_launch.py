@@ -61,3 +61,27 @@ def test_incomplete_launch_variables_are_one_line_errors(environ, message):
 def test_one_process_launch_does_nothing():
     launch.start_distributed({})
     assert jax.process_count() == 1
+
+
+def test_a_collective_that_lost_its_peer_is_named_as_such(monkeypatch):
+    """jax 0.12's gloo raises where a peer process died (older jax aborted): in a
+    multi-process run that is one line saying another process was lost and how to resume;
+    anything else, or a single process, is not."""
+    lost = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:538] Read error "
+        "[127.0.0.1]:58580: Connection reset by peer\nmore detail")
+    assert launch.lost_peer_message(lost) is None  # one process: no peer to lose
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert launch.lost_peer_message(lost) == (
+        "process 1 of 2 stopped: another process of the run was lost (UNKNOWN: Gloo AllGather "
+        "failed: [gloo/transport/tcp/pair.cc:538] Read error [127.0.0.1]:58580: Connection "
+        "reset by peer); the checkpoints in the workdir are whole: run the same command again "
+        "in every process to resume")
+    barrier = jax.errors.JaxRuntimeError(
+        "INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 0 heartbeat "
+        "timeout. This indicates that the remote task has failed, got preempted, or crashed")
+    assert "lost (INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 0 " \
+           "heartbeat timeout); the checkpoints" in launch.lost_peer_message(barrier)
+    assert launch.lost_peer_message(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: oom")) is None
+    assert launch.lost_peer_message(OSError("Gloo AllGather failed: no space")) is None

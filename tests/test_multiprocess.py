@@ -273,13 +273,16 @@ def test_checkpoints_move_between_two_processes_and_one(runs):
 
 def test_sigkill_of_one_process_ends_the_other_and_the_same_command_resumes(runs):
     assert runs["returncodes"][1] == -signal.SIGKILL, "the run ended before it could be killed"
-    # The survivor says in one line what happened and what to do (its collectives abort it).
+    # The survivor says in one line what happened and what to do: its next collective or
+    # barrier fails (jax 0.12 raises: launch.lost_peer_message), or the heartbeats abort it
+    # (the supervisor names the timeout).
     assert runs["returncodes"][0] == 1, runs["killed_output"][-3000:]
     errors = [line for line in runs["killed_output"].splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(
-        "error: process 0 of 2 stopped (SIGABRT"), runs["killed_output"][-3000:]
+        "error: process 0 of 2 stopped"), runs["killed_output"][-3000:]
     assert "another process of the run was lost" in errors[0]
-    assert "(JAX_HEARTBEAT_TIMEOUT=5 s)" in errors[0]
+    assert "gloo" in errors[0].lower() or "heartbeat" in errors[0].lower(), errors[0]
+    assert "free space" not in runs["killed_output"]  # not blamed on the checkpoint's disk
     assert "run the same command again in every process to resume" in errors[0]
     assert runs["survivor_seconds"] < 60
     assert "[Gloo]" not in runs["rerun_output"]  # gloo's "connected" notes are dropped
