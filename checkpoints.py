@@ -34,7 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 import launch
-from errors import first_line
+from errors import UserError, first_line
 
 ITEMS = ("state", "data", "config", "checksums")
 _HASH_KIND = "fmix32-position-sum"  # checksums' "kind": `word_hashes`; absent: `word_sums`
@@ -98,7 +98,7 @@ def word_sums(state) -> list[int]:
     return [int(c) for c in jax.device_get(_leaf_word_sums(jax.tree.leaves(state)))]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, cannot be read or could not be written (a one-line
     message for the user)."""
 

@@ -1,14 +1,14 @@
-"""The command line of train.py, evaluate.py, generate.py and bench/: flags and config files in,
-one-line errors out (the process launch itself is launch.py's).
+"""The command line of train.py, evaluate.py, generate.py, export.py and bench/: flags and
+config files in, one-line errors out (the process launch itself is launch.py's).
 
 A user's mistake (a missing config file, an unknown ``--config.*`` field at any depth, a value
 of the wrong type, an unknown flag, a bad launch) is one line, ``error: ...`` naming the
-culprit, and exit status 1: no traceback. The scripts raise ValueError for bad input and hand
-it to `exit_with_error`.
+culprit, and exit status 1: no traceback. The code raises `errors.UserError` for bad input,
+and `run` prints it; anything else (a bug, ours or a library's) keeps its traceback.
 
     cli.define_config_file(path, help)   # --config=FILE and its --config.KEY=VALUE overrides
     flags.DEFINE_string(...)              # the script's own flags
-    cli.run(main)                         # absl's app.run with the one-line flag errors
+    cli.run(main)                         # absl's app.run with the one-line errors
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import launch
-from errors import first_line
+from errors import UserError, first_line
 
 # jax 0.11 and newer (requirements.txt) need Python 3.12: an older one, from a virtual
 # environment made before the move, says so in one line rather than failing somewhere inside.
@@ -41,7 +41,8 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 
 
 def exit_with_error(error: Exception | str) -> NoReturn:
-    """Prints ``error: ...`` (one line) and exits 1, for the user's mistakes. Exits at once:
+    """Prints ``error: ...`` (one line) and exits 1, for the user's mistakes: the end of a
+    script (`run`, the flag parsers), never a library's. Exits at once:
     after a failed restore or save, orbax's abandoned reads and writes would print tracebacks
     at shutdown (nothing is left to write)."""
     print(f"error: {error}", file=sys.stderr)
@@ -55,50 +56,58 @@ def exit_with_error(error: Exception | str) -> NoReturn:
 def define_config_file(default_path: str, help_string: str) -> None:
     """``--config=FILE[:ARG]`` (default ``default_path``) with ``--config.KEY=VALUE``
     overrides, as ml_collections' ``DEFINE_config_file`` (locked: no new fields). A missing
-    file or an unknown field is a one-line error here, before any work."""
+    file or an unknown field is a one-line error and exit here, before any work."""
     path = _flag_argument(sys.argv, "config") or default_path
-    _check_overrides(load_config_file(path), sys.argv)
-    _define(lambda: config_flags.DEFINE_config_file("config", default_path, help_string,
+    _define(lambda: _check_overrides(load_config_file(path), sys.argv),
+            lambda: config_flags.DEFINE_config_file("config", default_path, help_string,
                                                     lock_config=True))
 
 
 def define_config_dict(config: ml_collections.ConfigDict, help_string: str) -> None:
-    """``--config.KEY=VALUE`` overrides of ``config``; an unknown field is a one-line error."""
-    _check_overrides(config, sys.argv)
-    _define(lambda: config_flags.DEFINE_config_dict("config", config, help_string))
+    """``--config.KEY=VALUE`` overrides of ``config``; an unknown field is a one-line error and
+    exit."""
+    _define(lambda: _check_overrides(config, sys.argv),
+            lambda: config_flags.DEFINE_config_dict("config", config, help_string))
 
 
-def _define(define) -> None:
-    try:  # config_flags reads the overrides from sys.argv already here
+def _define(check, define) -> None:
+    """``check()`` then ``define()`` (config_flags reads the overrides from sys.argv already
+    there), at the script's top level: a mistake is one line and exit 1."""
+    try:
+        check()
         define()
+    except UserError as error:
+        exit_with_error(error)
     except flags.Error as error:  # e.g. --config.model=... after --config.model.KEY=...
         exit_with_error(first_line(error))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """``get_config(ARG)`` of ``FILE[:ARG]``; a one-line error (naming the file's line where
-    it can) where the file does not exist, does not run, has no ``get_config`` or returns
-    something other than a ConfigDict."""
+    """``get_config(ARG)`` of ``FILE[:ARG]``. Raises a one-line `UserError` (naming the file's
+    line where it can) where the file does not exist, does not run, has no ``get_config`` or
+    returns something other than a ConfigDict."""
     file, colon, argument = path.partition(":")
     if not os.path.isfile(file):
         configs = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs",
                                                                            "[!_]*.py")))
-        exit_with_error(f"--config={path}: no such file (the configs here: "
+        raise UserError(f"--config={path}: no such file (the configs here: "
                         f"{', '.join(configs)})")
     spec = importlib.util.spec_from_file_location("checked_config", file)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_config", None)):
-            exit_with_error(f"--config={path}: {file} defines no get_config() (a config file "
-                            f"returns its ConfigDict from get_config, as configs/default.py)")
-        config = module.get_config(*([argument] if colon else []))
+        get_config = getattr(module, "get_config", None)
+        if callable(get_config):
+            config = get_config(*([argument] if colon else []))
     except Exception as error:  # the user's Python: where it failed, in one line
         message = error.msg if isinstance(error, SyntaxError) else first_line(error)
-        exit_with_error(f"--config={path}: {_where(error, file)}{type(error).__name__}: "
-                        f"{message}")
+        raise UserError(f"--config={path}: {_where(error, file)}{type(error).__name__}: "
+                        f"{message}") from None
+    if not callable(get_config):
+        raise UserError(f"--config={path}: {file} defines no get_config() (a config file "
+                        f"returns its ConfigDict from get_config, as configs/default.py)")
     if not isinstance(config, ml_collections.ConfigDict):
-        exit_with_error(f"--config={path}: get_config() returned a {type(config).__name__}; "
+        raise UserError(f"--config={path}: get_config() returned a {type(config).__name__}; "
                         f"expected an ml_collections.ConfigDict")
     return config
 
@@ -131,11 +140,12 @@ def _override_paths(argv: list[str]) -> list[str]:
 
 
 def _check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
-    """A one-line error for the first ``--config.PATH`` of ``argv`` that ``config`` lacks."""
+    """A one-line `UserError` for the first ``--config.PATH`` of ``argv`` that ``config``
+    lacks."""
     for path in _override_paths(argv):
         message = unknown_config_field(config, path)
         if message:
-            exit_with_error(message)
+            raise UserError(message)
 
 
 def config_fields_given(argv: list[str]) -> set[str]:
@@ -178,35 +188,38 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main) -> None:
     """absl's ``app.run(main)`` with `parse_flags`, in a process whose large allocations use
     huge pages (see `launch.restart_with_huge_pages`), under a supervisor in a multi-process
-    launch (`launch.supervise_multi_process`), where a collective that fails because another
-    process is gone is one line (`launch.lost_peer_message`)."""
+    launch (`launch.supervise_multi_process`). A `UserError` from ``main`` is one line and
+    exit 1, as is a collective that fails because another process is gone
+    (`launch.lost_peer_message`); any other exception keeps its traceback."""
     launch.restart_with_huge_pages()
     launch.supervise_multi_process()
 
-    def main_or_lost_peer(argv):
+    def main_with_one_line_errors(argv):
         try:
             return main(argv)
+        except UserError as error:
+            exit_with_error(error)
         except Exception as error:  # a collective that lost its peer: one line (launch.py)
             message = launch.lost_peer_message(error)
             if message is None:
                 raise
             exit_with_error(message)
 
-    app.run(main_or_lost_peer, flags_parser=parse_flags)
+    app.run(main_with_one_line_errors, flags_parser=parse_flags)
 
 
 def check_output_file(flag: str, path: str | None) -> None:
-    """A one-line ValueError, before any work, where ``--flag=path`` (a file to write; None:
+    """A one-line `UserError`, before any work, where ``--flag=path`` (a file to write; None:
     not asked for) names a folder, or a folder that does not exist or cannot be written."""
     if not path:
         return
     if os.path.isdir(path):
-        raise ValueError(f"--{flag}={path!r} is a folder: expected a file name")
+        raise UserError(f"--{flag}={path!r} is a folder: expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"--{flag}={path!r}: the folder {folder} does not exist")
+        raise UserError(f"--{flag}={path!r}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag}={path!r}: the folder {folder} is not writable")
+        raise UserError(f"--{flag}={path!r}: the folder {folder} is not writable")
 
 
 # --- argparse (the bench scripts) ------------------------------------------------------------

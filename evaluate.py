@@ -34,6 +34,7 @@ import probes
 import sharding
 from configs import default
 from data import packed_examples
+from errors import UserError
 from model import TransformerLM
 
 FLAGS = flags.FLAGS
@@ -49,8 +50,6 @@ flags.DEFINE_list("probe_distances", [], "Passkey distances in tokens (default: 
                   "L·W/2, L·W, 2·L·W, 4·L·W for window W, L layers).")
 flags.DEFINE_integer("probe_trials", 16, "Passkey trials per distance.")
 flags.DEFINE_string("probe_plot", None, "Write a PNG of passkey retrieval against distance.")
-cli.define_config_dict(default.get_config(), "Overrides of the run's config: --config.data.*, "
-                                             "--config.mesh.*, --config.batch_size.")
 
 _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 
@@ -58,8 +57,8 @@ _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 def _check_overrides(overrides: dict) -> None:
     for key in overrides:
         if not key.startswith(_OVERRIDABLE):
-            raise ValueError(f"--config.{key}: evaluate.py takes only --config.data.*, "
-                             f"--config.mesh.* and --config.batch_size")
+            raise UserError(f"--config.{key}: evaluate.py takes only --config.data.*, "
+                            f"--config.mesh.* and --config.batch_size")
 
 
 def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_tokens: int = 0,
@@ -77,11 +76,11 @@ def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: i
     (default: the training seq_len), plus ``seq_len``, ``step``, ``split`` and
     ``loss_by_distance_band`` (all plain Python or numpy values)."""
     if max_tokens < 0:
-        raise ValueError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
+        raise UserError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
     config, model_cfg = run.config, run.model_config
     seq_len = seq_len or config.seq_len
     if seq_len < 1:
-        raise ValueError(f"--seq_len={seq_len}: expected a positive int")
+        raise UserError(f"--seq_len={seq_len}: expected a positive int")
     evaluator = inference.make_evaluator(config, TransformerLM(model_cfg), run.mesh,
                                          jax.tree.map(lambda x: x.sharding, run.params),
                                          run.tokenizer)
@@ -98,28 +97,25 @@ def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: i
 def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    for flag in ("output", "plot", "probe_plot"):  # before the work, not after it
+        cli.check_output_file(flag, FLAGS[flag].value)
     try:
-        for flag in ("output", "plot", "probe_plot"):  # before the work, not after it
-            cli.check_output_file(flag, FLAGS[flag].value)
-        try:
-            distances = [int(d) for d in FLAGS.probe_distances]
-        except ValueError:
-            raise ValueError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
-                             f"expected comma-separated ints") from None
-        launch.start_distributed()
-        overrides = config_flags.get_override_values(FLAGS["config"])
-        _check_overrides(overrides)
-        run = inference.load_for_inference(FLAGS.workdir, overrides, FLAGS.step)
-        result = evaluate_run(run, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens)
-        if FLAGS.plot and jax.process_index() == 0:
-            plots.plot_loss_by_position(result, FLAGS.plot)
-        summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
-                                          "seq_len", "step", "split", "loss_by_distance_band")}
-        if FLAGS.probe == "passkey":
-            passkey = probes.passkey_probe(run, distances, FLAGS.probe_trials)
-            summary["passkey"], summary["passkey_bands"] = passkey.rows, passkey.bands
-    except ValueError as error:  # the user's input: one line, no traceback
-        cli.exit_with_error(error)
+        distances = [int(d) for d in FLAGS.probe_distances]
+    except ValueError:
+        raise UserError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
+                        f"expected comma-separated ints") from None
+    launch.start_distributed()
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    _check_overrides(overrides)
+    run = inference.load_for_inference(FLAGS.workdir, overrides, FLAGS.step)
+    result = evaluate_run(run, FLAGS.split, FLAGS.seq_len, FLAGS.max_tokens)
+    if FLAGS.plot and jax.process_index() == 0:
+        plots.plot_loss_by_position(result, FLAGS.plot)
+    summary = {k: result[k] for k in ("loss", "perplexity", "bits_per_byte", "num_tokens",
+                                      "seq_len", "step", "split", "loss_by_distance_band")}
+    if FLAGS.probe == "passkey":
+        passkey = probes.passkey_probe(run, distances, FLAGS.probe_trials)
+        summary["passkey"], summary["passkey_bands"] = passkey.rows, passkey.bands
     if jax.process_index() != 0:  # every process holds the same result; one reports it
         return
     if "passkey" in summary:
@@ -134,4 +130,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    cli.define_config_dict(default.get_config(), "Overrides of the run's config: "
+                           "--config.data.*, --config.mesh.*, --config.batch_size.")
     cli.run(main)

@@ -15,6 +15,7 @@ from absl import flags, logging
 
 import cli
 import inference
+from errors import UserError
 from hf.folder import write_model_folder
 
 FLAGS = flags.FLAGS
@@ -28,16 +29,13 @@ flags.DEFINE_integer("max_shard_mb", 5120, "Largest safetensors file, MiB; large
 def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
-    try:
-        if FLAGS.max_shard_mb < 1:
-            raise ValueError(f"--max_shard_mb={FLAGS.max_shard_mb}: expected a positive int")
-        run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
-        write_model_folder(FLAGS.output, run.params, run.model_config, run.tokenizer,
-                           max_position_embeddings=run.config.seq_len,
-                           max_shard_bytes=FLAGS.max_shard_mb * 2**20)
-        print(f"wrote step {run.step} of {FLAGS.workdir} to {FLAGS.output}")
-    except ValueError as error:  # the user's input: one line, no traceback
-        cli.exit_with_error(error)
+    if FLAGS.max_shard_mb < 1:
+        raise UserError(f"--max_shard_mb={FLAGS.max_shard_mb}: expected a positive int")
+    run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
+    write_model_folder(FLAGS.output, run.params, run.model_config, run.tokenizer,
+                       max_position_embeddings=run.config.seq_len,
+                       max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+    print(f"wrote step {run.step} of {FLAGS.workdir} to {FLAGS.output}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from absl import flags, logging
 import cli
 import inference
 import launch
+from errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -33,30 +34,29 @@ flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same samples
 def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
-    try:
-        for flag in ("max_new_tokens", "num_samples"):
-            if FLAGS[flag].value < 1:
-                raise ValueError(f"--{flag}={FLAGS[flag].value}: expected an int >= 1")
-        if FLAGS.top_k < 0:
-            raise ValueError(f"--top_k={FLAGS.top_k}: expected an int >= 0 (0: all tokens)")
-        if not 0 <= FLAGS.seed < 2**31:
-            raise ValueError(f"--seed={FLAGS.seed}: expected an int in [0, 2**31)")
-        if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
-            raise ValueError(f"--temperature={FLAGS.temperature}: expected a finite number >= 0 "
-                             f"(0: greedy)")
-        launch.start_distributed()
-        run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
-        prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
-        for sample in range(FLAGS.num_samples):
-            text = inference.sample_text(run.params, run.model_config, run.tokenizer, prompt,
+    for flag in ("max_new_tokens", "num_samples"):
+        if FLAGS[flag].value < 1:
+            raise UserError(f"--{flag}={FLAGS[flag].value}: expected an int >= 1")
+    if FLAGS.top_k < 0:
+        raise UserError(f"--top_k={FLAGS.top_k}: expected an int >= 0 (0: all tokens)")
+    if not 0 <= FLAGS.seed < 2**31:
+        raise UserError(f"--seed={FLAGS.seed}: expected an int in [0, 2**31)")
+    if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
+        raise UserError(f"--temperature={FLAGS.temperature}: expected a finite number >= 0 "
+                        f"(0: greedy)")
+    if not (math.isfinite(FLAGS.top_p) and 0 < FLAGS.top_p <= 1):
+        raise UserError(f"--top_p={FLAGS.top_p}: expected a probability in (0, 1] (1: off)")
+    launch.start_distributed()
+    run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
+    prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt
+    for sample in range(FLAGS.num_samples):
+        text = inference.sample_text(run.params, run.model_config, run.tokenizer, prompt,
                                      FLAGS.max_new_tokens, seed=FLAGS.seed + sample,
                                      temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                      top_p=FLAGS.top_p)
-            if jax.process_index() == 0:  # every process samples the same text
-                print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {run.step}) ---\n"
-                      f"{text}")
-    except ValueError as error:  # the user's input: one line, no traceback
-        cli.exit_with_error(error)
+        if jax.process_index() == 0:  # every process samples the same text
+            print(f"--- sample {sample + 1} of {FLAGS.num_samples} (step {run.step}) ---\n"
+                  f"{text}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from checkpoints import Checkpoints
 from data import make_tokenizer, validation_batches
 from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
+from errors import UserError
 from model import TransformerConfig, TransformerLM, generate
 from steps import create_train_state, make_eval_step, make_optimizer
 
@@ -44,7 +45,7 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
 
     ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config; the mesh is
     data-parallel over all devices unless ``mesh.*`` overrides say otherwise (the training
-    mesh may need more devices than this machine has). Raises a one-line ValueError for an
+    mesh may need more devices than this machine has). Raises a one-line `UserError` for an
     override of a field the parameters depend on, a workdir without checkpoints, or a
     checkpoint that cannot be restored.
     """
@@ -81,7 +82,7 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], batch_sharding:
     limit) targets are counted. ``document_bound``: see `data.packing.check_documents_per_row`.
 
     Returns numpy sums plus ``loss`` (mean nats per token), ``perplexity``,
-    ``bits_per_byte`` and ``num_tokens``. Raises ValueError where ``batches`` is empty.
+    ``bits_per_byte`` and ``num_tokens``. Raises `UserError` where ``batches`` is empty.
     """
     totals, in_flight, targets = None, None, 0
     rows = sharding.process_rows(batch_sharding, batch_size)
@@ -100,7 +101,7 @@ def evaluate_batches(eval_step, params, batches: Iterable[dict], batch_sharding:
     if in_flight is not None:
         totals = _add_sums(totals, in_flight)
     if totals is None:
-        raise ValueError("the evaluation data holds no batch")
+        raise UserError("the evaluation data holds no batch")
     tokens = max(float(totals["tokens"]), 1.0)
     loss = float(totals["loss"]) / tokens
     return totals | {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
@@ -116,7 +117,7 @@ def make_evaluator(config: ml_collections.ConfigDict, model: TransformerLM, mesh
     (``batch_size / grad_accum_steps`` rows, what fit in memory there: the activations and
     logits of a whole batch may not), stopping after ``max_batches`` training batches or
     ``max_tokens`` targets (0: no limit). The eval step is compiled once for every call.
-    Raises a one-line ValueError where the mesh cannot split the micro-batch."""
+    Raises a one-line `UserError` where the mesh cannot split the micro-batch."""
     micro_batch = config.batch_size // config.grad_accum_steps
     sharding.check_batch_fits_mesh(micro_batch, mesh, "batch_size / grad_accum_steps")
     eval_step = make_eval_step(config, model, mesh, params_shardings, tokenizer)

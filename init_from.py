@@ -30,6 +30,7 @@ import ml_collections
 import run_config
 from checkpoints import Checkpoints
 from data import make_tokenizer
+from errors import UserError
 from hf.config import IMPORTED_FIELDS, model_fields, read_config_json
 from hf.params import load_params
 from model import TransformerLM
@@ -46,8 +47,8 @@ def split_step(init_from: str) -> tuple[str, int | None]:
     if not at:
         return init_from, None
     if not step.isdigit():
-        raise ValueError(f"init_from={init_from!r}: expected PATH or PATH@STEP with STEP a "
-                         f"checkpoint step")
+        raise UserError(f"init_from={init_from!r}: expected PATH or PATH@STEP with STEP a "
+                        f"checkpoint step")
     return path, int(step)
 
 
@@ -71,14 +72,14 @@ def _source_fields(config: ml_collections.ConfigDict, workdir: str) -> dict:
     path, step = split_step(config.init_from)
     if is_hf_folder(path):
         if step is not None:
-            raise ValueError(f"init_from={config.init_from!r}: a Hugging Face folder has no "
-                             f"steps; drop @{step}")
+            raise UserError(f"init_from={config.init_from!r}: a Hugging Face folder has no "
+                            f"steps; drop @{step}")
         fields = model_fields(read_config_json(path), os.path.join(path, "config.json"))
         return {"model": {name: fields[name] for name in IMPORTED_FIELDS},
                 "data": {"tokenizer": "hf", "hf_tokenizer": os.path.abspath(path)}}
     if not _has_checkpoints(path):
-        raise ValueError(f"init_from={config.init_from!r}: neither a workdir with checkpoints "
-                         f"nor a Hugging Face model folder with config.json")
+        raise UserError(f"init_from={config.init_from!r}: neither a workdir with checkpoints "
+                        f"nor a Hugging Face model folder with config.json")
     source = Checkpoints(path, read_only=True)
     try:
         return _workdir_fields(source, step, path)
@@ -105,7 +106,7 @@ def adopt_source_config(config: ml_collections.ConfigDict, workdir: str,
     """Sets ``config``'s architecture and tokenizer fields (in place) to those of the source
     (`_source_fields`), except those in ``explicit`` (dotted names given on the command line,
     e.g. ``"model.window_size"``; a group's name keeps all its fields). Nothing without
-    ``config.init_from``. Raises a one-line ValueError for a source that is not there."""
+    ``config.init_from``. Raises a one-line `UserError` for a source that is not there."""
     if not config.init_from:
         return
     for part, fields in _source_fields(config, workdir).items():
@@ -125,7 +126,7 @@ def _set(group, dotted: str, name: str, value, explicit: Collection[str]) -> Non
 
 def initial_params(config: ml_collections.ConfigDict, training: TrainSetup):
     """The parameters of ``config.init_from`` laid out as ``training.abstract_state.params``.
-    Raises a one-line ValueError naming a parameter whose shape differs."""
+    Raises a one-line `UserError` naming a parameter whose shape differs."""
     path, step = split_step(config.init_from)
     target = training.abstract_state.params
     if is_hf_folder(path):
@@ -145,7 +146,7 @@ def initial_params(config: ml_collections.ConfigDict, training: TrainSetup):
 
 
 def _fit(params, target, source: str):
-    """``params`` on ``target``'s shardings, or a one-line ValueError naming the first
+    """``params`` on ``target``'s shardings, or a one-line `UserError` naming the first
     parameter whose name or shape differs."""
     def describe(tree):
         return {jax.tree_util.keystr(path): leaf.shape
@@ -154,7 +155,7 @@ def _fit(params, target, source: str):
     have, need = describe(params), describe(target)
     for name in sorted(set(have) | set(need)):
         if have.get(name) != need.get(name):
-            raise ValueError(f"init_from={source}: parameter {name} has shape "
-                             f"{have.get(name, 'none')} there; this run's model needs "
-                             f"{need.get(name, 'none')}")
+            raise UserError(f"init_from={source}: parameter {name} has shape "
+                            f"{have.get(name, 'none')} there; this run's model needs "
+                            f"{need.get(name, 'none')}")
     return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)

@@ -3,7 +3,7 @@ joined to the other processes of a multi-process run (``jax.distributed``), unde
 supervisor that reports the run's end in one line when the collectives abort the process.
 
 A bad launch (a missing or bad count or id, a coordinator that does not answer, processes
-started with different counts) is a one-line ValueError, which the scripts print as their
+started with different counts) is a one-line `UserError`, which the scripts print as their
 other one-line errors (cli.exit_with_error).
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 
-from errors import first_line
+from errors import UserError, first_line
 
 _HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
@@ -186,7 +186,7 @@ def start_distributed(environ=None) -> None:
     CPU processes exchange collectives through gloo. ``JAX_INITIALIZATION_TIMEOUT`` (seconds,
     default 120) bounds the wait for the other processes and ``JAX_HEARTBEAT_TIMEOUT`` (default
     20) how long a dead process goes unnoticed: the others then exit non-zero rather than wait
-    forever in a collective. Raises a one-line ValueError for a bad or inconsistent launch
+    forever in a collective. Raises a one-line `UserError` for a bad or inconsistent launch
     (a missing or bad count or id, a coordinator that does not answer in time, processes
     started with different counts).
     """
@@ -203,7 +203,7 @@ def start_distributed(environ=None) -> None:
         except ValueError:
             number = None
         if number is None or number < minimum:
-            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+            raise UserError(f"{name}={value!r}: expected an int >= {minimum}")
         return number
 
     address = env.get("JAX_COORDINATOR_ADDRESS") or None
@@ -225,12 +225,12 @@ def start_distributed(environ=None) -> None:
         missing = [name for name, value in given.items() if value is None]
         if missing:
             set_ = ", ".join(f"{k}={v}" for k, v in given.items() if v is not None)
-            raise ValueError(f"a multi-process launch needs JAX_COORDINATOR_ADDRESS (process "
-                             f"0's HOST:PORT), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0..N-1); "
-                             f"{set_} came without {' and '.join(missing)}")
+            raise UserError(f"a multi-process launch needs JAX_COORDINATOR_ADDRESS (process "
+                            f"0's HOST:PORT), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0..N-1); "
+                            f"{set_} came without {' and '.join(missing)}")
         if index >= count:
-            raise ValueError(f"JAX_PROCESS_ID={index}: expected 0..{count - 1} "
-                             f"(JAX_NUM_PROCESSES={count})")
+            raise UserError(f"JAX_PROCESS_ID={index}: expected 0..{count - 1} "
+                            f"(JAX_NUM_PROCESSES={count})")
     launch = (f"{cluster} launch" if cluster else
               f"process {index} of {count} with coordinator {address}")
     if index:  # JAX's client aborts the process where the coordinator does not answer
@@ -244,10 +244,10 @@ def start_distributed(environ=None) -> None:
             shutdown_timeout_seconds=heartbeat_timeout)
     except (RuntimeError, ValueError, TypeError) as error:  # XlaRuntimeError is a RuntimeError
         reason = first_line(error)[:300]
-        raise ValueError(f"{launch}: could not join the other processes ({reason}; "
-                         f"JAX_INITIALIZATION_TIMEOUT={initialization_timeout} s): check that "
-                         f"every process was started with the same coordinator address and "
-                         f"process count") from None
+        raise UserError(f"{launch}: could not join the other processes ({reason}; "
+                        f"JAX_INITIALIZATION_TIMEOUT={initialization_timeout} s): check that "
+                        f"every process was started with the same coordinator address and "
+                        f"process count") from None
     _check_same_launch(initialization_timeout)
     if env.get(_SUPERVISED):
         with open(env[_SUPERVISED], "w") as f:
@@ -255,7 +255,7 @@ def start_distributed(environ=None) -> None:
 
 
 def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> None:
-    """Returns once ``HOST:PORT`` accepts connections; a one-line ValueError after
+    """Returns once ``HOST:PORT`` accepts connections; a one-line `UserError` after
     ``timeout_seconds`` (process 0 starts its service there when it starts)."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_seconds
@@ -265,15 +265,15 @@ def _wait_for_coordinator(address: str, timeout_seconds: int, launch: str) -> No
                 return
         except (OSError, ValueError) as error:
             if time.monotonic() > deadline or isinstance(error, (ValueError, socket.gaierror)):
-                raise ValueError(f"{launch}: the coordinator {address} did not answer within "
-                                 f"JAX_INITIALIZATION_TIMEOUT={timeout_seconds} s ({error}); "
-                                 f"start process 0 there, or fix JAX_COORDINATOR_ADDRESS") \
+                raise UserError(f"{launch}: the coordinator {address} did not answer within "
+                                f"JAX_INITIALIZATION_TIMEOUT={timeout_seconds} s ({error}); "
+                                f"start process 0 there, or fix JAX_COORDINATOR_ADDRESS") \
                     from None
         time.sleep(0.5)
 
 
 def _check_same_launch(timeout_seconds: int) -> None:
-    """Raises a one-line ValueError where the processes disagree on the process count (a
+    """Raises a one-line `UserError` where the processes disagree on the process count (a
     process counting more peers than exist would otherwise wait for them at its first
     collective). Through JAX's coordination key-value store (jax 0.10 has no public API for
     it)."""
@@ -293,6 +293,6 @@ def _check_same_launch(timeout_seconds: int) -> None:
             # Every process finds the disagreement: leaving together, none of them is stopped
             # by the coordination service for a peer that vanished before it could report.
             jax.distributed.shutdown()
-            raise ValueError(f"process {state.process_id} was started with "
-                             f"{state.num_processes} processes, process {peer} with {theirs}: "
-                             f"give every process the same JAX_NUM_PROCESSES")
+            raise UserError(f"process {state.process_id} was started with "
+                            f"{state.num_processes} processes, process {peer} with {theirs}: "
+                            f"give every process the same JAX_NUM_PROCESSES")

@@ -16,6 +16,8 @@ import time
 import jax
 import ml_collections
 
+from errors import UserError
+
 # Dense bf16 peaks by device kind (vendor data sheets), the MFU denominator.
 _PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("b200", 2250e12), ("a100", 312e12),
                ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12),
@@ -68,7 +70,7 @@ def _logged_step(line: str) -> float:
 class MetricsLog:
     """metrics.jsonl, TensorBoard events and the console, from process 0 only. A write of
     metrics.jsonl or a TensorBoard flush that fails (a full disk, a folder in the way) is a
-    one-line ValueError; the checkpoints stay. (tensorboardX writes events on a thread of its
+    one-line `UserError`; the checkpoints stay. (tensorboardX writes events on a thread of its
     own, whose failures it prints itself.)"""
 
     def __init__(self, workdir: str, resume_step: int, total_steps: int):
@@ -103,10 +105,10 @@ class MetricsLog:
         try:
             yield
         except OSError as error:
-            raise ValueError(f"writing the logs in {os.path.dirname(self._path)} failed "
-                             f"({type(error).__name__}: {error.strerror or error}); the "
-                             f"checkpoints saved so far are kept: free space (or fix the "
-                             f"folder) and run the same command to resume") from None
+            raise UserError(f"writing the logs in {os.path.dirname(self._path)} failed "
+                            f"({type(error).__name__}: {error.strerror or error}); the "
+                            f"checkpoints saved so far are kept: free space (or fix the "
+                            f"folder) and run the same command to resume") from None
 
     def write(self, step: int, scalars: dict, text: dict | None = None) -> None:
         if not self.enabled:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 from data.passkey import (KEY_DIGITS, key_distance, key_tokens, passkey_parts, prompt_length,
                           random_keys)
 from data.pipeline import split_tokens
+from errors import UserError
 from model import TransformerConfig, TransformerLM, generate
 
 BANDS = ("within W", "W to L·W", "beyond L·W")
@@ -83,16 +84,16 @@ def passkey_accuracy(params, config: TransformerConfig, tokenizer, filler: np.nd
     ``band`` (`distance_band`), ``accuracy`` (the true key ranked first), ``exact_copies``
     (greedy decoding wrote all `KEY_DIGITS` digits right), ``digit_accuracy`` (the share of
     digits right) and ``digit_accuracy_by_position`` (one share per digit, first to last),
-    ``chance`` (of the ranking), ``trials``. Raises a one-line ValueError for trials < 1,
+    ``chance`` (of the ranking), ``trials``. Raises a one-line `UserError` for trials < 1,
     candidates < 2 or a distance outside ``0..len(filler) - key_tokens``.
     """
     if trials < 1 or candidates < 2:
-        raise ValueError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
-                         f"trial and >= 2 candidates")
+        raise UserError(f"--probe_trials={trials}, candidates={candidates}: expected >= 1 "
+                        f"trial and >= 2 candidates")
     room = key_tokens(tokenizer)
     if max(distances) > len(filler) - room or min(distances) < 0:
-        raise ValueError(f"--probe_distances={distances}: expected distances in 0.."
-                         f"{len(filler) - room} (the validation text's length less a key)")
+        raise UserError(f"--probe_distances={distances}: expected distances in 0.."
+                        f"{len(filler) - room} (the validation text's length less a key)")
     length = prompt_length(tokenizer, max(distances))
     score = answer_log_likelihoods(TransformerLM(config), params, tokenizer.pad_id, room)
     continue_greedily = greedy_continuations(params, config, room, batch=candidates)

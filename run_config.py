@@ -14,6 +14,7 @@ import ml_collections
 
 from configs import data as data_config
 from data.tokenizers import Tokenizer
+from errors import UserError
 from model import TransformerConfig
 
 # Fields that must not change when a run resumes, by what depends on them: the arrays of the
@@ -42,12 +43,12 @@ DECAY_SCHEDULES = ("cosine", "linear")  # of the learning rate (steps.learning_r
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """One-line ValueErrors for bad training fields (model and data fields are checked where
+    """One-line `UserError`s for bad training fields (model and data fields are checked where
     they are used: TransformerConfig.from_config, data/)."""
     def int_at_least(name, minimum):
         value = config[name] if "." not in name else config.data[name.split(".")[1]]
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
+            raise UserError(f"{name}={value!r}: expected an int >= {minimum}")
 
     for name in ("num_train_steps", "batch_size", "seq_len", "grad_accum_steps",
                  "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
@@ -60,30 +61,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "min_learning_rate_ratio",
                  "peak_flops_per_device"):
         if not isinstance(config[name], (int, float)) or config[name] < 0:
-            raise ValueError(f"{name}={config[name]!r}: expected a number >= 0")
+            raise UserError(f"{name}={config[name]!r}: expected a number >= 0")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) \
             or not 0 <= config.seed < 2**31:
-        raise ValueError(f"seed={config.seed!r}: expected an int in [0, 2**31)")
+        raise UserError(f"seed={config.seed!r}: expected an int in [0, 2**31)")
     rules = config.logical_axis_rules
     if not isinstance(rules, (tuple, list)) or not all(
             isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
             for rule in rules):
-        raise ValueError(f"logical_axis_rules={rules!r}: expected (logical name, mesh axes) "
-                         f"pairs, as configs/default.py lists them")
+        raise UserError(f"logical_axis_rules={rules!r}: expected (logical name, mesh axes) "
+                        f"pairs, as configs/default.py lists them")
     if config.learning_rate == 0:
-        raise ValueError("learning_rate=0: expected a positive number")
+        raise UserError("learning_rate=0: expected a positive number")
     if config.decay_schedule not in DECAY_SCHEDULES:
-        raise ValueError(f"decay_schedule={config.decay_schedule!r}: expected one of "
-                         f"{list(DECAY_SCHEDULES)}")
+        raise UserError(f"decay_schedule={config.decay_schedule!r}: expected one of "
+                        f"{list(DECAY_SCHEDULES)}")
     if config.warmup_steps >= config.num_train_steps:
-        raise ValueError(f"warmup_steps={config.warmup_steps}: expected fewer than "
-                         f"num_train_steps={config.num_train_steps}")
+        raise UserError(f"warmup_steps={config.warmup_steps}: expected fewer than "
+                        f"num_train_steps={config.num_train_steps}")
     for name in ("adam_b1", "adam_b2"):
         if not 0 <= config[name] < 1:
-            raise ValueError(f"{name}={config[name]!r}: expected a number in [0, 1)")
+            raise UserError(f"{name}={config[name]!r}: expected a number in [0, 1)")
     if config.batch_size % config.grad_accum_steps:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
-                         f"grad_accum_steps={config.grad_accum_steps}")
+        raise UserError(f"batch_size={config.batch_size} is not divisible by "
+                        f"grad_accum_steps={config.grad_accum_steps}")
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TransformerConfig:
@@ -93,7 +94,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Tra
 
 def check_resume_compatible(saved: ml_collections.ConfigDict,
                             config: ml_collections.ConfigDict, directory: str) -> None:
-    """A one-line ValueError naming the first field of `PARAMETER_FIELDS` or
+    """A one-line `UserError` naming the first field of `PARAMETER_FIELDS` or
     `DATA_ORDER_FIELDS` where ``config`` differs from ``saved`` (the config of the checkpoints
     in ``directory``). A field that the checkpoint's code did not have yet meant its default."""
     for field in PARAMETER_FIELDS + DATA_ORDER_FIELDS:
@@ -112,17 +113,17 @@ def check_resume_compatible(saved: ml_collections.ConfigDict,
             if isinstance(old, dict):
                 key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
                 field, old, new = f"{field}.{key}", old.get(key), new.get(key)
-            raise ValueError(f"{field}={new!r}, but the checkpoints in {directory} were trained "
-                             f"with {old!r}: use another workdir, or the same value to resume")
+            raise UserError(f"{field}={new!r}, but the checkpoints in {directory} were trained "
+                            f"with {old!r}: use another workdir, or the same value to resume")
 
 
 def check_inference_overrides(overrides: dict) -> None:
-    """A one-line ValueError where flat ``{"data.source": ..., ...}`` overrides of a trained
+    """A one-line `UserError` where flat ``{"data.source": ..., ...}`` overrides of a trained
     run's config touch one of `PARAMETER_FIELDS` (the parameters depend on it)."""
     fixed = [key for key in overrides if key.startswith(PARAMETER_FIELDS)]
     if fixed:
-        raise ValueError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "
-                         f"cannot change after training")
+        raise UserError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "
+                        f"cannot change after training")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:

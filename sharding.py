@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from errors import UserError
 from model.kernels.common import lowering_platform
 from model.layer_stack import check_device_chunks
 
@@ -29,19 +30,19 @@ LENGTH_AXIS = "context"  # and the sequence over this one (model/context_paralle
 def axis_rules(config: ml_collections.ConfigDict) -> tuple:
     """``config.logical_axis_rules`` as Flax wants them (tuples; JSON round trips give lists).
 
-    Raises a one-line ValueError for a rule that is not a (logical name, mesh axes) pair or
+    Raises a one-line `UserError` for a rule that is not a (logical name, mesh axes) pair or
     names an axis outside `MESH_AXES`.
     """
     rules = []
     for rule in config.logical_axis_rules:
         if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"logical_axis_rules: {rule!r} is not a (logical name, mesh axes) pair")
+            raise UserError(f"logical_axis_rules: {rule!r} is not a (logical name, mesh axes) pair")
         name, axes = rule
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
         for axis in axes if isinstance(axes, tuple) else (axes,):
             if axis is not None and axis not in MESH_AXES:
-                raise ValueError(f"logical_axis_rules: {name!r} -> {axis!r}: expected mesh axes "
-                                 f"from {list(MESH_AXES)}")
+                raise UserError(f"logical_axis_rules: {name!r} -> {axis!r}: expected mesh axes "
+                                f"from {list(MESH_AXES)}")
         rules.append((name, axes))
     return tuple(rules)
 
@@ -49,23 +50,23 @@ def axis_rules(config: ml_collections.ConfigDict) -> tuple:
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """The ``(data, fsdp, context, tensor)`` mesh of ``config.mesh`` over ``devices`` (default:
     all); one size may be -1, meaning the devices the others leave. Raises a one-line
-    ValueError for sizes that do not multiply to the number of devices."""
+    `UserError` for sizes that do not multiply to the number of devices."""
     devices = jax.devices() if devices is None else devices
     sizes = [config.mesh[axis] for axis in MESH_AXES]
     for axis, size in zip(MESH_AXES, sizes):
         if not isinstance(size, int) or size == 0 or size < -1:
-            raise ValueError(f"mesh.{axis}={size!r}: expected a positive int or -1")
+            raise UserError(f"mesh.{axis}={size!r}: expected a positive int or -1")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
+        raise UserError(f"mesh: at most one axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are "
-                             f"not divisible by {known}")
+            raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are "
+                            f"not divisible by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
-                         f"there are {len(devices)}")
+        raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+                        f"there are {len(devices)}")
     # Auto axes: XLA's partitioner places what the shardings and constraints leave open.
     return jax.make_mesh(tuple(sizes), MESH_AXES, (jax.sharding.AxisType.Auto,) * len(sizes),
                          devices=devices)
@@ -78,10 +79,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_fits_mesh(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
-    """A one-line ValueError where data × fsdp does not divide ``batch_size``."""
+    """A one-line `UserError` where data × fsdp does not divide ``batch_size``."""
     shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if batch_size % shards:
-        raise ValueError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
+        raise UserError(f"{name}={batch_size} is not divisible by mesh data × fsdp = {shards}")
 
 
 def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0,
@@ -91,14 +92,14 @@ def check_length_fits_mesh(seq_len: int, mesh: Mesh, layer_chunk_size: int = 0,
     device's block, whose length must be at least ``window_size``)."""
     context = mesh.shape[LENGTH_AXIS]
     if seq_len % context:
-        raise ValueError(f"seq_len={seq_len} is not divisible by mesh.context={context}, which "
-                         f"shards the sequence")
+        raise UserError(f"seq_len={seq_len} is not divisible by mesh.context={context}, which "
+                        f"shards the sequence")
     if layer_chunk_size and context > 1:
         check_device_chunks(seq_len // context, layer_chunk_size, window_size, context)
 
 
 def check_shardings_divide(shapes, shardings) -> None:
-    """A one-line ValueError for a parameter axis that its mesh axes do not divide (e.g.
+    """A one-line `UserError` for a parameter axis that its mesh axes do not divide (e.g.
     ``model.num_kv_heads=1`` key/value heads over ``mesh.tensor=2``). ``shapes``: a tree of
     arrays or ``jax.ShapeDtypeStruct``; ``shardings``: the same tree of NamedShardings."""
     for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes),
@@ -107,7 +108,7 @@ def check_shardings_divide(shapes, shardings) -> None:
             axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
             shards = math.prod(sharding.mesh.shape[a] for a in axes)
             if size % shards:
-                raise ValueError(
+                raise UserError(
                     f"parameter {jax.tree_util.keystr(path)} {shape.shape}: an axis of {size} "
                     f"does not split over mesh {'×'.join(axes)}={shards} (logical_axis_rules): "
                     f"choose mesh sizes that divide it (e.g. model.num_kv_heads, model.num_heads "
@@ -143,7 +144,7 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
     batch over data × fsdp, process p's rows are ``[p * B / P, (p + 1) * B / P)``; where
     processes share a batch shard (data × fsdp smaller than P), they feed the same rows.
 
-    Raises a one-line ValueError where a process's devices hold rows that are not one such
+    Raises a one-line `UserError` where a process's devices hold rows that are not one such
     aligned block (a device order that the per-process data pipeline cannot feed).
     """
     # Shape (batch_size, length shards): one column per block of the sequence.
@@ -153,18 +154,18 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
     columns = math.prod(sharding.mesh.shape[axis] for axis in length_axes)
     indices = sharding.addressable_devices_indices_map((batch_size, columns)).values()
     if sum(b - a for a, b in {index[1].indices(columns)[:2] for index in indices}) != columns:
-        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
-                         f"devices hold only part of each sequence; keep mesh.context within "
-                         f"the devices of one process")
+        raise UserError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
+                        f"devices hold only part of each sequence; keep mesh.context within "
+                        f"the devices of one process")
     # The distinct (start, stop) row ranges of this process's devices: equal-sized shards of
     # an even split, so they are one block exactly when their sizes add up to its span.
     held = sorted({index[0].indices(batch_size)[:2] for index in indices})
     start, stop = held[0][0], held[-1][1]
     contiguous = sum(end - begin for begin, end in held) == stop - start
     if not contiguous or batch_size % (stop - start) or start % (stop - start):
-        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
-                         f"devices hold rows {held} of each batch of {batch_size}, not one "
-                         f"aligned block; give each process whole data × fsdp shards")
+        raise UserError(f"mesh {dict(sharding.mesh.shape)}: process {jax.process_index()}'s "
+                        f"devices hold rows {held} of each batch of {batch_size}, not one "
+                        f"aligned block; give each process whole data × fsdp shards")
     return slice(start, stop)
 
 

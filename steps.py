@@ -74,7 +74,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: TransformerLM, 
     ``config.logical_axis_rules``; scalars are replicated. The random initialisation does not
     depend on the mesh. With ``abstract=True`` the state is a tree of
     ``jax.ShapeDtypeStruct`` with shardings (a restore target), and nothing is computed.
-    Raises a one-line ValueError for a parameter that its mesh axes do not divide.
+    Raises a one-line `UserError` for a parameter that its mesh axes do not divide.
     """
     def initial_state(seed):
         init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -218,7 +218,7 @@ class TrainSetup(NamedTuple):
 def setup_training(config: ml_collections.ConfigDict, model_config: TransformerConfig,
                    devices: list | None = None) -> TrainSetup:
     """The mesh of ``config.mesh`` over ``devices`` (default all), the model, the optimizer,
-    the state's shardings and the train step. Raises a one-line ValueError where the mesh
+    the state's shardings and the train step. Raises a one-line `UserError` where the mesh
     cannot split the (micro-)batch, the sequence or a parameter."""
     mesh = sharding.make_mesh(config, devices)
     sharding.check_batch_fits_mesh(config.batch_size // config.grad_accum_steps, mesh,

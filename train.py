@@ -34,6 +34,7 @@ from checkpoints import Checkpoints
 from data import TrainBatches, make_tokenizer, packed_examples
 from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
+from errors import UserError
 from folders import writable_folder_problem
 from inference import make_evaluator, sample_text
 from metrics import MetricsLog, ThroughputMeter, peak_flops_per_device
@@ -45,7 +46,7 @@ from stop_signal import StopSignal
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in ``workdir`` until ``config.num_train_steps``; returns the final
     evaluation (see `inference.evaluate_batches`), or ``{"stopped_at": step}`` after
-    SIGTERM/SIGINT. Bad input raises a one-line ValueError."""
+    SIGTERM/SIGINT. Bad input raises a one-line `UserError`."""
     run_config.validate_config(config)
     _make_workdir(workdir)
     with StopSignal() as stop:
@@ -62,14 +63,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _make_workdir(workdir: str) -> None:
-    """Creates ``workdir`` (a one-line ValueError where it is empty, a file, or cannot be
+    """Creates ``workdir`` (a one-line `UserError` where it is empty, a file, or cannot be
     created or written)."""
     if not workdir:
-        raise ValueError("--workdir is empty: expected a folder for the run's checkpoints and logs")
+        raise UserError("--workdir is empty: expected a folder for the run's checkpoints and logs")
     problem = writable_folder_problem(workdir)
     if problem:
-        raise ValueError(f"--workdir={workdir!r}: {problem}: expected a folder to write the "
-                         f"run into (a new one, or a run's to resume)")
+        raise UserError(f"--workdir={workdir!r}: {problem}: expected a folder to write the "
+                        f"run into (a new one, or a run's to resume)")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpoints,
@@ -168,11 +169,11 @@ def _train_loop(config: ml_collections.ConfigDict, training: TrainSetup, state: 
 
 
 def _check_finite(metrics: dict, step: int, checkpoints: Checkpoints) -> None:
-    """A one-line ValueError for a non-finite loss or gradient norm, naming the last good
+    """A one-line `UserError` for a non-finite loss or gradient norm, naming the last good
     checkpoint (which is kept)."""
     if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
         last = checkpoints.latest_step()
-        raise ValueError(
+        raise UserError(
             f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
             f"step {step}: stopped; the last good checkpoint "
             f"({'none' if last is None else f'step {last}'}) is kept in "
@@ -208,13 +209,10 @@ def _periodic_evaluation(config: ml_collections.ConfigDict, training: TrainSetup
 def main(argv) -> None:
     del argv  # cli.parse_flags admits none
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-    try:
-        launch.start_distributed()
-        config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-        init_from.adopt_source_config(config, workdir, cli.config_fields_given(sys.argv))
-        train_and_evaluate(config, workdir)
-    except ValueError as error:  # the user's input: one line, no traceback
-        cli.exit_with_error(error)
+    launch.start_distributed()
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    init_from.adopt_source_config(config, workdir, cli.config_fields_given(sys.argv))
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # noqa: E402
 from bench.common import (best_time, cap_memory, measure_in_subprocess,  # noqa: E402
                           peak_rss_bytes, xla_bytes)
+from errors import UserError  # noqa: E402
 
 CPU_METHODS = ("auto", "xla", "seed", "dense")
 GPU_METHODS = ("auto", "xla", "cudnn", "dense", "causal_cudnn")
@@ -73,7 +74,7 @@ def _attention_fn(method: str, window: int, segment_ids):
 
     if method == "seed":
         if segment_ids is not None:
-            raise ValueError("seed: no document support")
+            raise UserError("seed: no document support")
         return lambda q, k, v: _seed_local_attention(q, k, v, window, 0)
     swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (batch, seq, heads, dim) layout
     if method == "causal_cudnn":
@@ -126,7 +127,7 @@ def run_point(method: str, seq_len: int, window: int, heads: int, head_dim: int,
         step = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v).astype("float32").sum(),
                                 argnums=(0, 1, 2)))
         compiled = step.lower(q, k, v).compile()
-    except ValueError as error:  # a method that cannot compute this point (one line)
+    except UserError as error:  # a method that cannot compute this point (one line)
         return {"failed": f"unsupported: {str(error).splitlines()[0][:120]}"}
     row = {"xla_bytes": xla_bytes(compiled)}
     if row["xla_bytes"] > memory_cap and jax.default_backend() == "cpu":

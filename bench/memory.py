@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
 from bench.common import cap_memory, measure_in_subprocess, peak_bytes  # noqa: E402
+from errors import UserError  # noqa: E402
 
 SETTINGS = {"chunked": {}, "whole_layers": {"layer_chunk_size": 0},
             # One global layer in four, whole layers (what context parallelism runs with).
@@ -46,8 +47,8 @@ def parse_meshes(text: str) -> list[dict]:
         for part in filter(None, mesh_text.split(",")):
             axis, _, size = part.partition("=")
             if axis.strip() not in MESH_AXES or not size.strip().isdigit():
-                raise ValueError(f"argument --meshes: {part!r}: expected AXIS=SIZE with AXIS "
-                                 f"one of {list(MESH_AXES)}")
+                raise UserError(f"argument --meshes: {part!r}: expected AXIS=SIZE with AXIS "
+                                f"one of {list(MESH_AXES)}")
             mesh[axis.strip()] = int(size)
         meshes.append(mesh)
     return meshes
@@ -112,7 +113,7 @@ def main() -> None:
             parser.error(f"argument --settings: {setting!r}: expected some of {list(SETTINGS)}")
     try:
         meshes = parse_meshes(args.meshes)
-    except ValueError as error:
+    except UserError as error:
         parser.error(str(error))
     rows = []
     for mesh in meshes:

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
 import launch  # noqa: E402
+from errors import UserError  # noqa: E402
 
 WINDOW, LAYERS, CONTEXT = 128, 2, 512
 QUESTIONS = 6  # per planted key: 30 digits to copy per row
@@ -198,8 +199,8 @@ def main() -> None:
         started = time.perf_counter()
         records = run_both(args)
         report(records, args, time.perf_counter() - started)
-    except ValueError as error:
-        cli.exit_with_error(str(error))
+    except UserError as error:
+        cli.exit_with_error(error)
 
 
 if __name__ == "__main__":

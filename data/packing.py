@@ -12,6 +12,8 @@ import numbers
 
 import numpy as np
 
+from errors import UserError
+
 
 class PackedExamples:
     """Random-access examples over a token array (a grain data source).
@@ -26,10 +28,10 @@ class PackedExamples:
     def __init__(self, tokens: np.ndarray, seq_len: int, end_of_document_id: int, pad_id: int,
                  isolate_documents: bool):
         if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
-            raise ValueError(f"seq_len={seq_len!r}: expected a positive int")
+            raise UserError(f"seq_len={seq_len!r}: expected a positive int")
         if tokens.size < seq_len + 1:
-            raise ValueError(f"the corpus has {tokens.size} tokens, fewer than one example of "
-                             f"seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more text")
+            raise UserError(f"the corpus has {tokens.size} tokens, fewer than one example of "
+                            f"seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more text")
         self.tokens = tokens
         self.seq_len = int(seq_len)
         self.end_of_document_id = end_of_document_id
@@ -75,6 +77,6 @@ def check_documents_per_row(batch: dict, bound: int) -> None:
     if bound and "segment_ids" in batch:
         most = int(documents_per_row(batch["segment_ids"]).max())
         if most > bound:
-            raise ValueError(f"a batch row holds {most} documents, more than "
-                             f"model.max_documents_per_row={bound} (cuDNN's packed layout has "
-                             f"that many slots): raise it (it may change on resume)")
+            raise UserError(f"a batch row holds {most} documents, more than "
+                            f"model.max_documents_per_row={bound} (cuDNN's packed layout has "
+                            f"that many slots): raise it (it may change on resume)")

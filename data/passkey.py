@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from errors import UserError
+
 PLANTED = "the pass key is {key}. remember it. "
 QUESTION = " what is the pass key? the pass key is "
 KEY_DIGITS = 5
@@ -60,22 +62,22 @@ def prompt_length(tokenizer, distance: int) -> int:
 
 
 def check_passkey_settings(fraction, questions, packing: str, answer_weight=1.0) -> None:
-    """One-line ValueErrors for a ``data.passkey_fraction`` that cannot be planted, a
+    """One-line `UserError`s for a ``data.passkey_fraction`` that cannot be planted, a
     ``data.passkey_questions`` that is not a count or a ``data.passkey_answer_weight`` that is
     not a finite weight."""
     if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
-        raise ValueError(f"data.passkey_questions={questions!r}: expected an int >= 1")
+        raise UserError(f"data.passkey_questions={questions!r}: expected an int >= 1")
     if isinstance(answer_weight, bool) or not isinstance(answer_weight, (int, float)) \
             or not 0.0 <= answer_weight < float("inf"):
-        raise ValueError(f"data.passkey_answer_weight={answer_weight!r}: expected a finite "
-                         f"number >= 0")
+        raise UserError(f"data.passkey_answer_weight={answer_weight!r}: expected a finite "
+                        f"number >= 0")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
             or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"data.passkey_fraction={fraction!r}: expected a number in [0, 1]")
+        raise UserError(f"data.passkey_fraction={fraction!r}: expected a number in [0, 1]")
     if fraction and packing != "stream":
-        raise ValueError(f"data.passkey_fraction={fraction} needs data.packing='stream', not "
-                         f"{packing!r}: a key and its question would often lie in different "
-                         f"documents, which attention keeps apart")
+        raise UserError(f"data.passkey_fraction={fraction} needs data.packing='stream', not "
+                        f"{packing!r}: a key and its question would often lie in different "
+                        f"documents, which attention keeps apart")
 
 
 class PasskeyRows:
@@ -106,10 +108,10 @@ class PasskeyRows:
         before, after, question = _fixed_ids(tokenizer)
         longest = len(before) + len(after) + KEY_DIGITS + questions * (len(question) + KEY_DIGITS)
         if examples.seq_len + 1 < longest:
-            raise ValueError(f"data.passkey_fraction={fraction} with seq_len={examples.seq_len}: "
-                             f"a planted key and {questions} question(s) take {longest} tokens; "
-                             f"expected seq_len >= {longest - 1} or fewer "
-                             f"data.passkey_questions")
+            raise UserError(f"data.passkey_fraction={fraction} with seq_len={examples.seq_len}: "
+                            f"a planted key and {questions} question(s) take {longest} tokens; "
+                            f"expected seq_len >= {longest - 1} or fewer "
+                            f"data.passkey_questions")
         self.examples, self.tokenizer = examples, tokenizer
         self.fraction, self.seed, self.questions = float(fraction), int(seed), questions
         self.answer_weight = float(answer_weight)

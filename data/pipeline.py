@@ -22,6 +22,7 @@ from data.packing import PackedExamples
 from data.passkey import PasskeyRows, check_passkey_settings
 from data.token_cache import tokenized_split
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from errors import UserError
 
 TOKENIZERS = ("bytes", "sentencepiece", "hf")
 PACKING = ("documents", "stream")
@@ -37,18 +38,18 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
         return ByteTokenizer()
     if config.tokenizer == "hf":
         if not config.hf_tokenizer:
-            raise ValueError("data.tokenizer='hf' needs data.hf_tokenizer (a Hugging Face model "
-                             "folder with tokenizer.json or tokenizer.model)")
+            raise UserError("data.tokenizer='hf' needs data.hf_tokenizer (a Hugging Face model "
+                            "folder with tokenizer.json or tokenizer.model)")
         from hf.tokenizer import HuggingFaceTokenizer  # the tokenizers library only when used
 
         return HuggingFaceTokenizer(config.hf_tokenizer)
     if config.tokenizer != "sentencepiece":
-        raise ValueError(f"data.tokenizer={config.tokenizer!r}: expected one of {list(TOKENIZERS)}")
+        raise UserError(f"data.tokenizer={config.tokenizer!r}: expected one of {list(TOKENIZERS)}")
     model_path = config.sentencepiece_model
     if not model_path:
         if workdir is None:
-            raise ValueError("data.tokenizer='sentencepiece' needs data.sentencepiece_model or "
-                             "a workdir to train one in")
+            raise UserError("data.tokenizer='sentencepiece' needs data.sentencepiece_model or "
+                            "a workdir to train one in")
         model_path = os.path.join(workdir, "sentencepiece.model")
         # What the model was trained with is kept beside it, so that a run never silently
         # continues with a tokenizer other than the one its config asks for.
@@ -71,12 +72,12 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
                 trained = json.load(f)
             changed = sorted(k for k in settings if trained.get(k) != settings[k])
             if changed:
-                raise ValueError(
+                raise UserError(
                     f"{model_path} was trained with {changed[0]}={trained.get(changed[0])!r}, "
                     f"the config asks for {settings[changed[0]]!r}; use another workdir or "
                     f"delete the model to retrain it")
     elif not os.path.exists(model_path):
-        raise ValueError(f"data.sentencepiece_model={model_path!r} does not exist")
+        raise UserError(f"data.sentencepiece_model={model_path!r} does not exist")
     return SentencePieceTokenizer(model_path)
 
 
@@ -93,7 +94,7 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
     with ``data.passkey_fraction`` the training split's rows get pass keys planted (from
     ``seed``, see `PasskeyRows`), their answers weighted ``data.passkey_answer_weight``."""
     if config.packing not in PACKING:
-        raise ValueError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
+        raise UserError(f"data.packing={config.packing!r}: expected one of {list(PACKING)}")
     fraction = config.get("passkey_fraction", 0.0)  # configs saved before the field: none
     questions = config.get("passkey_questions", 1)
     answer_weight = config.get("passkey_answer_weight", 1.0)
@@ -120,8 +121,8 @@ class TrainBatches:
         if process_index is None or process_count is None:
             process_index, process_count = jax.process_index(), jax.process_count()
         if global_batch_size % process_count:
-            raise ValueError(f"batch_size={global_batch_size} is not divisible by the "
-                             f"{process_count} processes")
+            raise UserError(f"batch_size={global_batch_size} is not divisible by the "
+                            f"{process_count} processes")
         local = global_batch_size // process_count
         dataset = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
                    .batch(local, drop_remainder=True)
@@ -146,7 +147,7 @@ def validation_batches(examples: PackedExamples, batch_size: int) -> Iterator[di
     """Every example once, in order, ``batch_size`` at a time; the last batch is completed
     with rows whose loss mask is 0 (so sums over the mask count each token once)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        raise UserError(f"batch_size={batch_size!r}: expected a positive int")
     for start in range(0, len(examples), batch_size):
         rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
         while len(rows) < batch_size:

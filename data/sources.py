@@ -10,7 +10,7 @@
   ``json``/``text`` with ``data.paths`` as its files), streaming where asked.
 * ``tfds``: a TensorFlow Datasets dataset through ``tfds.data_source`` (no TensorFlow).
 
-Every bad value becomes a one-line ValueError naming it.
+Every bad value becomes a one-line `UserError` naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
-from errors import first_line
+from errors import UserError, first_line
 
 SOURCES = ("stdlib", "text", "hf", "tfds")
 SPLITS = ("train", "validation")
@@ -65,9 +65,9 @@ def source_identity(config, split: str) -> dict:
 def read_documents(config, split: str) -> Iterator[str]:
     """The documents (str) of ``split`` ('train' or 'validation'), in a fixed order."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
+        raise UserError(f"split={split!r}: expected one of {list(SPLITS)}")
     if config.source not in SOURCES:
-        raise ValueError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
+        raise UserError(f"data.source={config.source!r}: expected one of {list(SOURCES)}")
     documents = {"stdlib": _stdlib_documents, "text": _text_documents, "hf": _hf_documents,
                  "tfds": _tfds_documents}[config.source](config, split)
     if config.max_documents:
@@ -107,13 +107,13 @@ def _text_files(paths, field: str) -> list[tuple[str, str]]:
     if isinstance(paths, str):
         paths = [p for p in paths.split(",") if p.strip()]
     if not paths:
-        raise ValueError(f"{field} is empty: expected files, folders or globs of text")
+        raise UserError(f"{field} is empty: expected files, folders or globs of text")
     files = []
     for pattern in paths:
         pattern = os.path.expanduser(pattern.strip())
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            raise ValueError(f"{field}: {pattern!r} matches no file or folder")
+            raise UserError(f"{field}: {pattern!r} matches no file or folder")
         for match in matches:
             if os.path.isdir(match):  # every file below it, hidden ones (.git, ...) excepted
                 for directory, subdirectories, names in os.walk(match):
@@ -131,9 +131,9 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
-        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
 
 
 def _text_documents(config, split: str) -> Iterator[str]:
@@ -208,8 +208,8 @@ def _hf_documents(config, split: str) -> Iterator[str]:
     import datasets
 
     if not config.hf_name:
-        raise ValueError("data.hf_name is empty: expected a HuggingFace dataset name or a "
-                         "loader such as 'json', 'text', 'parquet' with data.paths")
+        raise UserError("data.hf_name is empty: expected a HuggingFace dataset name or a "
+                        "loader such as 'json', 'text', 'parquet' with data.paths")
     hf_split = config.hf_validation_split if split == "validation" else config.hf_train_split
     data_files = None
     if config.paths:
@@ -218,18 +218,18 @@ def _hf_documents(config, split: str) -> Iterator[str]:
         dataset = datasets.load_dataset(config.hf_name, config.hf_config or None, split=hf_split,
                                         data_files=data_files, streaming=config.hf_streaming)
     except ConnectionError as error:  # no network, or HF_HUB_OFFLINE without a cached copy
-        raise ValueError(
+        raise UserError(
             f"data.hf_name={config.hf_name!r}: cannot reach the Hugging Face Hub "
             f"({first_line(error)}); run once with network to download it into the HF cache "
             f"(then HF_DATASETS_OFFLINE=1 reads it offline), or give local files: "
             f"data.hf_name='parquet' (or 'json', 'text') with data.paths") from None
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ValueError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: "
-                         f"{first_line(error)}") from None
+        raise UserError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: "
+                        f"{first_line(error)}") from None
     columns = dataset.column_names
     if columns is not None and config.hf_text_field not in columns:
-        raise ValueError(f"data.hf_text_field={config.hf_text_field!r} is not a field of "
-                         f"{config.hf_name!r}; it has {sorted(columns)}")
+        raise UserError(f"data.hf_text_field={config.hf_text_field!r} is not a field of "
+                        f"{config.hf_name!r}; it has {sorted(columns)}")
     for record in dataset:
         yield record[config.hf_text_field]
 
@@ -238,19 +238,19 @@ def _tfds_documents(config, split: str) -> Iterator[str]:
     import tensorflow_datasets as tfds
 
     if not config.tfds_name:
-        raise ValueError("data.tfds_name is empty: expected a TensorFlow Datasets name "
-                         "such as 'lm1b' or 'pg19'")
+        raise UserError("data.tfds_name is empty: expected a TensorFlow Datasets name "
+                        "such as 'lm1b' or 'pg19'")
     tfds_split = config.tfds_validation_split if split == "validation" else config.tfds_train_split
     try:
         source = tfds.data_source(config.tfds_name, split=tfds_split,
                                   data_dir=config.tfds_data_dir or None)
     except Exception as error:  # tfds raises many types for a name/split/data_dir it lacks
-        raise ValueError(f"data.tfds_name={config.tfds_name!r} split {tfds_split!r}: "
-                         f"{first_line(error)}") from None
+        raise UserError(f"data.tfds_name={config.tfds_name!r} split {tfds_split!r}: "
+                        f"{first_line(error)}") from None
     for index in range(len(source)):
         record = source[index]
         if config.tfds_text_field not in record:
-            raise ValueError(f"data.tfds_text_field={config.tfds_text_field!r} is not a field "
-                             f"of {config.tfds_name!r}; it has {sorted(record)}")
+            raise UserError(f"data.tfds_text_field={config.tfds_text_field!r} is not a field "
+                            f"of {config.tfds_name!r}; it has {sorted(record)}")
         text = record[config.tfds_text_field]
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)

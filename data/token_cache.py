@@ -28,6 +28,7 @@ import numpy as np
 
 from data import sources
 from data.tokenizers import Tokenizer
+from errors import UserError
 from folders import writable_folder_problem
 
 _FORMAT = 2
@@ -50,22 +51,22 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
     if tokens.size == 0:
         if split == "validation" and config.source in ("stdlib", "text") \
                 and not config.validation_paths:
-            raise ValueError(f"data.source={config.source!r}: the validation split is empty "
-                             f"(data.validation_fraction={config.validation_fraction} of the "
-                             f"corpus held out): raise data.validation_fraction"
-                             + (" or set data.validation_paths" if config.source == "text"
+            raise UserError(f"data.source={config.source!r}: the validation split is empty "
+                            f"(data.validation_fraction={config.validation_fraction} of the "
+                            f"corpus held out): raise data.validation_fraction"
+                            + (" or set data.validation_paths" if config.source == "text"
                                 else ""))
-        raise ValueError(f"data.source={config.source!r} split {split!r} has no text "
-                         f"(empty corpus)")
+        raise UserError(f"data.source={config.source!r} split {split!r} has no text "
+                        f"(empty corpus)")
     return tokens
 
 
 def _check_writable(cache_dir: str) -> None:
-    """A one-line ValueError naming ``data.cache_dir`` where it cannot be created or written."""
+    """A one-line `UserError` naming ``data.cache_dir`` where it cannot be created or written."""
     problem = writable_folder_problem(cache_dir)
     if problem:
-        raise ValueError(f"data.cache_dir={cache_dir!r}: cannot write the token cache there "
-                         f"({problem}); set data.cache_dir to a writable folder")
+        raise UserError(f"data.cache_dir={cache_dir!r}: cannot write the token cache there "
+                        f"({problem}); set data.cache_dir to a writable folder")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from errors import first_line
+from errors import UserError, first_line
 
 
 class Tokenizer(Protocol):
@@ -69,8 +69,8 @@ class SentencePieceTokenizer:
                 proto = f.read()
             self._processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except (OSError, RuntimeError) as error:
-            raise ValueError(f"data.sentencepiece_model={model_path!r}: cannot load a "
-                             f"SentencePiece model ({error})") from None
+            raise UserError(f"data.sentencepiece_model={model_path!r}: cannot load a "
+                            f"SentencePiece model ({error})") from None
         self.model_path = model_path
         self.end_of_document_id = self._processor.eos_id()
         self.pad_id = self._processor.pad_id()
@@ -169,8 +169,8 @@ def train_sentencepiece(documents: Iterable[str], model_path: str, vocab_size: i
             num_threads=os.cpu_count() or 1)
     except RuntimeError as error:  # e.g. a vocabulary smaller than the 256 byte pieces + chars
         reason = first_line(error).split("] ")[-1]  # after SentencePiece's "[file(line)] "
-        raise ValueError(f"data.sentencepiece_vocab_size={vocab_size}: SentencePiece training "
-                         f"failed ({reason})") from None
+        raise UserError(f"data.sentencepiece_vocab_size={vocab_size}: SentencePiece training "
+                        f"failed ({reason})") from None
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     temporary = model_path + ".tmp"
     with open(temporary, "wb") as f:

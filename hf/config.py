@@ -14,7 +14,7 @@ Windows: `transformers`' ``sliding_window = W`` lets the query at ``i`` see keys
 ``i - L .. i``. So ``W = L + 1``.
 
 Anything the target cannot represent (relative position embeddings, GELU MLPs, LayerNorm, a
-separate local RoPE base, biases, ...) is a one-line ValueError naming it.
+separate local RoPE base, biases, ...) is a one-line `UserError` naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 
+from errors import UserError
 from model.config import TransformerConfig
 from model.rope import NO_SCALING, RopeScaling
 
@@ -38,43 +39,43 @@ _SCALING_FIELDS = ("factor", "original_max_position_embeddings", "beta_fast", "b
 
 
 def read_config_json(folder: str) -> dict:
-    """``folder/config.json`` as a dict; a one-line ValueError where it is missing or not
+    """``folder/config.json`` as a dict; a one-line `UserError` where it is missing or not
     JSON."""
     path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder!r} is not a folder (expected a Hugging Face model folder "
-                         f"with config.json and *.safetensors)")
+        raise UserError(f"{folder!r} is not a folder (expected a Hugging Face model folder "
+                        f"with config.json and *.safetensors)")
     try:
         with open(path) as f:
             values = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: expected a Hugging Face model folder") from None
+        raise UserError(f"{path} does not exist: expected a Hugging Face model folder") from None
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read it as JSON ({error})") from None
+        raise UserError(f"{path}: cannot read it as JSON ({error})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     return values
 
 
 def model_fields(hf: dict, source: str = "config.json") -> dict:
     """The ``model.*`` fields (`IMPORTED_FIELDS`) of a Mistral, Ministral or Llama
-    ``config.json`` (a dict). ``source`` names it in the one-line ValueErrors for what this
+    ``config.json`` (a dict). ``source`` names it in the one-line `UserError`s for what this
     project cannot represent."""
     model_type = hf.get("model_type")
     if model_type not in IMPORTED_MODEL_TYPES:
-        raise ValueError(f"{source}: model_type={model_type!r}; expected one of "
-                         f"{list(IMPORTED_MODEL_TYPES)} (a Mistral/Llama-shaped model)")
+        raise UserError(f"{source}: model_type={model_type!r}; expected one of "
+                        f"{list(IMPORTED_MODEL_TYPES)} (a Mistral/Llama-shaped model)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; expected 'silu' (SwiGLU)")
+        raise UserError(f"{source}: hidden_act={hf['hidden_act']!r}; expected 'silu' (SwiGLU)")
     for name in ("attention_bias", "mlp_bias"):
         if hf.get(name):
-            raise ValueError(f"{source}: {name}=true; this project's layers have no biases")
+            raise UserError(f"{source}: {name}=true; this project's layers have no biases")
     # transformers 5 keeps it in rope_parameters, 4.x at the top level.
     partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor",
                                                     hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor={partial!r}; expected 1 (RoPE on "
-                         f"every feature)")
+        raise UserError(f"{source}: partial_rotary_factor={partial!r}; expected 1 (RoPE on "
+                        f"every feature)")
     num_layers = _int(hf, "num_hidden_layers", source)
     num_heads = _int(hf, "num_attention_heads", source)
     d_model = _int(hf, "hidden_size", source)
@@ -105,7 +106,7 @@ def model_fields(hf: dict, source: str = "config.json") -> dict:
 def _int(hf: dict, name: str, source: str) -> int:
     value = hf.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{source}: {name}={value!r}; expected a positive int")
+        raise UserError(f"{source}: {name}={value!r}; expected a positive int")
     return value
 
 
@@ -117,14 +118,14 @@ def _windows(hf: dict, model_type: str, num_layers: int, source: str):
     if window is None:
         return 0, 1  # every layer global
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"{source}: sliding_window={window!r}; expected a positive int or null")
+        raise UserError(f"{source}: sliding_window={window!r}; expected a positive int or null")
     kinds = hf.get("layer_types") if model_type == "ministral" else None
     if kinds is None:
         return window - 1, 0
     if (not isinstance(kinds, list) or len(kinds) != num_layers
             or set(kinds) - {"sliding_attention", "full_attention"}):
-        raise ValueError(f"{source}: layer_types={kinds!r}; expected {num_layers} of "
-                         f"'sliding_attention' / 'full_attention'")
+        raise UserError(f"{source}: layer_types={kinds!r}; expected {num_layers} of "
+                        f"'sliding_attention' / 'full_attention'")
     return window - 1, tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
 
 
@@ -133,8 +134,8 @@ def _rope(hf: dict, source: str) -> tuple[float, RopeScaling]:
     and ``rope_scaling`` (4.x, whose ``type`` is ``rope_type``'s old name)."""
     parameters = hf.get("rope_parameters") or {}
     if any(isinstance(value, dict) for value in parameters.values()):
-        raise ValueError(f"{source}: rope_parameters per layer type ({sorted(parameters)}) are "
-                         f"not supported; expected one set for every layer")
+        raise UserError(f"{source}: rope_parameters per layer type ({sorted(parameters)}) are "
+                        f"not supported; expected one set for every layer")
     scaling = dict(hf.get("rope_scaling") or parameters)
     base = parameters.get("rope_theta", hf.get("rope_theta", 10_000.0))
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
@@ -149,14 +150,14 @@ def _rope(hf: dict, source: str) -> tuple[float, RopeScaling]:
     try:
         return float(base), RopeScaling.from_dict({"rope_type": rope_type} | values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{source}: rope scaling {scaling | {'rope_type': rope_type}} is not "
-                         f"supported ({error})") from None
+        raise UserError(f"{source}: rope scaling {scaling | {'rope_type': rope_type}} is not "
+                        f"supported ({error})") from None
 
 
 def hf_config(config: TransformerConfig, max_position_embeddings: int, end_of_document_id: int,
               pad_id: int) -> dict:
     """The ``config.json`` (4.x layout) of ``config``'s model in float32, or a one-line
-    ValueError naming what `transformers`' Mistral and Ministral cannot represent.
+    `UserError` naming what `transformers`' Mistral and Ministral cannot represent.
 
     ``max_position_embeddings``: the context the model was trained at (with YaRN, the
     extended one: ``factor * original_max_position_embeddings``, as transformers expects).
@@ -210,7 +211,7 @@ def _scaling_json(scaling: RopeScaling) -> dict | None:
 
 def _check_exportable(config: TransformerConfig) -> None:
     def refuse(field, why):
-        raise ValueError(f"model.{field}={getattr(config, field)!r} cannot be exported: {why}")
+        raise UserError(f"model.{field}={getattr(config, field)!r} cannot be exported: {why}")
 
     if config.position_embedding != "rope":
         refuse("position_embedding", "transformers' Mistral has rotary position embeddings only")

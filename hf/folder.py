@@ -21,6 +21,7 @@ import shutil
 from safetensors.numpy import save_file
 
 from data.tokenizers import Tokenizer
+from errors import UserError
 from hf.config import hf_config
 from hf.params import export_tensors
 from hf.tokenizer import export_tokenizer
@@ -36,11 +37,11 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
     Hugging Face folder ``output`` (which must not exist yet).
 
     ``max_position_embeddings``: the context it was trained at (config.json's field).
-    Raises a one-line ValueError where ``output`` exists or the model cannot be exported
+    Raises a one-line `UserError` where ``output`` exists or the model cannot be exported
     (`hf.config.hf_config`), before anything is written.
     """
     if os.path.exists(output):
-        raise ValueError(f"--output={output}: it exists; name a new folder")
+        raise UserError(f"--output={output}: it exists; name a new folder")
     values = hf_config(config, max_position_embeddings, tokenizer.end_of_document_id,
                        tokenizer.pad_id)
     partial = output.rstrip(os.sep) + ".partial"
@@ -48,7 +49,7 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
     try:
         os.makedirs(partial)
     except OSError as error:
-        raise ValueError(f"--output={output}: cannot create it ({error.strerror})") from None
+        raise UserError(f"--output={output}: cannot create it ({error.strerror})") from None
     _write_json(os.path.join(partial, "config.json"), values)
     _write_json(os.path.join(partial, "generation_config.json"), {
         "bos_token_id": None, "eos_token_id": tokenizer.end_of_document_id,

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
+from errors import UserError
 from model.config import TransformerConfig
 
 _INDEX = "model.safetensors.index.json"
@@ -93,7 +94,7 @@ class TensorFiles:
     ``model.safetensors.index.json`` lists, read one at a time.
 
     A missing file, a tensor that the index names but its file lacks, or an unreadable file
-    is a one-line ValueError naming it (`transformers` would only warn and initialise the
+    is a one-line `UserError` naming it (`transformers` would only warn and initialise the
     tensor randomly).
     """
 
@@ -105,20 +106,20 @@ class TensorFiles:
                 with open(index) as f:
                     self.file_of = dict(json.load(f)["weight_map"])
             except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{index}: cannot read its weight_map ({error})") from None
+                raise UserError(f"{index}: cannot read its weight_map ({error})") from None
         elif os.path.exists(os.path.join(folder, _SINGLE)):
             with self._open(_SINGLE) as f:
                 self.file_of = {name: _SINGLE for name in f.keys()}
         else:
-            raise ValueError(f"{folder}: neither {_SINGLE} nor {_INDEX} is there (expected a "
-                             f"Hugging Face model folder with safetensors)")
+            raise UserError(f"{folder}: neither {_SINGLE} nor {_INDEX} is there (expected a "
+                            f"Hugging Face model folder with safetensors)")
 
     def _open(self, file: str):
         path = os.path.join(self.folder, file)
         try:
             return safe_open(path, framework="numpy")
         except Exception as error:  # safetensors raises its own types for a bad file
-            raise ValueError(f"{path}: cannot read it as safetensors ({error})") from None
+            raise UserError(f"{path}: cannot read it as safetensors ({error})") from None
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -133,8 +134,8 @@ class TensorFiles:
         file = self.file_of[name]
         with self._open(file) as f:
             if name not in f.keys():
-                raise ValueError(f"{os.path.join(self.folder, file)} lacks the tensor {name} "
-                                 f"that {_INDEX} places there")
+                raise UserError(f"{os.path.join(self.folder, file)} lacks the tensor {name} "
+                                f"that {_INDEX} places there")
             return f.get_tensor(name).astype(np.float32, copy=False)
 
 
@@ -171,7 +172,7 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
     ``abstract_params`` (a tree of ``jax.ShapeDtypeStruct`` with shardings) says.
 
     Each parameter is read, converted and placed into its shards before the next is read.
-    One-line ValueErrors: a tensor missing, one this model has no place for, or a shape
+    One-line `UserError`s: a tensor missing, one this model has no place for, or a shape
     other than ``config`` needs (naming the tensor and both shapes).
     """
     files = TensorFiles(folder)
@@ -181,11 +182,11 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
                    if not name.endswith(_IGNORED_SUFFIXES)
                    and not (config.tie_embeddings and name == "lm_head.weight"))
     if spare:
-        raise ValueError(f"{folder}: tensor {spare[0]} has no place in this model (a "
-                         f"Mistral/Llama-shaped model has no biases or extra norms)")
+        raise UserError(f"{folder}: tensor {spare[0]} has no place in this model (a "
+                        f"Mistral/Llama-shaped model has no biases or extra norms)")
     missing = sorted(wanted - files.names())
     if missing:
-        raise ValueError(f"{folder}: tensor {missing[0]} is missing")
+        raise UserError(f"{folder}: tensor {missing[0]} is missing")
 
     def key_path(path):
         return tuple(getattr(key, "key", key) for key in path)
@@ -196,8 +197,8 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
         expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape
         for name in names:
             if files.shape(name) != expected:
-                raise ValueError(f"{folder}: tensor {name} has shape {files.shape(name)}; this "
-                                 f"model needs {expected} (from its model.* config)")
+                raise UserError(f"{folder}: tensor {name} has shape {files.shape(name)}; this "
+                                f"model needs {expected} (from its model.* config)")
 
     def build(path, abstract):
         names, convert, _ = leaves[key_path(path)]

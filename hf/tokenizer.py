@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, padded_vocab_size
-from errors import first_line
+from errors import UserError, first_line
 
 # The names of the byte tokenizer's two special ids (it has none of its own): GPT-2's name for
 # its end of text, and the usual padding name.
@@ -50,7 +50,7 @@ def export_tokenizer(tokenizer, directory: str, model_max_length: int) -> None:
 
     The vocabulary is the tokenizer's real pieces; the model's (padded) ``vocab_size`` belongs
     to config.json. A SentencePiece model whose encoding the ``tokenizers`` library cannot
-    reproduce exactly (see `_sentencepiece_backend`) is a one-line ValueError.
+    reproduce exactly (see `_sentencepiece_backend`) is a one-line `UserError`.
     """
     if isinstance(tokenizer, ByteTokenizer):
         backend, unk = _byte_level_backend(), None
@@ -61,16 +61,16 @@ def export_tokenizer(tokenizer, directory: str, model_max_length: int) -> None:
     elif isinstance(tokenizer, HuggingFaceTokenizer):
         backend, unk = tokenizer.exportable_backend()
     else:
-        raise ValueError(f"cannot export a {type(tokenizer).__name__} tokenizer (expected bytes, "
-                         f"sentencepiece or hf)")
+        raise UserError(f"cannot export a {type(tokenizer).__name__} tokenizer (expected bytes, "
+                        f"sentencepiece or hf)")
     specials = {}
     for key, what, i in (("eos_token", "end-of-document", tokenizer.end_of_document_id),
                          ("pad_token", "padding", tokenizer.pad_id)):
         specials[key] = backend.id_to_token(i) if i >= 0 else None
         if specials[key] is None:
             source = getattr(tokenizer, "path", None) or getattr(tokenizer, "model_path", "")
-            raise ValueError(f"{source or tokenizer.name}: its {what} id {i} is not one of the "
-                             f"tokenizer's tokens, so it cannot be exported")
+            raise UserError(f"{source or tokenizer.name}: its {what} id {i} is not one of the "
+                            f"tokenizer's tokens, so it cannot be exported")
     if unk is not None:
         specials["unk_token"] = unk
     backend.save(os.path.join(directory, "tokenizer.json"))
@@ -155,27 +155,27 @@ def _sentencepiece_backend(processor, label: str) -> Tokenizer:
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
     cannot = f"{label}: cannot be exported exactly to a Hugging Face tokenizer:"
     if trainer.model_type != trainer.UNIGRAM:
-        raise ValueError(f"{cannot} a {trainer.ModelType.Name(trainer.model_type)} model "
-                         f"(expected unigram)")
+        raise UserError(f"{cannot} a {trainer.ModelType.Name(trainer.model_type)} model "
+                        f"(expected unigram)")
     # The normalisation rules (NFKC and the like) are a precompiled character map, which
     # identity has none of; the tokenizers library's Precompiled normalizer is not known to
     # match SentencePiece's longest-match rewriting on every text.
     if spec.precompiled_charsmap or proto.denormalizer_spec.precompiled_charsmap:
-        raise ValueError(f"{cannot} normalization rule {spec.name!r} (expected 'identity')")
+        raise UserError(f"{cannot} normalization rule {spec.name!r} (expected 'identity')")
     for setting, value, expected in (
             ("remove_extra_whitespaces", spec.remove_extra_whitespaces, False),
             ("escape_whitespaces", spec.escape_whitespaces, True),
             ("treat_whitespace_as_suffix", trainer.treat_whitespace_as_suffix, False)):
         if value != expected:
-            raise ValueError(f"{cannot} {setting}={value} (expected {expected})")
+            raise UserError(f"{cannot} {setting}={value} (expected {expected})")
 
     size = processor.get_piece_size()
     pieces = [processor.id_to_piece(i) for i in range(size)]
     user_defined = [p for p in proto.pieces if p.type == p.USER_DEFINED]
     if user_defined:  # SentencePiece gives them a bonus in the search, no fixed score
-        raise ValueError(f"{cannot} user-defined piece {user_defined[0].piece!r}")
+        raise UserError(f"{cannot} user-defined piece {user_defined[0].piece!r}")
     if len(set(pieces)) != size:
-        raise ValueError(f"{cannot} a piece appears twice (as a normal and a special piece)")
+        raise UserError(f"{cannot} a piece appears twice (as a normal and a special piece)")
     never_matched = [processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
                      or processor.is_unused(i) for i in range(size)]
     normal = [i for i in range(size) if not never_matched[i]]
@@ -183,9 +183,9 @@ def _sentencepiece_backend(processor, label: str) -> Tokenizer:
     for i in range(size):
         unseen = set(pieces[i]) - characters
         if unseen:
-            raise ValueError(f"{cannot} piece {pieces[i]!r} holds {sorted(unseen)[0]!r}, which "
-                             f"is not a piece itself (a text holding {pieces[i]!r} would encode "
-                             f"differently)")
+            raise UserError(f"{cannot} piece {pieces[i]!r} holds {sorted(unseen)[0]!r}, which "
+                            f"is not a piece itself (a text holding {pieces[i]!r} would encode "
+                            f"differently)")
     lowest = min(0.0, *(processor.get_score(i) for i in normal))
     # Below the score of any spelling of the piece's text in single characters, and by a
     # margin that float rounding cannot close.
@@ -193,7 +193,7 @@ def _sentencepiece_backend(processor, label: str) -> Tokenizer:
                    else processor.get_score(i)) for i, piece in enumerate(pieces)]
     byte_fallback = bool(trainer.byte_fallback)
     if byte_fallback and sum(processor.is_byte(i) for i in range(size)) != 256:
-        raise ValueError(f"{cannot} byte fallback without the 256 byte pieces")
+        raise UserError(f"{cannot} byte fallback without the 256 byte pieces")
     backend = Tokenizer(models.Unigram(vocabulary, unk_id=processor.unk_id(),
                                        byte_fallback=byte_fallback))
     # SentencePiece's normalizer (normalizer.cc) with the identity rule: the dummy prefix "▁"
@@ -224,11 +224,11 @@ def _read_json(path: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not JSON ({first_line(error)})") from None
+        raise UserError(f"{path}: not JSON ({first_line(error)})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -256,29 +256,29 @@ class HuggingFaceTokenizer:
 
     def __init__(self, directory: str):
         if not os.path.isdir(directory):
-            raise ValueError(f"{directory}: no such folder (expected a Hugging Face model "
-                             f"folder with tokenizer.json or tokenizer.model)")
+            raise UserError(f"{directory}: no such folder (expected a Hugging Face model "
+                            f"folder with tokenizer.json or tokenizer.model)")
         self.directory = directory
         for file in ("tokenizer.json", "tokenizer.model"):
             path = os.path.join(directory, file)
             if os.path.exists(path):
                 break
         else:
-            raise ValueError(f"{directory}: neither tokenizer.json nor tokenizer.model (expected "
-                             f"a Hugging Face model folder's tokenizer)")
+            raise UserError(f"{directory}: neither tokenizer.json nor tokenizer.model (expected "
+                            f"a Hugging Face model folder's tokenizer)")
         self.path = path
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError as error:
-            raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+            raise UserError(f"{path}: cannot read ({error.strerror})") from None
         self._backend = self._processor = None
         if file == "tokenizer.json":
             try:
                 self._backend = Tokenizer.from_str(raw.decode("utf-8"))
             except Exception as error:  # the library raises a bare Exception on a bad file
-                raise ValueError(f"{path}: not a tokenizers tokenizer.json "
-                                 f"({first_line(error)})") from None
+                raise UserError(f"{path}: not a tokenizers tokenizer.json "
+                                f"({first_line(error)})") from None
             self._backend.encode_special_tokens = True  # special tokens' text is text
             self._size = self._backend.get_vocab_size(with_added_tokens=True)
         else:
@@ -287,8 +287,8 @@ class HuggingFaceTokenizer:
             try:
                 self._processor = sentencepiece.SentencePieceProcessor(model_proto=raw)
             except RuntimeError as error:
-                raise ValueError(f"{path}: not a SentencePiece model "
-                                 f"({first_line(error)})") from None
+                raise UserError(f"{path}: not a SentencePiece model "
+                                f"({first_line(error)})") from None
             self._size = self._processor.get_piece_size()
 
         config = _read_json(os.path.join(directory, "config.json")) or {}
@@ -301,16 +301,16 @@ class HuggingFaceTokenizer:
         if self.vocab_size is None:
             self.vocab_size = padded_vocab_size(self._size)
         elif not isinstance(self.vocab_size, int) or self.vocab_size < self._largest_encoded_id() + 1:
-            raise ValueError(f"{directory}/config.json: vocab_size={self.vocab_size!r}, expected "
-                             f"an int above the tokenizer's ids (up to "
-                             f"{self._largest_encoded_id()})")
+            raise UserError(f"{directory}/config.json: vocab_size={self.vocab_size!r}, expected "
+                            f"an int above the tokenizer's ids (up to "
+                            f"{self._largest_encoded_id()})")
         self.end_of_document_id = self._end_of_document_id(setting("eos_token_id"))
         self.pad_id = self._pad_id()
         for name in ("end_of_document_id", "pad_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"{directory}: {name} {value} is not below vocab_size "
-                                 f"{self.vocab_size}")
+                raise UserError(f"{directory}: {name} {value} is not below vocab_size "
+                                f"{self.vocab_size}")
         # The token cache is keyed by the name; the end-of-document id is in the cached tokens.
         digest = hashlib.sha1(raw + f"\0eos={self.end_of_document_id}".encode())
         self.name = "hf-" + digest.hexdigest()[:12]
@@ -351,12 +351,12 @@ class HuggingFaceTokenizer:
         if token is not None:
             i = self._token_id(token)
             if i is None:
-                raise ValueError(f"{self.directory}/tokenizer_config.json: eos_token {token!r} "
-                                 f"is not a token of {self.path}")
+                raise UserError(f"{self.directory}/tokenizer_config.json: eos_token {token!r} "
+                                f"is not a token of {self.path}")
             return i
-        raise ValueError(f"{self.directory}: no end-of-document id (expected eos_token_id in "
-                         f"config.json or generation_config.json, or eos_token in "
-                         f"tokenizer_config.json)")
+        raise UserError(f"{self.directory}: no end-of-document id (expected eos_token_id in "
+                        f"config.json or generation_config.json, or eos_token in "
+                        f"tokenizer_config.json)")
 
     def _pad_id(self) -> int:
         token = self._tokenizer_config("pad_token")

@@ -1,7 +1,7 @@
 """The model's hyperparameters: `TransformerConfig`, its allowed values and its validation.
 
 Built from the ``model`` part of the training config (`TransformerConfig.from_config`), which
-raises a one-line ValueError naming the first bad or unknown field.
+raises a one-line `UserError` naming the first bad or unknown field.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from errors import UserError
 from model.attention import IMPLEMENTATIONS, resolve_implementation
 from model.rope import NO_SCALING, RopeScaling
 
@@ -77,16 +78,16 @@ class TransformerConfig:
     def from_config(cls, config: ml_collections.ConfigDict | dict, **overrides) -> TransformerConfig:
         """Validates ``config`` (the ``model`` part of a training config) and builds the config.
 
-        Raises a one-line ValueError naming the first bad or unknown field.
+        Raises a one-line `UserError` naming the first bad or unknown field.
         """
         values = dict(config) | overrides
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"model.{unknown[0]}: unknown model config field; expected one of "
-                             f"{sorted(known)}")
+            raise UserError(f"model.{unknown[0]}: unknown model config field; expected one of "
+                            f"{sorted(known)}")
         if "vocab_size" not in values:
-            raise ValueError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
+            raise UserError("model.vocab_size is missing: expected the tokenizer's vocabulary size")
         if isinstance(values.get("global_layers"), list):  # a JSON round trip gives lists
             values["global_layers"] = tuple(values["global_layers"])
         if not isinstance(values.get("rope_scaling", NO_SCALING), RopeScaling):
@@ -140,67 +141,67 @@ class TransformerConfig:
                      "max_documents_per_row"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise ValueError(f"model.{name}={value!r}: expected a positive int")
+                raise UserError(f"model.{name}={value!r}: expected a positive int")
         for name in ("window_size", "layer_chunk_size", "loss_chunk_size"):
             value = getattr(self, name)
             if not is_int(value) or value < 0:
-                raise ValueError(f"model.{name}={value!r}: expected an int >= 0")
+                raise UserError(f"model.{name}={value!r}: expected an int >= 0")
         if self.num_kv_heads is not None and (not is_int(self.num_kv_heads)
                                               or self.num_kv_heads < 1
                                               or self.num_heads % self.num_kv_heads):
-            raise ValueError(f"model.num_kv_heads={self.num_kv_heads!r}: expected None or a "
-                             f"positive divisor of model.num_heads={self.num_heads}")
+            raise UserError(f"model.num_kv_heads={self.num_kv_heads!r}: expected None or a "
+                            f"positive divisor of model.num_heads={self.num_heads}")
         layers = self.global_layers
         if is_int(layers):
             if not 0 <= layers <= self.num_layers:
-                raise ValueError(f"model.global_layers={layers!r}: expected an int k in 0.."
-                                 f"{self.num_layers} (every k-th layer; 0: none) or a tuple of "
-                                 f"layer indices")
+                raise UserError(f"model.global_layers={layers!r}: expected an int k in 0.."
+                                f"{self.num_layers} (every k-th layer; 0: none) or a tuple of "
+                                f"layer indices")
         elif not (isinstance(layers, tuple) and all(is_int(i) and 0 <= i < self.num_layers
                                                     for i in layers)
                   and len(set(layers)) == len(layers)):
-            raise ValueError(f"model.global_layers={layers!r}: expected an int k (every k-th "
-                             f"layer; 0: none) or a tuple of distinct layer indices in "
-                             f"0..{self.num_layers - 1}")
+            raise UserError(f"model.global_layers={layers!r}: expected an int k (every k-th "
+                            f"layer; 0: none) or a tuple of distinct layer indices in "
+                            f"0..{self.num_layers - 1}")
         if self.global_layer_indices and self.position_embedding == "relative":
-            raise ValueError("model.global_layers needs model.position_embedding 'rope' or "
-                             "'none': relative position embeddings are learned per window "
-                             "offset, and a global layer's window is the whole sequence")
+            raise UserError("model.global_layers needs model.position_embedding 'rope' or "
+                            "'none': relative position embeddings are learned per window "
+                            "offset, and a global layer's window is the whole sequence")
         if self.head_dim is not None and (not is_int(self.head_dim) or self.head_dim < 1):
-            raise ValueError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
+            raise UserError(f"model.head_dim={self.head_dim!r}: expected a positive int or None")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by "
-                             f"model.num_heads={self.num_heads}; set model.head_dim")
+            raise UserError(f"model.d_model={self.d_model} is not divisible by "
+                            f"model.num_heads={self.num_heads}; set model.head_dim")
         for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
                               ("activation", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
                               ("attention_implementation", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of "
-                                 f"{list(allowed)}")
+                raise UserError(f"model.{name}={getattr(self, name)!r}: expected one of "
+                                f"{list(allowed)}")
         if self.position_embedding == "rope" and self.resolved_head_dim % 2:
-            raise ValueError(f"model.position_embedding='rope' needs an even head dim; got "
-                             f"{self.resolved_head_dim}")
+            raise UserError(f"model.position_embedding='rope' needs an even head dim; got "
+                            f"{self.resolved_head_dim}")
         if self.attention_implementation not in ("auto", "xla") and (
                 self.position_embedding == "relative" or self.attention_dropout_rate):
-            raise ValueError(f"model.attention_implementation={self.attention_implementation!r} "
-                             f"supports neither relative positions nor attention dropout")
+            raise UserError(f"model.attention_implementation={self.attention_implementation!r} "
+                            f"supports neither relative positions nor attention dropout")
         if self.attention_implementation == "cudnn" and self.dtype != "bfloat16":
-            raise ValueError(f"model.attention_implementation='cudnn' needs "
-                             f"model.dtype='bfloat16'; got {self.dtype!r}")
+            raise UserError(f"model.attention_implementation='cudnn' needs "
+                            f"model.dtype='bfloat16'; got {self.dtype!r}")
         for name in ("dropout_rate", "attention_dropout_rate", "rope_base", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise ValueError(f"model.{name}={value!r}: expected a number")
+                raise UserError(f"model.{name}={value!r}: expected a number")
         for name in ("dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected a float in [0, 1)")
+                raise UserError(f"model.{name}={getattr(self, name)!r}: expected a float in [0, 1)")
         for name in ("rope_base", "rope_local_base"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, numbers.Real)
                                       or isinstance(value, bool) or not value > 1):
-                raise ValueError(f"model.{name}={value!r}: expected a number > 1")
+                raise UserError(f"model.{name}={value!r}: expected a number > 1")
         if not self.norm_eps > 0:
-            raise ValueError(f"model.norm_eps={self.norm_eps!r}: expected a number > 0")
+            raise UserError(f"model.norm_eps={self.norm_eps!r}: expected a number > 0")
         if not isinstance(self.scale_embeddings, bool):
-            raise ValueError(f"model.scale_embeddings={self.scale_embeddings!r}: expected a bool")
+            raise UserError(f"model.scale_embeddings={self.scale_embeddings!r}: expected a bool")
         self.rope_scaling.validate()

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from errors import UserError
 from model.attention import check_arguments, local_attention, resolve_implementation
 from model.kernels.common import NO_SEGMENT, pad_sequence
 from model.kernels.xla import xla_local_attention
@@ -52,7 +53,7 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     whole groups). Without a mesh, or where
     ``length`` is not sharded, it is plain `local_attention`. Attention dropout draws its mask
     per device (the key folded with the device's mesh index), so it differs from the unsharded
-    draw. Raises a one-line ValueError if ``seq_len`` is not divisible by the sequence shards.
+    draw. Raises a one-line `UserError` if ``seq_len`` is not divisible by the sequence shards.
     """
     check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                     dropout_rate, dropout_rng, segment_ids)
@@ -68,8 +69,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                                  mesh, axes, kv_axes, kernel_options)
     seq_len = q.shape[-2]
     if seq_len % shards:
-        raise ValueError(f"seq_len={seq_len} is not divisible by mesh."
-                         f"{'×'.join(length_axes)}={shards}, which shards the sequence")
+        raise UserError(f"seq_len={seq_len} is not divisible by mesh."
+                        f"{'×'.join(length_axes)}={shards}, which shards the sequence")
     spec, kv_spec = _array_specs(q, k, mesh, axes, kv_axes, length_axes)
     length_axis_name = spec[-2]
     local_len = seq_len // shards

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from errors import UserError
 from model.config import TransformerConfig
 from model.context_parallel import sequence_shards
 from model.kernels.common import NO_SEGMENT
@@ -47,8 +48,8 @@ def _layer_chunks(config: TransformerConfig, length: int,
     if not chunk or chunk >= length or global_layer:
         return 1, length, length
     if length % chunk:
-        raise ValueError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
-                         f"{length}: expected a divisor of it, or 0")
+        raise UserError(f"model.layer_chunk_size={chunk} does not divide the sequence length "
+                        f"{length}: expected a divisor of it, or 0")
     return length // chunk, chunk, min(length, chunk + config.window_size)
 
 
@@ -120,13 +121,13 @@ def _layer_in_chunks(block_type, config: TransformerConfig, deterministic: bool,
 
 
 def check_device_chunks(block: int, chunk: int, window: int, shards: int) -> None:
-    """A one-line ValueError where each of ``shards`` devices' ``block`` positions cannot run
+    """A one-line `UserError` where each of ``shards`` devices' ``block`` positions cannot run
     in chunks of ``chunk`` under context parallelism: the chunk must divide the block, and the
     window (the halo from the previous device) must not exceed it."""
     if block % chunk or window > block:
-        raise ValueError(f"model.layer_chunk_size={chunk} with mesh.context={shards}: each "
-                         f"device's block of {block} positions runs in chunks, so the chunk "
-                         f"must divide it and model.window_size={window} must not exceed it")
+        raise UserError(f"model.layer_chunk_size={chunk} with mesh.context={shards}: each "
+                        f"device's block of {block} positions runs in chunks, so the chunk "
+                        f"must divide it and model.window_size={window} must not exceed it")
 
 
 def _layer_in_device_chunks(block_type, config: TransformerConfig, deterministic: bool,
@@ -254,7 +255,7 @@ def layer_stack(block_type, config, deterministic, params, x, segment_ids, posit
     `TransformerConfig`; ``deterministic`` (static bool): no dropout; ``segment_ids`` and
     ``positions``: ``(batch, seq_len)`` int or None; ``dropout_key``: a PRNG key (None without
     dropout), folded with the layer and the chunk. Returns ``(batch, seq_len, d_model)`` in x's
-    dtype. Raises a one-line ValueError where ``layer_chunk_size`` does not divide seq_len.
+    dtype. Raises a one-line `UserError` where ``layer_chunk_size`` does not divide seq_len.
 
     What ``nn.remat`` inside ``nn.scan`` does, with the saved inputs held as raw bits (uint16
     for bfloat16): XLA:CPU widens a bfloat16 array that a loop slices to float32 and hoists

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from errors import UserError
+
 ROPE_TYPES = ("default", "linear", "yarn")
 
 
@@ -51,22 +53,22 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> RopeScaling:
-        """From a config's ``rope_scaling`` dict (None: no scaling); a one-line ValueError
+        """From a config's ``rope_scaling`` dict (None: no scaling); a one-line `UserError`
         names an unknown or bad field."""
         values = dict(values or {})
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"model.rope_scaling.{unknown[0]}: unknown field; expected one of "
-                             f"{sorted(known)}")
+            raise UserError(f"model.rope_scaling.{unknown[0]}: unknown field; expected one of "
+                            f"{sorted(known)}")
         scaling = cls(**values)
         scaling.validate()
         return scaling
 
     def validate(self) -> None:
         def bad(name, expected):
-            return ValueError(f"model.rope_scaling.{name}={getattr(self, name)!r}: expected "
-                              f"{expected}")
+            return UserError(f"model.rope_scaling.{name}={getattr(self, name)!r}: expected "
+                             f"{expected}")
 
         def is_number(value):
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -89,9 +91,9 @@ class RopeScaling:
                                      or isinstance(original, bool) or original < 1):
             raise bad("original_max_position_embeddings", "None or a positive int")
         if self.rope_type == "yarn" and original is None:
-            raise ValueError("model.rope_scaling.rope_type='yarn' needs model.rope_scaling."
-                             "original_max_position_embeddings: the context the model was "
-                             "pretrained at")
+            raise UserError("model.rope_scaling.rope_type='yarn' needs model.rope_scaling."
+                            "original_max_position_embeddings: the context the model was "
+                            "pretrained at")
 
     def as_dict(self) -> dict:
         """The fields as a plain dict (the config's form)."""

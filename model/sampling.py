@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from errors import UserError
 from model.config import TransformerConfig
 from model.layer_stack import unstack_layers
 from model.transformer import TransformerLM
@@ -29,12 +30,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 1.0, t
     probability reaches ``top_p`` (nucleus sampling; 1.0: no limit).
     """
     if temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: expected >= 0 (0 is greedy)")
+        raise UserError(f"temperature={temperature!r}: expected >= 0 (0 is greedy)")
     if not 0 <= top_k <= logits.shape[-1]:
-        raise ValueError(f"top_k={top_k!r}: expected 0 (no limit) up to the vocabulary size "
-                         f"{logits.shape[-1]}")
+        raise UserError(f"top_k={top_k!r}: expected 0 (no limit) up to the vocabulary size "
+                        f"{logits.shape[-1]}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r}: expected a probability in (0, 1]")
+        raise UserError(f"top_p={top_p!r}: expected a probability in (0, 1]")
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -72,8 +73,8 @@ def generate(params, prompt: jax.Array, key: jax.Array, *, config: TransformerCo
       ``end_token`` included.
     """
     if max_new_tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and a prompt "
-                         f"of shape (batch, prompt_len >= 1) (got {prompt.shape})")
+        raise UserError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and a prompt "
+                        f"of shape (batch, prompt_len >= 1) (got {prompt.shape})")
     if config.scan_layers and config.global_layer_indices:
         # Global and local layers keep caches of different sizes: no scan over them.
         params = unstack_layers(params, config)

@@ -110,6 +110,30 @@ def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_value_error_inside_jax_is_a_bug_with_its_traceback(tmp_path):
+    """A ValueError that JAX raises during a run is a bug (ours or a library's), not a user's
+    mistake: it reaches the user with its traceback and a non-zero exit, never as a one-line
+    ``error:`` (only errors.UserError is). Injected in the training loop: jnp.split of 3
+    elements in 2 raises ValueError from inside jax.numpy."""
+    wrapper = tmp_path / "train_with_a_bug.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "import jax.numpy as jnp\n"
+        "import data.packing\n"
+        "def broken(batch, bound):\n"
+        "    jnp.split(jnp.arange(3), 2)\n"
+        "data.packing.check_documents_per_row = broken\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    done = script(str(wrapper), "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
+                  f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("ValueError: array split does not "
+                                                           "result in an equal division")
+    assert "error: " not in done.stderr
+
+
 def test_an_empty_data_file_is_a_one_line_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

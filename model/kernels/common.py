@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from errors import UserError
+
 # The platform being lowered for, where it is not JAX's default backend (`lowering_platform`).
 _LOWERING_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lowering_platform", default=None)
@@ -26,9 +28,9 @@ def lowering_platform(platform: str) -> Iterator[None]:
     "rocm" or "tpu", as ``jax.export``'s ``platforms`` names them) instead of JAX's default
     backend: ``auto``'s pick and splash's interpret mode. For lowering on one machine what
     another runs: ``with lowering_platform("tpu"): jax.export.export(f, platforms=["tpu"])``.
-    Raises ValueError for another name."""
+    Raises `UserError` for another name."""
     if platform not in _BACKEND_OF_PLATFORM:
-        raise ValueError(f"platform={platform!r}: expected one of {sorted(_BACKEND_OF_PLATFORM)}")
+        raise UserError(f"platform={platform!r}: expected one of {sorted(_BACKEND_OF_PLATFORM)}")
     token = _LOWERING_PLATFORM.set(platform)
     try:
         yield
@@ -106,15 +108,15 @@ def masked_softmax_parts(
 
 def reject_unsupported(implementation: str, mask, rel_pos_emb, dropout_rate, extra=()) -> None:
     """The one-line error of a kernel backend asked for features it does not have: raises a
-    ValueError naming each of ``mask``, ``rel_pos_emb`` (not None), dropout (a positive
+    `UserError` naming each of ``mask``, ``rel_pos_emb`` (not None), dropout (a positive
     ``dropout_rate``) and the ``extra`` descriptions, if there is any; else returns None."""
     unsupported = [name for name, value in (("mask", mask), ("rel_pos_emb", rel_pos_emb))
                    if value is not None]
     unsupported += ["dropout"] * (dropout_rate > 0.0) + list(extra)
     if unsupported:
-        raise ValueError(f"implementation={implementation!r} cannot compute "
-                         f"{', '.join(unsupported)}: use implementation='xla' (every feature) "
-                         f"or 'auto'")
+        raise UserError(f"implementation={implementation!r} cannot compute "
+                        f"{', '.join(unsupported)}: use implementation='xla' (every feature) "
+                        f"or 'auto'")
 
 
 def per_row_segments(segment_ids: jax.Array, lead: tuple[int, ...], seq_len: int) -> jax.Array:

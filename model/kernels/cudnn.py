@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from errors import UserError
 from model.kernels.common import per_row_segments, reject_unsupported, target_backend
 
 
@@ -52,7 +53,7 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
     jitted computation, with ``max_segments`` slots per row.
 
     Takes `model.local_attention`'s arguments (checked there) and returns its
-    ``(..., seq_len, head_dim)`` in q's dtype. A one-line ValueError for a mask, rel_pos_emb,
+    ``(..., seq_len, head_dim)`` in q's dtype. A one-line `UserError` for a mask, rel_pos_emb,
     dropout, a right window, segment ids without ``max_segments`` or differing per head, a
     backend other than an NVIDIA GPU, or inputs other than bfloat16/float16. On a jax before
     0.11.1, grouped k/v heads with segment ids are repeated to the query heads first
@@ -64,10 +65,10 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
         extra.append("segment_ids without max_segments (its packed layout needs the bound)")
     reject_unsupported("cudnn", mask, rel_pos_emb, dropout_rate, extra)
     if target_backend() != "gpu":
-        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the backend is "
-                         f"{target_backend()!r}: use implementation='xla' or 'auto'")
+        raise UserError(f"implementation='cudnn' needs an NVIDIA GPU; the backend is "
+                        f"{target_backend()!r}: use implementation='xla' or 'auto'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
+        raise UserError(f"implementation='cudnn' needs bfloat16 or float16 inputs; got {q.dtype}")
     *lead, seq_len, head_dim = k.shape
 
     def to_bnhd(x):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from errors import UserError
 from model.kernels.common import grouped, query_groups
 
 
@@ -15,12 +16,12 @@ def dense_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
     """``jax.nn.dot_product_attention`` with the same semantics, materialising (n, n) scores.
 
     Takes `model.local_attention`'s arguments (checked there) and returns its
-    ``(..., seq_len, head_dim)`` in q's dtype. A one-line ValueError for rel_pos_emb or
+    ``(..., seq_len, head_dim)`` in q's dtype. A one-line `UserError` for rel_pos_emb or
     dropout, which it does not compute."""
     del dropout_rng, block_size, precision, max_segments
     if rel_pos_emb is not None or dropout_rate > 0.0:
-        raise ValueError("implementation='dense' supports neither rel_pos_emb nor dropout; "
-                         "use implementation='xla'")
+        raise UserError("implementation='dense' supports neither rel_pos_emb nor dropout; "
+                        "use implementation='xla'")
     groups = query_groups(q, k)
     *lead, seq_len, head_dim = k.shape
     # The layout of jax.nn.dot_product_attention, which groups query heads natively: q

@@ -48,7 +48,7 @@ def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
 
     Takes `model.local_attention`'s arguments (checked there; ``block_size``: the kernel's
     block, a multiple of 128, default 512 or the sequence rounded up to 128) and returns its
-    ``(..., seq_len, head_dim)`` in q's dtype. A one-line ValueError for a mask,
+    ``(..., seq_len, head_dim)`` in q's dtype. A one-line `UserError` for a mask,
     rel_pos_emb or dropout, or segment ids that differ per head."""
     del dropout_rng, precision, max_segments
     reject_unsupported("splash", mask, rel_pos_emb, dropout_rate)
