@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import ml_collections
 
@@ -42,9 +43,21 @@ _DATA_DEFAULTS = data_config.get_config().to_dict()
 DECAY_SCHEDULES = ("cosine", "linear")  # of the learning rate (steps.learning_rate_schedule)
 
 
+def check_finite_floats(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """A one-line `UserError` naming the first float field of ``config``, at any depth, that
+    is NaN or infinite: no field means anything by them, and a NaN learning rate would
+    otherwise train a step before the non-finite loss stops the run."""
+    for name, value in config.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            check_finite_floats(ml_collections.ConfigDict(value), f"{prefix}{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{name}={value}: expected a finite number")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """One-line `UserError`s for bad training fields (model and data fields are checked where
-    they are used: TransformerConfig.from_config, data/)."""
+    """One-line `UserError`s for bad training fields and non-finite floats anywhere (model and
+    data fields are checked where they are used: TransformerConfig.from_config, data/)."""
+    check_finite_floats(config)
     def int_at_least(name, minimum):
         value = config[name] if "." not in name else config.data[name.split(".")[1]]
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -119,7 +132,11 @@ def check_resume_compatible(saved: ml_collections.ConfigDict,
 
 def check_inference_overrides(overrides: dict) -> None:
     """A one-line `UserError` where flat ``{"data.source": ..., ...}`` overrides of a trained
-    run's config touch one of `PARAMETER_FIELDS` (the parameters depend on it)."""
+    run's config touch one of `PARAMETER_FIELDS` (the parameters depend on it) or set a float
+    to NaN or infinity."""
+    for key, value in overrides.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--config.{key}={value}: expected a finite number")
     fixed = [key for key in overrides if key.startswith(PARAMETER_FIELDS)]
     if fixed:
         raise UserError(f"--config.{fixed[0]}: the checkpoint's parameters depend on it; it "

@@ -57,3 +57,31 @@ def test_inference_overrides_may_not_touch_what_the_parameters_depend_on():
     config = tiny.get_config()
     run_config.apply_overrides(config, {"data.source": "text", "batch_size": 2})
     assert config.data.source == "text" and config.batch_size == 2
+
+
+def _float_fields(config, prefix=""):
+    """The dotted names of ``config``'s float fields (placeholders of float too), at any depth."""
+    import ml_collections
+
+    for name in config.keys():
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _float_fields(value, f"{prefix}{name}.")
+        elif config.get_ref(name).get_type() is float:
+            yield f"{prefix}{name}"
+
+
+def test_nan_and_inf_in_every_float_field_are_one_line_errors_naming_it():
+    fields = list(_float_fields(tiny.get_config()))
+    # the training, model, rope and data floats are all there
+    assert {"learning_rate", "model.rope_base", "model.rope_scaling.factor",
+            "data.validation_fraction"} <= set(fields), fields
+    for field in fields:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            config = tiny.get_config()
+            run_config.apply_overrides(config, {field: value})
+            with pytest.raises(run_config.UserError, match=rf"^{field}={value}: expected a "
+                                                           rf"finite number$"):
+                run_config.validate_config(config)
+            with pytest.raises(run_config.UserError, match=rf"^--config.{field}={value}: "):
+                run_config.check_inference_overrides({field: value})

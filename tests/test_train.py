@@ -90,6 +90,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ("--config.data.passkey_answer_weight=-2", "error: data.passkey_answer_weight=-2.0: "
                                                "expected a finite number >= 0"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
+    ("--config.learning_rate=nan", "error: learning_rate=nan: expected a finite number"),
+    ("--config.model.rope_scaling.factor=inf",
+     "error: model.rope_scaling.factor=inf: expected a finite number"),
     ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
     ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"),
     ("--config.seed=-1", "error: seed=-1: expected an int in [0, 2**31)"),
