@@ -119,7 +119,7 @@ def with_rules(jitted: Callable, mesh: Mesh, rules: tuple) -> Callable:
     """``jitted`` called (and so traced) with the mesh and logical axis rules in scope, so the
     model's ``with_logical_constraint`` calls shard its activations. The result has ``.lower``
     too, for ahead-of-time compilation (the memory analysis of bench/memory.py), and
-    ``.export(platform, *args)`` for lowering what another platform runs (tests/test_export_tpu.py)."""
+    ``.export(platform, *args)`` for lowering what another platform runs (tests/test_lowering.py)."""
     def call(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)

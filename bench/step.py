@@ -3,7 +3,8 @@ whole loop, with and without huge pages for XLA's temporaries.
 
     python bench/step.py [--steps=300] [--config.KEY=VALUE ...]
 
-The shape is issue 11's: 4 layers, d_model 128, context 64, batch 12, UTF-8 bytes (the default
+The shape is that of a small model whose step on this CPU was slower than PyTorch eager's
+(docs/benchmarks.md): 4 layers, d_model 128, context 64, batch 12, UTF-8 bytes (the default
 config's other fields: 4 heads, SwiGLU of 768, window 256, float32, AdamW with clipping). Each point
 runs in its own process, once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` (glibc maps
 XLA's temporaries in 4 KiB pages, faulted in afresh each step) and once with ``=1`` (what
