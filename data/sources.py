@@ -15,6 +15,7 @@ Every bad value becomes a one-line `UserError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -206,6 +207,7 @@ def _split_documents(text: str, separator: str) -> list[str]:
 
 def _hf_documents(config, split: str) -> Iterator[str]:
     import datasets
+    import huggingface_hub
 
     if not config.hf_name:
         raise UserError("data.hf_name is empty: expected a HuggingFace dataset name or a "
@@ -214,14 +216,21 @@ def _hf_documents(config, split: str) -> Iterator[str]:
     data_files = None
     if config.paths:
         data_files = {hf_split: [path for path, _ in _text_files(config.paths, "data.paths")]}
+    # Where the Hub does not answer, huggingface_hub would retry it for ~24 s first.
+    offline = datasets.config.HF_HUB_OFFLINE or huggingface_hub.is_offline_mode()
+    unreachable = None
+    if not offline and _on_the_hub(config.hf_name):
+        unreachable = _hub_unreachable(datasets.config.HF_ENDPOINT)
     try:
-        dataset = datasets.load_dataset(config.hf_name, config.hf_config or None, split=hf_split,
-                                        data_files=data_files, streaming=config.hf_streaming)
+        with _hub_offline() if unreachable else contextlib.nullcontext():
+            dataset = datasets.load_dataset(config.hf_name, config.hf_config or None,
+                                            split=hf_split, data_files=data_files,
+                                            streaming=config.hf_streaming)
     except ConnectionError as error:  # no network, or HF_HUB_OFFLINE without a cached copy
         raise UserError(
             f"data.hf_name={config.hf_name!r}: cannot reach the Hugging Face Hub "
-            f"({first_line(error)}); run once with network to download it into the HF cache "
-            f"(then HF_DATASETS_OFFLINE=1 reads it offline), or give local files: "
+            f"({unreachable or first_line(error)}); run once with network to download it into "
+            f"the HF cache (then HF_DATASETS_OFFLINE=1 reads it offline), or give local files: "
             f"data.hf_name='parquet' (or 'json', 'text') with data.paths") from None
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         raise UserError(f"data.hf_name={config.hf_name!r} split {hf_split!r}: "
@@ -232,6 +241,49 @@ def _hf_documents(config, split: str) -> Iterator[str]:
                         f"{config.hf_name!r}; it has {sorted(columns)}")
     for record in dataset:
         yield record[config.hf_text_field]
+
+
+# One request tells an unreachable Hub from a reachable one. Short, so that an offline run
+# fails in seconds: the Hub answers a HEAD in well under a second.
+_HUB_CHECK_TIMEOUT_S = 2.0
+
+
+def _on_the_hub(hf_name: str) -> bool:
+    """Whether `datasets.load_dataset` looks ``hf_name`` up on the Hub: not a packaged loader
+    (``json``, ``text``, ``parquet``, ...) nor a local folder."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return hf_name not in _PACKAGED_DATASETS_MODULES and not os.path.isdir(hf_name)
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` gave no answer to one HEAD request (``"<url>: <error>"``), or None where
+    it answered, with any status. No retries and no log lines."""
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=_HUB_CHECK_TIMEOUT_S)
+    except (httpx2.TransportError, httpx2.InvalidURL) as error:
+        return f"{endpoint}: {type(error).__name__}: {first_line(error)}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Offline mode, as HF_HUB_OFFLINE=1 sets it at import, for a Hub found unreachable:
+    `datasets` then reads its cached copy or fails at once, where online it first retries for
+    about 24 s (huggingface_hub's backoff, five retries, each logged twice), and only then
+    falls back to the same cache. Both libraries read these flags at call time."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _tfds_documents(config, split: str) -> Iterator[str]:

@@ -18,6 +18,7 @@ memory holds about one tensor at a time, not the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -124,18 +125,25 @@ class TensorFiles:
     def names(self) -> set[str]:
         return set(self.file_of)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        with self._open(self.file_of[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
-
-    def read(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as float32; the file is opened for it alone, so that its pages
-        leave memory with it."""
+    @contextlib.contextmanager
+    def _file_holding(self, name: str):
+        """The open file that the index places ``name`` in, checked to hold it: a header or
+        tensor access raises safetensors' own error (a traceback) for a name it lacks."""
         file = self.file_of[name]
         with self._open(file) as f:
             if name not in f.keys():
                 raise UserError(f"{os.path.join(self.folder, file)} lacks the tensor {name} "
                                 f"that {_INDEX} places there")
+            yield f
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with self._file_holding(name) as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as float32; the file is opened for it alone, so that its pages
+        leave memory with it."""
+        with self._file_holding(name) as f:
             return f.get_tensor(name).astype(np.float32, copy=False)
 
 

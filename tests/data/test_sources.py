@@ -1,8 +1,14 @@
 """Document sources: the stdlib default, local text, HuggingFace loaders, TFDS."""
 
+import http.server
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import sysconfig
+import threading
 
 import pytest
 
@@ -76,6 +82,120 @@ def test_huggingface_local_json_loader(data_config, tmp_path):
     data_config.update(hf_text_field="text", hf_streaming=False)
     with pytest.raises(ValueError, match="data.hf_text_field='text' is not a field"):
         list(sources.read_documents(data_config, "train"))
+
+
+# read_documents in a process of its own, so that huggingface_hub and datasets read the test's
+# HF_ENDPOINT and HF_HOME at import. It prints what it raises as the scripts do ('error: ...',
+# exit 1) and writes the documents and the seconds that the call took (imports excluded) to
+# argv[2].
+_READ_HUB_DATASET = """
+import json, sys, time
+import datasets  # noqa: F401  (imported before the clock starts)
+from configs.data import get_config
+from data import sources
+from errors import UserError
+
+config = get_config()
+config.update(source="hf", hf_name=sys.argv[1])
+start, documents, status = time.perf_counter(), None, 0
+try:
+    documents = list(sources.read_documents(config, "train"))
+except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    status = 1
+json.dump({"seconds": time.perf_counter() - start, "documents": documents},
+          open(sys.argv[2], "w"))
+sys.exit(status)
+"""
+_HUB_DATASET = "someone/some-dataset"
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(params=["refused", "silent"])
+def unreachable_hub(request):
+    """An HF_ENDPOINT that refuses connections (a port just closed), or one that accepts
+    them and never answers (a listening socket that never reads)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        if request.param == "silent":
+            server.listen(8)
+            yield f"http://127.0.0.1:{server.getsockname()[1]}"
+            return
+        port = server.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+def _read_from_hub(tmp_path, endpoint):
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().endswith("_PROXY") and not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"),
+            "PYTHONPATH": _ROOT}
+    # A timeout, so that the old behaviour (24 s of retries, minutes where the port never
+    # answers) fails the test instead of hanging it.
+    run = subprocess.run([sys.executable, "-c", _READ_HUB_DATASET, _HUB_DATASET,
+                          str(tmp_path / "result.json")], env=env, cwd=_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    return run, json.load(open(tmp_path / "result.json"))
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path, unreachable_hub):
+    """Without the check, huggingface_hub retries five times with backoff (~24 s), logging
+    each try twice: 22 lines before ours."""
+    run, result = _read_from_hub(tmp_path, unreachable_hub)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert run.returncode == 1, lines
+    assert len(lines) <= 2, lines
+    assert any(line.startswith(f"error: data.hf_name={_HUB_DATASET!r}: cannot reach the "
+                               f"Hugging Face Hub ({unreachable_hub}: ") for line in lines), lines
+    assert result["seconds"] < 5
+
+
+def test_a_hub_that_answers_is_not_taken_for_unreachable(tmp_path):
+    """Any answer counts, a 404 included: datasets then says what the Hub said."""
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        run, _ = _read_from_hub(tmp_path, f"http://127.0.0.1:{server.server_address[1]}")
+        server.shutdown()
+    lines = (run.stdout + run.stderr).splitlines()
+    assert run.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: data.hf_name={_HUB_DATASET!r} split 'train': "), lines
+    assert "cannot reach" not in lines[0]
+
+def test_an_unreachable_hub_still_reads_the_cached_copy(tmp_path):
+    """As datasets does after its retries (and with HF_HUB_OFFLINE=1): its latest cached copy
+    of the dataset. The copy here is a json dataset's cache laid out as a Hub dataset's
+    (<namespace>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow)."""
+    import datasets
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)))
+    cache = tmp_path / "hf" / "datasets"
+    datasets.load_dataset("json", data_files={"train": str(path)}, split="train",
+                          cache_dir=str(cache))
+    built, = [p for p in cache.glob("json/*/*/*") if p.is_dir()]
+    copy = cache / "someone___some-dataset" / "default" / "0.0.0" / "0"
+    shutil.copytree(built, copy)
+    (copy / "json-train.arrow").rename(copy / "some-dataset-train.arrow")
+    info = json.loads((copy / "dataset_info.json").read_text())
+    (copy / "dataset_info.json").write_text(json.dumps(info | {"config_name": "default"}))
+    with socket.socket() as server:  # a closed port
+        server.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    run, result = _read_from_hub(tmp_path, endpoint)
+    assert run.returncode == 0, run.stderr
+    assert result["documents"] == [f"document {i}" for i in range(3)]
+    assert result["seconds"] < 5
 
 
 def test_tfds_source_with_mock_data(data_config):

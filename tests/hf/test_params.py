@@ -10,14 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from data.tokenizers import ByteTokenizer  # noqa: E402
+from errors import UserError  # noqa: E402
 from hf.config import model_fields, read_config_json  # noqa: E402
 from hf.folder import write_model_folder  # noqa: E402
-from hf.params import load_params  # noqa: E402
+from hf.params import TensorFiles, load_params  # noqa: E402
 from model import TransformerConfig, TransformerLM  # noqa: E402
 
 WINDOW = 8  # transformers' sliding_window: our window_size + 1
@@ -194,7 +196,8 @@ def test_bad_folders_are_one_line_errors(tmp_path):
         model_fields(config | {"model_type": "qwen2"})
     with pytest.raises(ValueError, match=r"hidden_act='gelu'"):
         model_fields(config | {"hidden_act": "gelu"})
-    # A sharded folder whose index names a tensor its file lacks, and one with a spare tensor.
+    # A sharded folder whose index has a spare tensor, and one whose index lacks a tensor
+    # (the index alone edited; a shard that lacks what its index names: the test below).
     model, params = _our_model(tie_embeddings=False)
     sharded = str(tmp_path / "sharded")
     write_model_folder(sharded, params, model.config, ByteTokenizer(), SEQ_LEN,
@@ -214,6 +217,34 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"neither model.safetensors nor"):
         _import(folder)
 
+
+def test_a_shard_lacking_a_tensor_its_index_names_is_one_line(tmp_path):
+    """The index lists every tensor (so no name is missing or spare), but puts one in a real
+    shard that does not hold it: the shape check, which reads each header before any tensor,
+    and the read itself name the file and the tensor in one line, not safetensors' error."""
+    model, params = _our_model(tie_embeddings=False)
+    folder = str(tmp_path / "sharded")
+    write_model_folder(folder, params, model.config, ByteTokenizer(), SEQ_LEN,
+                       max_shard_bytes=40_000)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    weight_map = index["weight_map"]
+    holder = weight_map["model.norm.weight"]
+    elsewhere = next(f for f in sorted(set(weight_map.values())) if f != holder)
+    assert "model.norm.weight" not in safetensors.numpy.load_file(os.path.join(folder, elsewhere))
+    weight_map["model.norm.weight"] = elsewhere
+    json.dump(index, open(index_path, "w"))
+    expected = (f"{os.path.join(folder, elsewhere)} lacks the tensor model.norm.weight that "
+                f"model.safetensors.index.json places there")
+    with pytest.raises(UserError) as raised:
+        _import(folder)
+    assert str(raised.value) == expected
+    files = TensorFiles(folder)
+    for access in (files.shape, files.read):
+        with pytest.raises(UserError) as raised:
+            access("model.norm.weight")
+        assert str(raised.value) == expected
+    assert files.shape("lm_head.weight") == (384, 48)  # the other tensors still read
 
 @pytest.mark.parametrize("overrides,message", [
     ({"position_embedding": "relative"}, r"model.position_embedding='relative' cannot be "
