@@ -1,16 +1,23 @@
 """Checkpoints of a training run: orbax's ``CheckpointManager`` under ``<workdir>/checkpoints``.
 
-``<workdir>/checkpoints/<step>/`` holds four items:
+``<workdir>/checkpoints/<step>/`` holds five items:
 
 * ``state``: the `steps.TrainState` (step, parameters, optimizer state, PRNG key), saved
   from its sharded arrays and restored onto whatever shardings the caller asks for, so a run
-  saved on one mesh resumes on another (orbax reshards);
+  saved on one mesh resumes on another (orbax reshards). Evaluation, generation, export and
+  ``init_from`` restore the parameters alone (`Checkpoints.restore_params`): AdamW's moments
+  are twice their size;
 * ``data``: the training iterator's state (`data.TrainBatches.state()`), JSON;
 * ``config``: the training config that produced it, JSON;
-* ``checksums``: the `word_hashes` of ``state`` (JSON), checked on restore, so that a damaged
-  file is an error rather than silently wrong weights: changed bits and words that trade
-  places both change them. (Checkpoints written before them hold plain `word_sums`, which
-  are checked instead.)
+* ``checksums``: the `word_hashes` of ``state``'s arrays keyed by their path in it (JSON),
+  checked on restore, so that a damaged file is an error rather than silently wrong weights:
+  changed bits and words that trade places both change them. Keyed by path, the parameters
+  are verified without the rest. (Older checkpoints hold a list in the order of the state's
+  leaves, or plain `word_sums`; both are checked too.)
+* ``tokenizer``: the identity of the tokenizer the run trained with (`tokenizer_identity`),
+  JSON, compared with the tokenizer that a resumed or loaded run builds from its config
+  (`Checkpoints.check_tokenizer`): a tokenizer file replaced under the same path would
+  otherwise train or evaluate on other ids without a word. (Absent from older checkpoints.)
 
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and the
 files are written in a background thread. A step's folder appears only when its save is
@@ -36,7 +43,7 @@ import orbax.checkpoint as ocp
 import launch
 from errors import UserError, first_line
 
-ITEMS = ("state", "data", "config", "checksums")
+ITEMS = ("state", "data", "config", "checksums", "tokenizer")
 _HASH_KIND = "fmix32-position-sum"  # checksums' "kind": `word_hashes`; absent: `word_sums`
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -81,6 +88,19 @@ def word_hashes(state) -> list[int]:
     return [int(c) for c in jax.device_get(_leaf_word_hashes(jax.tree.leaves(state)))]
 
 
+def leaf_paths(state) -> list[str]:
+    """``jax.tree_util.keystr`` of each leaf's path in ``state``, in `jax.tree.leaves` order,
+    e.g. ``".params['embed']['embedding']"`` in a `steps.TrainState`."""
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What identifies a `data.tokenizers.Tokenizer` across processes and time: its ``name``
+    (a digest of its model file for SentencePiece and Hugging Face tokenizers) and its
+    ``vocab_size``."""
+    return {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size)}
+
+
 @jax.jit
 def _leaf_word_sums(leaves: list) -> list:
     """The wrapping uint32 sum of each array's words: exact, so the same whatever the
@@ -103,7 +123,7 @@ class CheckpointError(UserError):
     message for the user)."""
 
 
-class RestoredCheckpoint(NamedTuple):
+class RestoredCheckpoint(NamedTuple):  # what `Checkpoints.restore` returns
     step: int
     state: Any  # the saved pytree, on the shardings that `Checkpoints.restore` was given
     data_state: dict  # the training iterator's state (`data.TrainBatches.state()`)
@@ -228,15 +248,18 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
+    def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
+             tokenizer) -> None:
         """Starts saving; returns when the arrays are off the devices (see the module doc).
+        ``tokenizer``: the run's `data.tokenizers.Tokenizer`, whose identity is saved.
         Raises `CheckpointError` where this save or the one before it failed."""
-        hashes = word_hashes(state)
+        hashes = dict(zip(leaf_paths(state), word_hashes(state)))
         self._writing(lambda: self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config.to_dict()),
-            checksums=ocp.args.JsonSave({"state": hashes, "kind": _HASH_KIND}))),
+            checksums=ocp.args.JsonSave({"state": hashes, "kind": _HASH_KIND}),
+            tokenizer=ocp.args.JsonSave(tokenizer_identity(tokenizer)))),
             starts_a_save=True)
 
     def wait(self) -> None:
@@ -292,22 +315,65 @@ class Checkpoints:
         return step, ml_collections.ConfigDict(restored.config)
 
     def restore(self, abstract_state, step: int | None = None) -> RestoredCheckpoint:
-        """The checkpoint at ``step`` (default the latest).
+        """The checkpoint at ``step`` (default the latest), verified against its checksums.
 
-        ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` with the target
-        ``sharding`` on each leaf; the restored arrays get those shardings.
+        ``abstract_state``: the `steps.TrainState`'s tree of ``jax.ShapeDtypeStruct`` with the
+        target ``sharding`` on each leaf; the restored arrays get those shardings. Raises
+        `CheckpointError` for a checkpoint that is missing, unreadable or corrupt.
         """
         step = self._step_or_latest(step)
-        restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+        restored = self._restore(step, state=_pytree_restore(abstract_state),
                                  data=ocp.args.JsonRestore(), checksums=ocp.args.JsonRestore())
-        recorded = restored.checksums
+        self._verify(step, restored.checksums, restored.state, abstract_state, prefix="")
+        return RestoredCheckpoint(step, restored.state, dict(restored.data))
+
+    def restore_params(self, abstract_state, step: int | None = None):
+        """The parameters alone of the checkpoint at ``step`` (default the latest), verified:
+        what evaluation, generation, export and ``init_from`` use. The optimizer state (twice
+        the parameters under AdamW) is neither read nor checked (orbax's partial restore).
+
+        ``abstract_state``: as for `restore` (the whole `steps.TrainState`'s, whose leaf order
+        places the checksums of older checkpoints); returns the tree of
+        ``abstract_state.params`` on its shardings. Raises `CheckpointError` as `restore`.
+        """
+        step = self._step_or_latest(step)
+        restored = self._restore(step, state=_pytree_restore({"params": abstract_state.params},
+                                                             partial=True),
+                                 checksums=ocp.args.JsonRestore())
+        params = restored.state["params"]
+        self._verify(step, restored.checksums, params, abstract_state, prefix=".params")
+        return params
+
+    def _verify(self, step: int, recorded: dict, restored, abstract_state, prefix: str) -> None:
+        """`CheckpointError` where the arrays of ``restored`` (the subtree of the state at
+        path ``prefix``) do not match the ``recorded`` checksums."""
+        saved = recorded["state"]
+        if isinstance(saved, list):  # older checkpoints: in the order of the state's leaves
+            saved = dict(zip(leaf_paths(abstract_state), saved))
         check = word_hashes if recorded.get("kind") == _HASH_KIND else word_sums
-        if check(restored.state) != recorded["state"]:
+        paths = [prefix + path for path in leaf_paths(restored)]
+        if check(restored) != [saved.get(path) for path in paths]:
             raise CheckpointError(
                 f"the checkpoint {os.path.join(self.directory, str(step))} is corrupt: its "
                 f"arrays do not match the sums saved with them; it was left as it is: "
                 f"move it out of {self.directory} to use the one before it")
-        return RestoredCheckpoint(step, restored.state, dict(restored.data))
+
+    def check_tokenizer(self, tokenizer, source: str, step: int | None = None) -> None:
+        """A one-line `CheckpointError` where ``tokenizer`` (built from the config as
+        ``source`` says, e.g. ``"data.sentencepiece_model='p.model'"``) is not the one the
+        checkpoint at ``step`` (default the latest) was trained with, naming both identities.
+        Checkpoints older than the saved identity are not checked."""
+        step = self._step_or_latest(step)
+        if not os.path.isdir(os.path.join(self.directory, str(step), "tokenizer")):
+            return
+        saved = dict(self._restore(step, tokenizer=ocp.args.JsonRestore()).tokenizer)
+        now = tokenizer_identity(tokenizer)
+        if saved != now:
+            raise CheckpointError(
+                f"{source} is the tokenizer {now['name']} ({now['vocab_size']} ids), but the "
+                f"checkpoints in {self.directory} were trained with {saved['name']} "
+                f"({saved['vocab_size']} ids): the tokenizer changed under the same path; put "
+                f"the original back, or train in another workdir")
 
     def _restore(self, step: int, **items):
         self._held_stderr.hold()  # restores come before any save: nothing else is held
@@ -322,6 +388,16 @@ class Checkpoints:
                 f"{self.directory} to use the one before it") from None
         self._held_stderr.release()
         return restored
+
+
+def _pytree_restore(abstract, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """orbax's restore of the state's arrays onto ``abstract``'s shapes, dtypes and shardings;
+    ``partial``: of the subtree ``abstract`` names alone. (The state is saved as a PyTree,
+    rather than orbax's StandardSave, whose handler cannot restore part of it; both write the
+    same files, so checkpoints saved either way restore.)"""
+    return ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial)
 
 
 def _reason(error: Exception) -> str:

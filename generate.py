@@ -44,8 +44,6 @@ def main(argv) -> None:
     if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
         raise UserError(f"--temperature={FLAGS.temperature}: expected a finite number >= 0 "
                         f"(0: greedy)")
-    if not (math.isfinite(FLAGS.top_p) and 0 < FLAGS.top_p <= 1):
-        raise UserError(f"--top_p={FLAGS.top_p}: expected a probability in (0, 1] (1: off)")
     launch.start_distributed()
     run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
     prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 import run_config
 import sharding
 from checkpoints import Checkpoints
-from data import make_tokenizer, validation_batches
+from data import make_tokenizer, tokenizer_source, validation_batches
 from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
 from errors import UserError
@@ -45,9 +45,10 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
 
     ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config; the mesh is
     data-parallel over all devices unless ``mesh.*`` overrides say otherwise (the training
-    mesh may need more devices than this machine has). Raises a one-line `UserError` for an
-    override of a field the parameters depend on, a workdir without checkpoints, or a
-    checkpoint that cannot be restored.
+    mesh may need more devices than this machine has). Restores the parameters alone, verified
+    (`checkpoints.Checkpoints.restore_params`). Raises a one-line `UserError` for an
+    override of a field the parameters depend on, a workdir without checkpoints, a
+    checkpoint that cannot be restored, or a tokenizer other than the one it trained with.
     """
     overrides = dict(overrides or {})
     run_config.check_inference_overrides(overrides)
@@ -56,13 +57,14 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
         step, config = checkpoints.restore_config(step)
         # The tokenizer the run trained with, whatever text the overrides point at.
         tokenizer = make_tokenizer(config.data, workdir)
+        checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, workdir), step)
         run_config.apply_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.context": 1,
                                             "mesh.tensor": 1} | overrides)
         model_cfg = run_config.model_config(config, tokenizer)
         mesh = sharding.make_mesh(config)
         abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,
                                          make_optimizer(config), abstract=True)
-        params = checkpoints.restore(abstract, step).state.params
+        params = checkpoints.restore_params(abstract, step)
     finally:
         checkpoints.close()
     return LoadedRun(config, model_cfg, tokenizer, mesh, params, step)

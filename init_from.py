@@ -29,7 +29,8 @@ import ml_collections
 
 import run_config
 from checkpoints import Checkpoints
-from data import make_tokenizer
+from data import make_tokenizer, tokenizer_source
+from data.tokenizers import Tokenizer
 from errors import UserError
 from hf.config import IMPORTED_FIELDS, model_fields, read_config_json
 from hf.params import load_params
@@ -124,9 +125,10 @@ def _set(group, dotted: str, name: str, value, explicit: Collection[str]) -> Non
     group[name] = tuple(value) if isinstance(value, list) else value
 
 
-def initial_params(config: ml_collections.ConfigDict, training: TrainSetup):
+def initial_params(config: ml_collections.ConfigDict, training: TrainSetup, tokenizer: Tokenizer):
     """The parameters of ``config.init_from`` laid out as ``training.abstract_state.params``.
-    Raises a one-line `UserError` naming a parameter whose shape differs."""
+    ``tokenizer``: the new run's, which must be the one a workdir source trained with.
+    Raises a one-line `UserError` naming a parameter whose shape differs, or both tokenizers."""
     path, step = split_step(config.init_from)
     target = training.abstract_state.params
     if is_hf_folder(path):
@@ -134,12 +136,13 @@ def initial_params(config: ml_collections.ConfigDict, training: TrainSetup):
     checkpoints = Checkpoints(path, read_only=True)
     try:
         step, saved = checkpoints.restore_config(step)
+        checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, path), step)
         source_model = run_config.model_config(saved, make_tokenizer(saved.data, path))
-        # The source's state, restored by orbax straight into the shards of this run's mesh:
-        # all of it, optimizer moments too, since the saved hash that verifies it covers all.
+        # The source's parameters, restored by orbax straight into the shards of this run's
+        # mesh (the optimizer state is left on disk).
         abstract, _ = create_train_state(config, TransformerLM(source_model), training.mesh,
                                          training.optimizer, abstract=True)
-        params = checkpoints.restore(abstract, step).state.params
+        params = checkpoints.restore_params(abstract, step)
     finally:
         checkpoints.close()
     return _fit(params, target, f"{path}@{step}")

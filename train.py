@@ -31,7 +31,7 @@ import launch
 import run_config
 import sharding
 from checkpoints import Checkpoints
-from data import TrainBatches, make_tokenizer, packed_examples
+from data import TrainBatches, make_tokenizer, packed_examples, tokenizer_source
 from data.packing import check_documents_per_row
 from data.tokenizers import Tokenizer
 from errors import UserError
@@ -83,10 +83,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpo
     validation_examples = packed_examples(config.data, "validation", tokenizer, config.seq_len)
     training = setup_training(config, model_cfg)
     if checkpoints.latest_step() is not None:
+        checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, workdir))
         restored = checkpoints.restore(training.abstract_state)
         state, data_state = restored.state, restored.data_state
     elif config.init_from:
-        state, data_state = training.init_state(init_from.initial_params(config, training)), None
+        params = init_from.initial_params(config, training, tokenizer)
+        state, data_state = training.init_state(params), None
     else:
         state, data_state = training.init_state(), None
     # This process reads only the rows its devices hold: of the batch cut into blocks of
@@ -105,7 +107,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpo
     evaluate = _periodic_evaluation(config, training, tokenizer, validation_examples, log)
     failed = False
     try:
-        return _train_loop(config, training, state, batches, evaluate, checkpoints, log, stop)
+        return _train_loop(config, training, state, batches, evaluate, checkpoints, log, stop,
+                           tokenizer)
     except BaseException:
         failed = True
         raise
@@ -115,7 +118,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, checkpoints: Checkpo
 
 def _train_loop(config: ml_collections.ConfigDict, training: TrainSetup, state: TrainState,
                 batches: TrainBatches, evaluate, checkpoints: Checkpoints, log: MetricsLog,
-                stop: StopSignal) -> dict:
+                stop: StopSignal, tokenizer: Tokenizer) -> dict:
     """The steps after ``state.step`` up to ``num_train_steps``, then the final evaluation."""
     start_step = int(state.step)
     batch_sharding = sharding.batch_sharding(training.mesh)
@@ -127,7 +130,7 @@ def _train_loop(config: ml_collections.ConfigDict, training: TrainSetup, state: 
 
     def save(step: int, state: TrainState) -> None:
         if checkpoints.latest_step() != step:
-            checkpoints.save(step, state, batches.state(), config)
+            checkpoints.save(step, state, batches.state(), config, tokenizer)
 
     for step in range(start_step + 1, config.num_train_steps + 1):
         batch = next(batches)

@@ -67,7 +67,7 @@ def main(argv) -> None:
     restored = checkpoints.restore(training.abstract_state)
     synchronous = Checkpoints(tempfile.mkdtemp(prefix="bench_save_"))
     started = time.perf_counter()
-    synchronous.save(restored.step, restored.state, restored.data_state, config)
+    synchronous.save(restored.step, restored.state, restored.data_state, config, tokenizer)
     synchronous.wait()
     sync_seconds = time.perf_counter() - started
     synchronous.close()

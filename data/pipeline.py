@@ -81,6 +81,18 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     return SentencePieceTokenizer(model_path)
 
 
+def tokenizer_source(config, workdir: str | None = None) -> str:
+    """Where `make_tokenizer` takes the tokenizer of ``config`` (the data config) from, for
+    messages: e.g. ``"data.sentencepiece_model='p.model'"`` or ``"runs/x/sentencepiece.model"``."""
+    if config.tokenizer == "hf":
+        return f"data.hf_tokenizer={config.hf_tokenizer!r}"
+    if config.tokenizer == "sentencepiece":
+        if config.sentencepiece_model:
+            return f"data.sentencepiece_model={config.sentencepiece_model!r}"
+        return os.path.join(workdir or "", "sentencepiece.model")
+    return f"data.tokenizer={config.tokenizer!r}"
+
+
 def split_tokens(config, split: str, tokenizer: Tokenizer) -> np.ndarray:
     """The ``split`` ('train' or 'validation') as one stream of token ids (documents joined by
     the end-of-document id), from the token cache under ``data.cache_dir`` (default

@@ -36,8 +36,9 @@ def test_a_workdir_source_gives_its_parameters_and_architecture(source, tmp_path
                                   explicit={"seq_len", "model.window_size"})
     assert config.model.d_model == 32  # the source's, over the config file's value
     assert config.model.window_size == 32  # given on the command line: kept
-    model_config = train.run_config.model_config(config, train.make_tokenizer(config.data))
-    params = init_from.initial_params(config, setup_training(config, model_config))
+    tokenizer = train.make_tokenizer(config.data)
+    model_config = train.run_config.model_config(config, tokenizer)
+    params = init_from.initial_params(config, setup_training(config, model_config), tokenizer)
     for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(restore_params(source)),
                             strict=True):
         np.testing.assert_array_equal(ours, theirs)

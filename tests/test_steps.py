@@ -11,6 +11,7 @@ import run_config
 import sharding
 import steps
 from checkpoints import Checkpoints
+from data import ByteTokenizer
 from model import TransformerConfig, TransformerLM
 from steps import setup_training
 from tests.training import tiny_config
@@ -152,7 +153,7 @@ def test_a_checkpoint_restores_under_another_mesh(tmp_path, batches):
     config = _sharding_config(tmp_path / "cache")
     state, _ = _run_steps(config, (2, 4, 1), batches[:1])
     checkpoints = Checkpoints(str(tmp_path / "run"))
-    checkpoints.save(1, state, {"next_index": 8}, config)
+    checkpoints.save(1, state, {"next_index": 8}, config, ByteTokenizer())
     checkpoints.wait()
 
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 4

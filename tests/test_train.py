@@ -3,6 +3,7 @@ nothing. (The step itself: tests/test_steps.py; resume after SIGKILL is bit-iden
 tests/test_init_from.py.)"""
 
 import glob
+import json
 import os
 import re
 import signal
@@ -285,3 +286,71 @@ def test_the_hub_out_of_reach_is_one_line_saying_what_to_do(tmp_path):
     assert line.startswith("error: data.hf_name='emozilla/pg19': cannot reach the Hugging Face "
                            "Hub"), line
     assert "HF_DATASETS_OFFLINE=1" in line and "data.paths" in line
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_a_tokenizer_replaced_under_the_same_path_is_refused_in_one_line(kind, tmp_path):
+    """A run trains with a tokenizer file (a SentencePiece model, or a Hugging Face folder's
+    tokenizer.json); another tokenizer of the same padded vocabulary but other pieces is then
+    written over it. Resuming, evaluating, generating, exporting and starting a run from it
+    (init_from) each stop in one line naming both identities; nothing is written."""
+    import shutil
+
+    from data.sources import read_documents
+    from data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+    from hf.tokenizer import HuggingFaceTokenizer, export_tokenizer
+
+    documents = list(read_documents(tiny_config(tmp_path / "cache").data, "train"))
+    models = {}
+    for name, part in (("first", documents[:10]), ("other", documents[10:20])):
+        models[name] = str(tmp_path / f"{name}.model")
+        train_sentencepiece(part, models[name], vocab_size=400)
+    first, other = (SentencePieceTokenizer(models[name]) for name in ("first", "other"))
+    assert first.vocab_size == other.vocab_size and first.name != other.name
+    if kind == "sentencepiece":
+        path = tmp_path / "tokenizer.model"
+        shutil.copy(models["first"], path)
+        flags = ["--config.data.tokenizer=sentencepiece",
+                 f"--config.data.sentencepiece_model={path}"]
+
+        def replace():
+            shutil.copy(models["other"], path)
+    else:
+        path = tmp_path / "tokenizer"
+        path.mkdir()
+        (tmp_path / "other").mkdir()
+        export_tokenizer(first, str(path), model_max_length=64)
+        export_tokenizer(other, str(tmp_path / "other"), model_max_length=64)
+        flags = ["--config.data.tokenizer=hf", f"--config.data.hf_tokenizer={path}"]
+
+        def replace():
+            shutil.copy(tmp_path / "other" / "tokenizer.json", path / "tokenizer.json")
+    run, cache = tmp_path / "run", f"--config.data.cache_dir={tmp_path}/cache"
+    train_flags = ["--config=configs/tiny.py", *flags, f"--workdir={run}", cache,
+                   "--config.num_train_steps=2", "--config.warmup_steps=1",
+                   "--config.eval_every_steps=0",
+                   "--config.eval_batches=1", "--config.sample_tokens=0"]
+    done = script("train.py", *train_flags)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained_with = json.loads((run / "checkpoints" / "2" / "tokenizer" / "metadata").read_text())
+    replace()
+    now = (other if kind == "sentencepiece" else HuggingFaceTokenizer(str(path)))
+    assert now.name != trained_with["name"]
+    before = _snapshot(run)
+    for name, args in (("train.py", train_flags + ["--config.num_train_steps=4"]),
+                       ("evaluate.py", [f"--workdir={run}", cache]),
+                       ("generate.py", [f"--workdir={run}"]),
+                       ("export.py", [f"--workdir={run}", f"--output={tmp_path}/hf"]),
+                       ("train.py", ["--config=configs/tiny.py", f"--config.init_from={run}",
+                                     f"--workdir={tmp_path}/new", cache])):
+        done = script(name, *args)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: ") and (
+            f" is the tokenizer {now.name} ({first.vocab_size} ids), but the checkpoints in "
+            f"{run}/checkpoints were trained with {trained_with['name']} "
+            f"({first.vocab_size} ids): ") in lines[0]
+    assert _snapshot(run) == before
+    assert not os.path.exists(tmp_path / "hf")
+    assert not glob.glob(f"{tmp_path}/new/checkpoints/*")
