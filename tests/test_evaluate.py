@@ -15,7 +15,8 @@ import train
 from data import make_tokenizer, packed_examples
 from data.pipeline import split_tokens
 from model import TransformerConfig, TransformerLM
-from tests.training import ROOT, SHARED_STEPS, restore_params, script, tiny_config
+from tests.training import (ROOT, SHARED_STEPS, count_restored_arrays, restore_params, script,
+                            tiny_config)
 
 # End-to-end (the scripts run as processes, trained runs): out of the quick tier.
 pytestmark = pytest.mark.slow
@@ -46,6 +47,17 @@ def _direct_loss(config, workdir, seq_len):
         tokens += float(mask.sum())
         num_bytes += float(((example["targets"] < 256) * mask).sum())
     return loss, tokens, num_bytes
+
+
+def test_a_run_loads_for_inference_with_its_parameters_alone(run, monkeypatch):
+    """evaluate.py, generate.py and export.py (inference.load_for_inference) read the
+    parameters, not the optimizer's moments (twice their size) nor anything else."""
+    import inference
+
+    _, workdir = run
+    counts = count_restored_arrays(monkeypatch)
+    loaded = inference.load_for_inference(workdir)
+    assert sum(counts) == len(jax.tree.leaves(loaded.params)) > 0
 
 
 def test_evaluate_matches_a_direct_computation(run):

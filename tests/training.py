@@ -106,6 +106,21 @@ def restore_params(workdir, step=None):
     return jax.tree.map(np.asarray, inference.load_for_inference(str(workdir), step=step).params)
 
 
+def count_restored_arrays(monkeypatch) -> list[int]:
+    """The number of arrays orbax reads from here on, one count per read (a list that grows):
+    orbax's ArrayHandler.deserialize, wrapped with ``monkeypatch``."""
+    import orbax.checkpoint as ocp
+
+    counts, deserialize = [], ocp.type_handlers.ArrayHandler.deserialize
+
+    async def counting(self, infos, args=None):
+        counts.append(len(infos))
+        return await deserialize(self, infos, args)
+
+    monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", counting)
+    return counts
+
+
 def kill_after_a_checkpoint(flags: list[str], workdir, kill_after: int) -> None:
     """Starts ``train.py flags --workdir=workdir`` and SIGKILLs it once it has logged step
     ``kill_after`` and holds a complete checkpoint (orbax renames a finished save to its

@@ -14,6 +14,7 @@ from checkpoints import CheckpointError, Checkpoints, leaf_paths, word_hashes, w
 from configs import tiny
 from data import ByteTokenizer
 from steps import TrainState
+from tests.training import count_restored_arrays
 
 
 def _state():
@@ -89,27 +90,13 @@ def test_a_checkpoint_with_plain_word_sums_still_restores(tmp_path):
     checkpoints.close()
 
 
-def _deserialized_arrays(monkeypatch) -> list[int]:
-    """Counts the arrays orbax reads from here on (a list of counts per read)."""
-    import orbax.checkpoint as ocp
-
-    counts, deserialize = [], ocp.type_handlers.ArrayHandler.deserialize
-
-    async def counting(self, infos, args=None):
-        counts.append(len(infos))
-        return await deserialize(self, infos, args)
-
-    monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", counting)
-    return counts
-
-
 def test_the_parameters_restore_alone_verified_and_a_bad_moment_does_not_stop_them(
         tmp_path, monkeypatch):
     state = _state()
     checkpoints = Checkpoints(str(tmp_path))
     checkpoints.save(7, state, {"next_index": 3}, tiny.get_config(), ByteTokenizer())
     checkpoints.wait()
-    counts = _deserialized_arrays(monkeypatch)
+    counts = count_restored_arrays(monkeypatch)
     params = checkpoints.restore_params(_abstract(state))
     assert sum(counts) == len(jax.tree.leaves(state.params)) == 2  # no moments, step or key
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
