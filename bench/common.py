@@ -33,6 +33,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_bytes(field: str) -> int:
+    """``field`` of /proc/self/status in bytes: ``VmRSS`` (resident now) or ``VmHWM`` (its
+    peak since the process started or `reset_peak_resident`)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_resident() -> int:
+    """Resets VmHWM to the resident size now (Linux's clear_refs), which it returns: the
+    baseline of what a measured step adds to the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return resident_bytes("VmRSS")
+
+
 def xla_bytes(compiled) -> int:
     """What XLA's buffer assignment needs for a compiled step: arguments, outputs, temporaries."""
     memory = compiled.memory_analysis()

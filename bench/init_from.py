@@ -25,7 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
-from bench.common import measure_in_subprocess  # noqa: E402
+from bench.common import (measure_in_subprocess, reset_peak_resident,  # noqa: E402
+                          resident_bytes)
 
 METHODS = ("tensor_by_tensor", "all_then_device")
 
@@ -68,14 +69,6 @@ def write_folder(args, folder: str) -> int:
     return os.path.getsize(os.path.join(folder, "model.safetensors"))
 
 
-def _resident_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_point(args) -> dict:
     import jax
     import numpy as np
@@ -86,9 +79,7 @@ def measure_point(args) -> dict:
     config = _model_config(args)
     abstract = _abstract_params(config)
     jax.device_put(np.zeros(1)).block_until_ready()  # the runtime up before the baseline
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    before = _resident_bytes("VmRSS")
+    before = reset_peak_resident()
     start = time.perf_counter()
     if args.point == "tensor_by_tensor":
         params = load_params(args.folder, config, abstract)
@@ -101,7 +92,7 @@ def measure_point(args) -> dict:
             lambda path, a: jax.device_put(host[tuple(k.key for k in path)], a.sharding), abstract)
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
-    return {"method": args.point, "added_bytes": _resident_bytes("VmHWM") - before,
+    return {"method": args.point, "added_bytes": resident_bytes("VmHWM") - before,
             "seconds": seconds}
 
 
