@@ -17,6 +17,7 @@ from configs import data as data_config
 from data.tokenizers import Tokenizer
 from errors import UserError
 from model import TransformerConfig
+from model.config import fields_with_role
 
 # Fields that must not change when a run resumes, by what depends on them: the arrays of the
 # checkpoint (their shapes and what they mean: the model and its vocabulary) ...
@@ -32,9 +33,9 @@ DATA_ORDER_FIELDS = ("seed", "seq_len", "batch_size", "data.source", "data.paths
                      "data.packing", "data.max_documents", "data.validation_fraction",
                      "data.passkey_fraction", "data.passkey_questions",
                      "data.passkey_answer_weight")
-# model.* fields that change neither the parameters nor the data: free to change on resume.
-_MODEL_FIELDS_FREE_ON_RESUME = ("attention_implementation", "max_documents_per_row",
-                                "layer_chunk_size", "loss_chunk_size")
+# model.* fields that change neither the parameters nor the data (how the same numbers are
+# computed: model/config.py's "kernel" fields): free to change on resume.
+_MODEL_FIELDS_FREE_ON_RESUME = fields_with_role("kernel")
 _MODEL_DEFAULTS = {field.name: (dataclasses.asdict(field.default)
                                  if dataclasses.is_dataclass(field.default) else field.default)
                    for field in dataclasses.fields(TransformerConfig)

@@ -9,9 +9,9 @@ field that train.py, evaluate.py and generate.py read.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import data
+from model import config as model_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -49,57 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     # known (GPU, TPU), else a float32 matmul measured at startup (CPU).
     config.peak_flops_per_device = 0.0
 
-    # The model (model.TransformerConfig's fields; vocab_size comes from the tokenizer).
-    config.model = ml_collections.ConfigDict()
-    config.model.num_layers = 4
-    config.model.d_model = 256
-    config.model.num_heads = 4
-    # Key/value heads shared by groups of query heads (grouped-query attention; 1: multi-query;
-    # None: num_heads): a num_heads / num_kv_heads times smaller decode cache.
-    config.model.num_kv_heads = config_dict.placeholder(int)
-    config.model.head_dim = config_dict.placeholder(int)  # None: d_model // num_heads
-    config.model.mlp_dim = 768
-    config.model.window_size = 256
-    # Global layers attend to the whole causal context: every k-th layer (k - 1, 2k - 1, ...)
-    # for an int k; 0: none (a Python config may set a tuple of layer indices instead).
-    config.model.global_layers = config_dict.FieldReference(0, field_type=object)
-    config.model.position_embedding = "rope"
-    config.model.rope_base = 10_000.0
-    # Local layers' own RoPE base (Gemma 3: 10k local, 1M global); None: rope_base. Where set,
-    # rope_scaling applies to the global layers only.
-    config.model.rope_local_base = config_dict.placeholder(float)
-    # Context extension, transformers' rope_scaling (model/rope.py): rope_type default (none),
-    # linear (position interpolation by factor) or yarn (which needs the pretraining context,
-    # original_max_position_embeddings).
-    config.model.rope_scaling = ml_collections.ConfigDict({
-        "rope_type": "default", "factor": 1.0,
-        "original_max_position_embeddings": config_dict.placeholder(int),
-        "beta_fast": 32.0, "beta_slow": 1.0,
-        "attention_factor": config_dict.placeholder(float),
-        "mscale": config_dict.placeholder(float),
-        "mscale_all_dim": config_dict.placeholder(float),
-        "truncate": True})
-    config.model.activation = "swiglu"
-    config.model.norm = "rmsnorm"
-    config.model.norm_eps = 1e-6  # Mistral and Llama: 1e-5
-    config.model.scale_embeddings = True  # input embeddings times sqrt(d_model), as Gemma
-    config.model.dropout_rate = 0.0
-    config.model.attention_dropout_rate = 0.0
-    config.model.dtype = "float32"  # bfloat16 on GPU/TPU; parameters stay float32
-    config.model.tie_embeddings = True
-    config.model.remat = False
-    config.model.scan_layers = False
-    # auto: the fastest exact kernel for the backend (cuDNN on NVIDIA GPUs, splash on TPUs,
-    # the blocked xla kernel on CPUs); or xla, dense, cudnn, splash (see model.local_attention).
-    config.model.attention_implementation = "auto"
-    # Room for documents per row in cuDNN's packed layout (where cuDNN runs on packed
-    # documents); a batch row with more is a one-line error. May change on resume.
-    config.model.max_documents_per_row = 32
-    # Sequence chunks (tokens) for long contexts: each scanned rematerialised layer runs in
-    # chunks of layer_chunk_size (with the window before each; 0: whole; must divide seq_len),
-    # the logits and loss in chunks of loss_chunk_size (0: about 2**24 logits per chunk).
-    config.model.layer_chunk_size = 0
-    config.model.loss_chunk_size = 0
+    # The model: model.TransformerConfig's fields at their defaults (each field's meaning is
+    # declared there, and listed in docs/model.md; vocab_size comes from the tokenizer).
+    config.model = model_config.config_dict()
 
     config.data = data.get_config()
     # Subwords: at about 3.6 bytes a token the model reads 3.6x the text of UTF-8 bytes in the

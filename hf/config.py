@@ -23,17 +23,14 @@ import json
 import os
 
 from errors import UserError
-from model.config import TransformerConfig
+from model.config import TransformerConfig, fields_with_role
 from model.rope import NO_SCALING, RopeScaling
 
 IMPORTED_MODEL_TYPES = ("mistral", "ministral", "llama")
-# The model.* fields that an imported config.json sets in a run's config: the architecture
-# (the vocabulary size comes with the tokenizer). The rest (dtype, attention implementation,
-# chunking, ...) stay the run's.
-IMPORTED_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads",
-                   "head_dim", "mlp_dim", "window_size", "global_layers", "position_embedding",
-                   "rope_base", "rope_local_base", "rope_scaling", "activation", "norm",
-                   "norm_eps", "scale_embeddings", "tie_embeddings")
+# The model.* fields that an imported config.json (or a source workdir) sets in a run's
+# config: the architecture (model/config.py's "architecture" fields; the vocabulary size comes
+# with the tokenizer). The rest (dtype, attention implementation, chunking, ...) stay the run's.
+IMPORTED_FIELDS = fields_with_role("architecture")
 _SCALING_FIELDS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                    "attention_factor", "mscale", "mscale_all_dim", "truncate")
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import types
+import typing
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict as ml_config_dict
 
 from errors import UserError
 from model.attention import IMPLEMENTATIONS, resolve_implementation
@@ -24,55 +27,92 @@ NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16")
 
 
+# What a model field is, for the rules that follow from it (`fields_with_role`):
+# - architecture: the parameters and what they mean depend on it: fixed when a run resumes
+#   or is loaded for inference, and taken from the source when a run starts from another's
+#   (init_from, a workdir or a Hugging Face folder);
+# - training: what a step computes, not the parameters' meaning (dropout, precision, the
+#   layers' layout): fixed on resume, the run's own on init_from;
+# - kernel: how the same numbers are computed (which kernel, which chunks): free to change on
+#   resume.
+ROLES = ("architecture", "training", "kernel")
+
+
+def _field(default, role: str, doc: str):
+    """A `TransformerConfig` field: its default, `ROLES` entry and meaning, declared once; the
+    training config's ``model`` group (`config_dict`), the resume rules (run_config.py) and
+    the fields a source gives a run (init_from.py, hf/config.py) all follow from it."""
+    return dataclasses.field(default=default, metadata={"role": role, "doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """The model's hyperparameters (hashable, so a module attribute and a static jit arg).
 
-    Built from the ``model`` part of the training config with `TransformerConfig.from_config`.
+    Built from the ``model`` part of the training config with `TransformerConfig.from_config`;
+    each field's meaning is its ``doc`` (``dataclasses.fields(TransformerConfig)``), also in
+    docs/model.md. ``vocab_size`` comes from the tokenizer.
     """
 
-    vocab_size: int
-    num_layers: int = 4
-    d_model: int = 256
-    num_heads: int = 4
-    # Key/value heads, shared by groups of query heads (grouped-query attention; 1: multi-query;
-    # None: num_heads). It must divide num_heads.
-    num_kv_heads: int | None = None
-    head_dim: int | None = None  # default d_model // num_heads
-    mlp_dim: int = 1024
-    window_size: int = 256
-    # Layers that attend to the whole causal context: an int k, every k-th layer (k - 1,
-    # 2k - 1, ...; 0: none), or a tuple of layer indices.
-    global_layers: int | tuple[int, ...] = 0
-    position_embedding: str = "rope"  # one of POSITION_EMBEDDINGS
-    rope_base: float = 10_000.0
-    # Local layers' RoPE base where it differs from the global layers' (Gemma 3: 10k local, 1M
-    # global; None: rope_base). Where set, rope_scaling applies to the global layers only.
-    rope_local_base: float | None = None
-    rope_scaling: RopeScaling = NO_SCALING  # context extension: model.rope.RopeScaling
-    activation: str = "swiglu"  # one of ACTIVATIONS
-    norm: str = "rmsnorm"  # one of NORMS
-    norm_eps: float = 1e-6  # added to the variance in every norm (Mistral, Llama: 1e-5)
-    # Input embeddings multiplied by sqrt(d_model) (Gemma's scheme); Mistral and Llama: False.
-    scale_embeddings: bool = True
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    dtype: str = "float32"  # computation; parameters are float32
-    tie_embeddings: bool = True
-    remat: bool = False  # recompute each block's activations in the backward pass; bounds
-    # memory with scan_layers (unrolled, XLA keeps most activations anyway)
-    scan_layers: bool = False  # one scanned block: compile time independent of num_layers
-    attention_implementation: str = "auto"  # see model.local_attention
-    # Documents per row of packed data that cuDNN's packed layout makes room for (a static
-    # bound; train.py checks each batch against it where cuDNN runs).
-    max_documents_per_row: int = 32
-    # Tokens per chunk of the sequence, so that no (tokens x mlp_dim) or (tokens x vocab_size)
-    # array exists whole. layer_chunk_size: each scanned rematerialised layer (scan_layers and
-    # remat) runs chunk by chunk, each chunk with the window_size tokens before it (0: the
-    # whole sequence at once; it must divide seq_len). loss_chunk_size: the output logits and
-    # cross-entropy when the model is given targets (0: about 2**24 logits per chunk).
-    layer_chunk_size: int = 0
-    loss_chunk_size: int = 0
+    vocab_size: int = _field(dataclasses.MISSING, "architecture",
+                             "ids of the vocabulary (the tokenizer's, padded)")
+    num_layers: int = _field(4, "architecture", "transformer blocks")
+    d_model: int = _field(256, "architecture", "width of the residual stream")
+    num_heads: int = _field(4, "architecture", "query heads")
+    num_kv_heads: int | None = _field(
+        None, "architecture", "key/value heads shared by groups of query heads (grouped-query "
+        "attention; 1: multi-query; None: num_heads): a num_heads / num_kv_heads times smaller "
+        "decode cache; it must divide num_heads")
+    head_dim: int | None = _field(None, "architecture", "features per head; None: "
+                                  "d_model // num_heads")
+    mlp_dim: int = _field(768, "architecture", "hidden width of the MLP")
+    window_size: int = _field(256, "architecture", "keys before each query that a local layer "
+                              "sees (the query itself is always seen)")
+    global_layers: int | tuple[int, ...] = _field(
+        0, "architecture", "layers that attend to the whole causal context: every k-th layer "
+        "(k - 1, 2k - 1, ...) for an int k, 0: none; or a tuple of layer indices (a Python "
+        "config)")
+    position_embedding: str = _field("rope", "architecture",
+                                     f"one of {POSITION_EMBEDDINGS}")
+    rope_base: float = _field(10_000.0, "architecture", "the rotary embeddings' base")
+    rope_local_base: float | None = _field(
+        None, "architecture", "local layers' own RoPE base (Gemma 3: 10k local, 1M global); "
+        "None: rope_base. Where set, rope_scaling applies to the global layers only")
+    rope_scaling: RopeScaling = _field(
+        NO_SCALING, "architecture", "context extension, transformers' rope_scaling "
+        "(model/rope.py): rope_type default (none), linear (position interpolation by factor) "
+        "or yarn (which needs the pretraining context, original_max_position_embeddings)")
+    activation: str = _field("swiglu", "architecture", f"the MLP's, one of {ACTIVATIONS}")
+    norm: str = _field("rmsnorm", "architecture", f"one of {NORMS}")
+    norm_eps: float = _field(1e-6, "architecture", "added to the variance in every norm "
+                             "(Mistral and Llama: 1e-5)")
+    scale_embeddings: bool = _field(True, "architecture", "input embeddings times "
+                                    "sqrt(d_model) (Gemma's scheme); Mistral and Llama: False")
+    tie_embeddings: bool = _field(True, "architecture",
+                                  "output logits through the embedding matrix")
+    dropout_rate: float = _field(0.0, "training", "dropout after attention and the MLP")
+    attention_dropout_rate: float = _field(0.0, "training", "dropout of attention weights")
+    dtype: str = _field("float32", "training", f"computation, one of {DTYPES} (bfloat16 on "
+                        "GPU/TPU); parameters stay float32")
+    remat: bool = _field(False, "training", "recompute each block's activations in the "
+                         "backward pass; bounds memory with scan_layers (unrolled, XLA keeps "
+                         "most activations anyway)")
+    scan_layers: bool = _field(False, "training", "one scanned block: compile time "
+                               "independent of num_layers")
+    attention_implementation: str = _field(
+        "auto", "kernel", "auto: the fastest exact kernel for the backend (cuDNN on NVIDIA "
+        "GPUs, splash on TPUs, the blocked xla kernel on CPUs); or xla, dense, cudnn, splash "
+        "(see model.local_attention)")
+    max_documents_per_row: int = _field(
+        32, "kernel", "room for documents per row in cuDNN's packed layout (where cuDNN runs "
+        "on packed documents; a static bound): a batch row with more is a one-line error")
+    layer_chunk_size: int = _field(
+        0, "kernel", "tokens per chunk of each scanned rematerialised layer (scan_layers and "
+        "remat), each chunk with the window_size tokens before it, so that no (tokens x "
+        "mlp_dim) array exists whole; 0: the whole sequence; it must divide seq_len")
+    loss_chunk_size: int = _field(
+        0, "kernel", "tokens per chunk of the output logits and cross-entropy when the model "
+        "is given targets; 0: about 2**24 logits per chunk")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | dict, **overrides) -> TransformerConfig:
@@ -205,3 +245,40 @@ class TransformerConfig:
         if not isinstance(self.scale_embeddings, bool):
             raise UserError(f"model.scale_embeddings={self.scale_embeddings!r}: expected a bool")
         self.rope_scaling.validate()
+
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The names of `TransformerConfig`'s fields of ``role`` (one of `ROLES`), in declaration
+    order, ``vocab_size`` (the tokenizer's) left out."""
+    return tuple(field.name for field in dataclasses.fields(TransformerConfig)
+                 if field.metadata["role"] == role and field.name != "vocab_size")
+
+
+def config_dict() -> ml_collections.ConfigDict:
+    """The training config's ``model`` group: every `TransformerConfig` field but
+    ``vocab_size`` at its default, typed so that ``--config.model.FIELD=VALUE`` parses (a
+    None default is a placeholder of its type; ``global_layers`` takes an int or a tuple;
+    ``rope_scaling`` is a group of `RopeScaling`'s fields)."""
+    return _group(TransformerConfig, {field.name: field.default
+                                      for field in dataclasses.fields(TransformerConfig)
+                                      if field.name != "vocab_size"})
+
+
+def _group(cls: type, values: dict) -> ml_collections.ConfigDict:
+    """``values`` of dataclass ``cls``'s fields as a ConfigDict typed by ``cls``'s hints."""
+    hints = typing.get_type_hints(cls)
+    group = ml_collections.ConfigDict()
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(value):
+            group[name] = _group(type(value), dataclasses.asdict(value))
+            continue
+        kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] \
+            if isinstance(hint, types.UnionType) else [hint]
+        if value is None:
+            group[name] = ml_config_dict.placeholder(kinds[0])
+        elif len(kinds) > 1:  # e.g. global_layers: an int or a tuple
+            group[name] = ml_config_dict.FieldReference(value, field_type=object)
+        else:
+            group[name] = value
+    return group

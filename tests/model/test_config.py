@@ -92,3 +92,34 @@ def test_the_local_rope_base_applies_to_local_layers_only():
     # The frequencies matter: local layers that kept the scaling would fail the check above.
     unscaled = _logits(small_config(rope_base=20.0, rope_scaling=LINEAR), params, tokens)
     assert np.abs(unscaled - expected).max() > 1e-3
+
+
+def test_each_field_is_declared_once_and_everything_follows_from_it():
+    """A TransformerConfig field's default, role and meaning are its declaration: the training
+    config's model group, the resume rules and the fields a source gives a run follow."""
+    import dataclasses
+    import os
+
+    import run_config
+    from configs import default
+    from hf.config import IMPORTED_FIELDS
+    from model.config import ROLES, config_dict, fields_with_role
+
+    declared = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    assert all(f.metadata["role"] in ROLES and f.metadata["doc"] for f in declared.values())
+    group = config_dict()
+    assert set(group) == set(declared) - {"vocab_size"}
+    assert default.get_config().model.to_dict() == group.to_dict()
+    # The config group's defaults are the dataclass's: the same model either way.
+    assert TransformerConfig.from_config(group.to_dict(), vocab_size=384) == \
+        TransformerConfig(vocab_size=384)
+    assert set(fields_with_role("architecture")) | set(fields_with_role("training")) | set(
+        fields_with_role("kernel")) == set(group)
+    assert IMPORTED_FIELDS == fields_with_role("architecture")
+    assert run_config._MODEL_FIELDS_FREE_ON_RESUME == fields_with_role("kernel")
+    # Typed: a command-line override of a None default parses to its type.
+    group.num_kv_heads, group.rope_local_base = 2, 5e5
+    with pytest.raises(TypeError):
+        group.head_dim = "wide"
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "model.md")).read()
+    assert [name for name in group if f"`{name}`" not in docs] == []
