@@ -58,7 +58,8 @@ def define_config_file(default_path: str, help_string: str) -> None:
     overrides, as ml_collections' ``DEFINE_config_file`` (locked: no new fields). A missing
     file or an unknown field is a one-line error and exit here, before any work."""
     path = _flag_argument(sys.argv, "config") or default_path
-    _define(lambda: _check_overrides(load_config_file(path), sys.argv),
+    _define(lambda: _check_overrides(_check_complete(load_config_file(path), path,
+                                                     default_path), sys.argv),
             lambda: config_flags.DEFINE_config_file("config", default_path, help_string,
                                                     lock_config=True))
 
@@ -109,6 +110,29 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"--config={path}: get_config() returned a {type(config).__name__}; "
                         f"expected an ml_collections.ConfigDict")
+    return config
+
+
+def _check_complete(config: ml_collections.ConfigDict, path: str,
+                    default_path: str) -> ml_collections.ConfigDict:
+    """``config``, or a one-line `UserError` naming the first field of ``default_path``'s
+    config that it lacks (a config file builds on that one and changes what it needs)."""
+    def missing(have, want, prefix=""):
+        for name in want.keys():
+            if name not in have:
+                return prefix + name
+            if isinstance(want[name], ml_collections.ConfigDict) and isinstance(
+                    have[name], ml_collections.ConfigDict):
+                found = missing(have[name], want[name], f"{prefix}{name}.")
+                if found:
+                    return found
+        return None
+
+    field = missing(config, load_config_file(default_path))
+    if field:
+        raise UserError(f"--config={path}: its config has no field {field!r}: a config file "
+                        f"starts from {os.path.relpath(default_path)}'s get_config() and changes "
+                        f"what it needs")
     return config
 
 
@@ -223,6 +247,15 @@ def check_output_file(flag: str, path: str | None) -> None:
 
 
 # --- argparse (the bench scripts) ------------------------------------------------------------
+
+def run_plain(main) -> None:
+    """``main()`` of an argparse script (bench/), with a `UserError` as one line and exit 1
+    (what `run` gives the absl scripts)."""
+    try:
+        main()
+    except UserError as error:
+        exit_with_error(error)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit status 1, as the other scripts'."""

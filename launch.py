@@ -213,8 +213,8 @@ def start_distributed(environ=None) -> None:
     heartbeat_timeout = integer("JAX_HEARTBEAT_TIMEOUT", 1, 20)
     # What JAX's cluster detection (jax/_src/clusters) recognises as a multi-process launch.
     cluster = next((name for name, present in (
-        ("SLURM", int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env),
-        ("Open MPI", int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        ("SLURM", integer("SLURM_NTASKS", 1, 1) > 1 and "SLURM_STEP_NODELIST" in env),
+        ("Open MPI", integer("OMPI_COMM_WORLD_SIZE", 1, 1) > 1
          and "OMPI_MCA_orte_hnp_uri" in env),
         ("Cloud TPU", "," in env.get("TPU_WORKER_HOSTNAMES", ""))) if present), None)
     if cluster is None:
@@ -231,6 +231,10 @@ def start_distributed(environ=None) -> None:
         if index >= count:
             raise UserError(f"JAX_PROCESS_ID={index}: expected 0..{count - 1} "
                             f"(JAX_NUM_PROCESSES={count})")
+        host, colon, port = address.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 2**16):
+            raise UserError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected HOST:PORT, process "
+                            f"0's host and a free port on it")
     launch = (f"{cluster} launch" if cluster else
               f"process {index} of {count} with coordinator {address}")
     if index:  # JAX's client aborts the process where the coordinator does not answer

@@ -96,6 +96,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("adam_b1", "adam_b2"):
         if not 0 <= config[name] < 1:
             raise UserError(f"{name}={config[name]!r}: expected a number in [0, 1)")
+    if not config.min_learning_rate_ratio <= 1:
+        raise UserError(f"min_learning_rate_ratio={config.min_learning_rate_ratio!r}: expected "
+                        f"a number in [0, 1] (the decay ends at learning_rate times it)")
     if config.batch_size % config.grad_accum_steps:
         raise UserError(f"batch_size={config.batch_size} is not divisible by "
                         f"grad_accum_steps={config.grad_accum_steps}")

@@ -175,6 +175,10 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if accelerator else "float32")
     documents = args.documents or ([0, 8192] if accelerator else [0])
     methods = (args.methods or ",".join(GPU_METHODS if accelerator else CPU_METHODS)).split(",")
+    unknown = sorted(set(methods) - set(CPU_METHODS) - set(GPU_METHODS))
+    if unknown:
+        parser.error(f"argument --methods: {unknown[0]!r}: expected some of "
+                     f"{sorted(set(CPU_METHODS) | set(GPU_METHODS))}")
     from metrics import matmul_flops_per_second, matmul_size
 
     matmul_rate = matmul_flops_per_second()
@@ -246,4 +250,4 @@ def markdown_table(rows: list[dict], methods: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--sentencepiece", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a trained SentencePiece tokenizer's first run and restart")
     args = parser.parse_args()
+    for flag in ("seq_len", "batch_size", "batches"):  # before the minutes of work below
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
 
     config = get_config()
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -82,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

@@ -162,4 +162,4 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

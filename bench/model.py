@@ -208,4 +208,4 @@ def markdown_tables(rows: list[dict], matmul_rate: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

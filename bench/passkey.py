@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
 import launch  # noqa: E402
-from errors import UserError  # noqa: E402
 
 WINDOW, LAYERS, CONTEXT = 128, 2, 512
 QUESTIONS = 6  # per planted key: 30 digits to copy per row
@@ -189,19 +188,16 @@ def main() -> None:
     if args.only and not args.workdir:
         cli.exit_with_error("--only needs --workdir")
     launch.restart_with_huge_pages()
-    try:
-        for flag in ("plot", "output"):
-            cli.check_output_file(flag, getattr(args, flag))
-        args.workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
-        if args.only:
-            train_and_probe(args.only, args)
-            return
-        started = time.perf_counter()
-        records = run_both(args)
-        report(records, args, time.perf_counter() - started)
-    except UserError as error:
-        cli.exit_with_error(error)
+    for flag in ("plot", "output"):
+        cli.check_output_file(flag, getattr(args, flag))
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
+    if args.only:
+        train_and_probe(args.only, args)
+        return
+    started = time.perf_counter()
+    records = run_both(args)
+    report(records, args, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_plain(main)

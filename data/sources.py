@@ -79,7 +79,10 @@ def read_documents(config, split: str) -> Iterator[str]:
 def _files_signature(files: list[tuple[str, str]]) -> str:
     digest = hashlib.sha1()
     for path, _ in files:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as error:  # e.g. a symbolic link to nothing
+            raise UserError(f"{path}: cannot read ({error.strerror})") from None
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 

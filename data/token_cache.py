@@ -99,7 +99,7 @@ def _load(base: str) -> np.ndarray | None:
         if _checksum(tokens) != meta["checksum"]:
             raise ValueError("checksum mismatch")
         return tokens
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none yet, or data.cache_dir is a file
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
         logging.warning("token cache %s is unusable (%s); rebuilding it", base, error)

@@ -40,6 +40,8 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
     Raises a one-line `UserError` where ``output`` exists or the model cannot be exported
     (`hf.config.hf_config`), before anything is written.
     """
+    if not output:
+        raise UserError("--output is empty: expected the path of a new folder")
     if os.path.exists(output):
         raise UserError(f"--output={output}: it exists; name a new folder")
     values = hf_config(config, max_position_embeddings, tokenizer.end_of_document_id,

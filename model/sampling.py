@@ -75,6 +75,9 @@ def generate(params, prompt: jax.Array, key: jax.Array, *, config: TransformerCo
     if max_new_tokens < 1 or prompt.ndim != 2 or prompt.shape[1] < 1:
         raise UserError(f"generate needs max_new_tokens >= 1 (got {max_new_tokens}) and a prompt "
                         f"of shape (batch, prompt_len >= 1) (got {prompt.shape})")
+    if prompt.shape[1] + max_new_tokens >= 2**31:
+        raise UserError(f"max_new_tokens={max_new_tokens}: expected fewer than "
+                        f"{2**31 - prompt.shape[1]} (positions are int32)")
     if config.scan_layers and config.global_layer_indices:
         # Global and local layers keep caches of different sizes: no scan over them.
         params = unstack_layers(params, config)

@@ -55,6 +55,12 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]
     ("bench/model.py", ["--contexts=1024,x"],
      "error: argument --contexts: '1024,x': expected comma-separated ints"),
     ("bench/data.py", ["--batch_size=8.5"], "error: argument --batch_size: invalid int value"),
+    ("bench/data.py", ["--seq_len=0"], "error: --seq_len=0: expected an int >= 1"),
+    ("bench/attention.py", ["--methods=foo"], "error: argument --methods: 'foo': expected some"),
+    ("bench/restore.py", ["--layers=x"], "error: argument --layers: invalid int value"),
+    ("train.py", ["--config=configs/data.py"],
+     "error: --config=configs/data.py: its config has no field 'adam_b1': a config file "
+     "starts from configs/default.py's get_config()"),
     ("bench/passkey.py", ["--steps=0"], "error: --steps=0: expected an int >= 1"),
     ("bench/passkey.py", ["--only=local"], "error: --only needs --workdir"),
     ("bench/passkey.py", ["--trials=0"], "error: --trials=0: expected an int >= 1"),

@@ -128,7 +128,11 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={workdir}", f"--output={tmp_path}"], "error: --output="),
             ([f"--workdir={workdir}", f"--plot={tmp_path}"], "error: --plot="),
             ([f"--workdir={workdir}", "--plot=/proc/none/loss.png"],
-             "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist")):
+             "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist"),
+            ([f"--workdir={workdir}", "--config.batch_size=0"],
+             "error: batch_size=0: expected an int >= 1"),
+            ([f"--workdir={workdir}", "--config.data.validation_fraction=nan"],
+             "error: --config.data.validation_fraction=nan: expected a finite number")):
         done = script("evaluate.py", *args)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
@@ -147,7 +151,9 @@ def test_generate_cli_is_seeded(run):
                           ("--temperature=nan", "error: --temperature=nan: expected a finite"),
                           ("--seed=9223372036854775808", "error: --seed=9223372036854775808"),
                           ("--top_k=-1", "error: --top_k=-1: expected an int >= 0"),
-                          ("--num_samples=0", "error: --num_samples=0: expected an int >= 1")):
+                          ("--num_samples=0", "error: --num_samples=0: expected an int >= 1"),
+                          ("--max_new_tokens=1000000000000",
+                           "error: max_new_tokens=1000000000000: expected fewer than")):
         bad = script("generate.py", f"--workdir={workdir}", flag)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr
         assert bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr[-500:]

@@ -66,6 +66,7 @@ def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path):
         ([f"--workdir={tmp_path / 'none'}", f"--output={tmp_path / 'out'}"], "has no checkpoints"),
         ([f"--workdir={exported['run']}", f"--output={tmp_path / 'out'}", "--step=7"],
          "no checkpoint for it"),
+        ([f"--workdir={exported['run']}", "--output="], "--output is empty"),
     ]:
         done = script("export.py", *flags)
         assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr[-2000:]

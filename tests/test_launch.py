@@ -11,6 +11,7 @@ import pytest
 
 import cli
 import launch
+from errors import UserError
 
 
 _PRINTS_ITS_ENVIRONMENT = """
@@ -52,9 +53,14 @@ def test_scripts_restart_once_with_huge_pages(tmp_path, tunables, expected):
      r"JAX_PROCESS_ID=2: expected 0\.\.1"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
      "JAX_NUM_PROCESSES='two': expected an int >= 1"),
+    ({"JAX_COORDINATOR_ADDRESS": "garbage", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "JAX_COORDINATOR_ADDRESS='garbage': expected HOST:PORT"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:99999", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     "JAX_COORDINATOR_ADDRESS='h:99999': expected HOST:PORT"),
+    ({"SLURM_NTASKS": "abc", "SLURM_STEP_NODELIST": "n1"}, "SLURM_NTASKS='abc': expected an int"),
 ])
 def test_incomplete_launch_variables_are_one_line_errors(environ, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         launch.start_distributed(environ)
 
 

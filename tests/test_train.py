@@ -92,6 +92,10 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                                "expected a finite number >= 0"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
     ("--config.learning_rate=nan", "error: learning_rate=nan: expected a finite number"),
+    ("--config.min_learning_rate_ratio=5", "error: min_learning_rate_ratio=5.0: expected a "
+                                           "number in [0, 1]"),
+    ("--config.data.cache_dir=README.md", "error: data.cache_dir='README.md': cannot write "
+                                          "the token cache there (it is a file)"),
     ("--config.model.rope_scaling.factor=inf",
      "error: model.rope_scaling.factor=inf: expected a finite number"),
     ("--config.model.foo=1", "error: --config.model.foo: unknown config field 'model.foo'"),
@@ -110,7 +114,8 @@ def test_bad_config_values_are_one_line_errors(flag, message, tmp_path):
     done = script("train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
                   f"--config.data.cache_dir={tmp_path}/cache", *flag.split())
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-1000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr[-1000:]
     assert "Traceback" not in done.stderr
 
 

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from data import sources
+from errors import UserError
 
 
 def test_stdlib_source_is_offline_deterministic_and_split_by_path(data_config):
@@ -62,11 +63,16 @@ def test_text_files_folders_globs_separators_and_held_out_files(data_config, tmp
     (lambda c, p: c.update(source="s3"), "data.source='s3': expected one of"),
     (lambda c, p: c.update(source="hf", hf_name=""), "data.hf_name is empty"),
     (lambda c, p: c.update(source="tfds", tfds_name=""), "data.tfds_name is empty"),
+    (lambda c, p: c.update(source="text", paths=str(p / "linked")),
+     r"linked/to_nothing.txt: cannot read \(No such file or directory\)"),
 ])
 def test_bad_sources_raise_one_line_errors(data_config, tmp_path, setup, message):
     (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "to_nothing.txt").symlink_to(tmp_path / "gone.txt")
     setup(data_config, tmp_path)
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(UserError, match=message) as error:
+        sources.source_identity(data_config, "train")  # what the token cache is keyed by
         list(sources.read_documents(data_config, "train"))
     assert "\n" not in str(error.value)
 
