@@ -99,6 +99,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
     for flag in ("output", "plot", "probe_plot"):  # before the work, not after it
         cli.check_output_file(flag, FLAGS[flag].value)
+    for flag in ("plot", "probe_plot"):
+        plots.check_plot_path(flag, FLAGS[flag].value)
     try:
         distances = [int(d) for d in FLAGS.probe_distances]
     except ValueError:

@@ -4,8 +4,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
+
+from errors import UserError
+
+
+def check_plot_path(flag: str, path: str | None) -> None:
+    """A one-line `UserError`, before any work, where ``--flag=path`` (None: no plot asked
+    for) ends in an extension that matplotlib cannot write (it picks the format by it)."""
+    if not path:
+        return
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+        raise UserError(f"--{flag}={path!r}: expected a file name ending in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 @contextlib.contextmanager

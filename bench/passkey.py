@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
 import launch  # noqa: E402
+import plots  # noqa: E402
 
 WINDOW, LAYERS, CONTEXT = 128, 2, 512
 QUESTIONS = 6  # per planted key: 30 digits to copy per row
@@ -126,8 +127,6 @@ def run_both(args) -> dict[str, dict]:
 
 def report(records: dict[str, dict], args, wall_seconds: float) -> None:
     """Prints the tables (by distance, by band) and writes ``--output`` and ``--plot``."""
-    import plots
-
     first = records["local"]
     window, reach = first["window"], first["reach"]
     print(f"\nseed {args.seed}, {args.steps} steps, {args.trials} trials per distance, "
@@ -190,6 +189,7 @@ def main() -> None:
     launch.restart_with_huge_pages()
     for flag in ("plot", "output"):
         cli.check_output_file(flag, getattr(args, flag))
+    plots.check_plot_path("plot", args.plot)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="passkey_")
     if args.only:
         train_and_probe(args.only, args)

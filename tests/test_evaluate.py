@@ -129,6 +129,8 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={workdir}", f"--plot={tmp_path}"], "error: --plot="),
             ([f"--workdir={workdir}", "--plot=/proc/none/loss.png"],
              "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist"),
+            ([f"--workdir={workdir}", "--plot=loss.xyz"],
+             "error: --plot='loss.xyz': expected a file name ending in one of "),
             ([f"--workdir={workdir}", "--config.batch_size=0"],
              "error: batch_size=0: expected an int >= 1"),
             ([f"--workdir={workdir}", "--config.data.validation_fraction=nan"],
