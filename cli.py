@@ -64,9 +64,12 @@ def define_config_file(default_path: str, help_string: str) -> None:
                                                     lock_config=True))
 
 
-def define_config_dict(config: ml_collections.ConfigDict, help_string: str) -> None:
+def define_config_dict(config: ml_collections.ConfigDict, help_string: str, whole: str) -> None:
     """``--config.KEY=VALUE`` overrides of ``config``; an unknown field is a one-line error and
-    exit."""
+    exit, as is a whole ``--config=FILE`` (``whole`` says why)."""
+    given = _flag_argument(sys.argv, "config")
+    if given is not None:
+        exit_with_error(f"--config={given}: {whole}")
     _define(lambda: _check_overrides(config, sys.argv),
             lambda: config_flags.DEFINE_config_dict("config", config, help_string))
 

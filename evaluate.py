@@ -61,6 +61,13 @@ def _check_overrides(overrides: dict) -> None:
                             f"--config.mesh.* and --config.batch_size")
 
 
+def _check_lengths(seq_len: int, max_tokens: int) -> None:
+    if seq_len < 0:
+        raise UserError(f"--seq_len={seq_len}: expected a positive int (0: the training one)")
+    if max_tokens < 0:
+        raise UserError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
+
+
 def evaluate(workdir: str, split: str = "validation", seq_len: int = 0, max_tokens: int = 0,
              overrides: dict | None = None, step: int | None = None) -> dict:
     """Evaluates the checkpoint of ``workdir`` (``step``; default the latest) with
@@ -75,12 +82,9 @@ def evaluate_run(run: inference.LoadedRun, split: str = "validation", seq_len: i
     """`inference.evaluate_batches`' results over ``split`` cut into ``seq_len`` tokens
     (default: the training seq_len), plus ``seq_len``, ``step``, ``split`` and
     ``loss_by_distance_band`` (all plain Python or numpy values)."""
-    if max_tokens < 0:
-        raise UserError(f"--max_tokens={max_tokens}: expected 0 (the whole split) or more")
+    _check_lengths(seq_len, max_tokens)
     config, model_cfg = run.config, run.model_config
     seq_len = seq_len or config.seq_len
-    if seq_len < 1:
-        raise UserError(f"--seq_len={seq_len}: expected a positive int")
     evaluator = inference.make_evaluator(config, TransformerLM(model_cfg), run.mesh,
                                          jax.tree.map(lambda x: x.sharding, run.params),
                                          run.tokenizer)
@@ -106,6 +110,15 @@ def main(argv) -> None:
     except ValueError:
         raise UserError(f"--probe_distances={','.join(FLAGS.probe_distances)}: "
                         f"expected comma-separated ints") from None
+    # The flags' own ranges, before the checkpoint is restored.
+    if FLAGS.probe_plot and FLAGS.probe != "passkey":
+        raise UserError(f"--probe_plot={FLAGS.probe_plot!r} needs --probe=passkey")
+    if FLAGS.probe_trials < 1:
+        raise UserError(f"--probe_trials={FLAGS.probe_trials}: expected an int >= 1")
+    if any(d < 0 for d in distances):
+        raise UserError(f"--probe_distances={','.join(FLAGS.probe_distances)}: expected "
+                        f"distances >= 0")
+    _check_lengths(FLAGS.seq_len, FLAGS.max_tokens)
     launch.start_distributed()
     overrides = config_flags.get_override_values(FLAGS["config"])
     _check_overrides(overrides)
@@ -133,5 +146,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     cli.define_config_dict(default.get_config(), "Overrides of the run's config: "
-                           "--config.data.*, --config.mesh.*, --config.batch_size.")
+                           "--config.data.*, --config.mesh.*, --config.batch_size.",
+                           whole="evaluate.py evaluates with the run's saved config; it takes "
+                                 "only --config.data.*, --config.mesh.* and --config.batch_size")
     cli.run(main)

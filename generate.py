@@ -44,6 +44,10 @@ def main(argv) -> None:
     if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
         raise UserError(f"--temperature={FLAGS.temperature}: expected a finite number >= 0 "
                         f"(0: greedy)")
+    if not 0 < FLAGS.top_p <= 1:  # NaN too
+        raise UserError(f"--top_p={FLAGS.top_p}: expected a probability in (0, 1] (1: off)")
+    if FLAGS.max_new_tokens >= 2**30:
+        raise UserError(f"--max_new_tokens={FLAGS.max_new_tokens}: expected fewer than 2**30")
     launch.start_distributed()
     run = inference.load_for_inference(FLAGS.workdir, step=FLAGS.step)
     prompt = run.config.sample_prompt if FLAGS.prompt is None else FLAGS.prompt

@@ -56,7 +56,7 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
     try:
         step, config = checkpoints.restore_config(step)
         # The tokenizer the run trained with, whatever text the overrides point at.
-        tokenizer = make_tokenizer(config.data, workdir)
+        tokenizer = make_tokenizer(config.data, workdir, trained=True)
         checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, workdir), step)
         run_config.apply_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.context": 1,
                                             "mesh.tensor": 1} | overrides)

@@ -137,7 +137,7 @@ def initial_params(config: ml_collections.ConfigDict, training: TrainSetup, toke
     try:
         step, saved = checkpoints.restore_config(step)
         checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, path), step)
-        source_model = run_config.model_config(saved, make_tokenizer(saved.data, path))
+        source_model = run_config.model_config(saved, make_tokenizer(saved.data, path, trained=True))
         # The source's parameters, restored by orbax straight into the shards of this run's
         # mesh (the optimizer state is left on disk).
         abstract, _ = create_train_state(config, TransformerLM(source_model), training.mesh,

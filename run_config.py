@@ -99,6 +99,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.min_learning_rate_ratio <= 1:
         raise UserError(f"min_learning_rate_ratio={config.min_learning_rate_ratio!r}: expected "
                         f"a number in [0, 1] (the decay ends at learning_rate times it)")
+    if not 0 <= config.data.validation_fraction < 1:
+        raise UserError(f"data.validation_fraction={config.data.validation_fraction!r}: "
+                        f"expected a number in [0, 1) (the share of the text held out)")
+    if any(end in config.data.document_separator for end in "\r\n"):
+        raise UserError(f"data.document_separator={config.data.document_separator!r}: expected "
+                        f"one line's text (a line equal to it separates documents)")
+    if config.sample_tokens + len(config.sample_prompt.encode()) >= 2**31:
+        raise UserError(f"sample_tokens={config.sample_tokens}: expected fewer than "
+                        f"{2**31 - len(config.sample_prompt.encode())} (positions are int32)")
+    # The model's fields, before the tokenizer (which may train for minutes) gives the vocabulary.
+    TransformerConfig.from_config(config.model.to_dict(), vocab_size=1)
     if config.batch_size % config.grad_accum_steps:
         raise UserError(f"batch_size={config.batch_size} is not divisible by "
                         f"grad_accum_steps={config.grad_accum_steps}")

@@ -53,9 +53,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
         try:
             # Before anything is built in the workdir: a resumed run must match its checkpoints.
-            if checkpoints.latest_step() is not None:
+            latest = checkpoints.latest_step()
+            if latest is not None:
                 _, saved_config = checkpoints.restore_config()
                 run_config.check_resume_compatible(saved_config, config, checkpoints.directory)
+                if latest > config.num_train_steps:
+                    raise UserError(f"num_train_steps={config.num_train_steps}, but the "
+                                    f"checkpoints in {checkpoints.directory} are at step "
+                                    f"{latest}: raise it to train on (evaluate.py evaluates "
+                                    f"the run as it is)")
             return _train(config, workdir, checkpoints, stop)
         finally:
             checkpoints.wait()

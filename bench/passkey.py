@@ -182,7 +182,7 @@ def main() -> None:
         cli.exit_with_error(f"--steps={args.steps}: expected an int >= 1")
     if args.trials < 1:  # checked here too: the probe comes after minutes of training
         cli.exit_with_error(f"--trials={args.trials}: expected an int >= 1")
-    if min(args.distances) < 0:
+    if not args.distances or min(args.distances) < 0:
         cli.exit_with_error(f"--distances={args.distances}: expected ints >= 0")
     if args.only and not args.workdir:
         cli.exit_with_error("--only needs --workdir")

@@ -115,6 +115,11 @@ def main() -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--memory_cap_gib", type=float, default=16.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for flag in ("layers", "mlp_dim", "vocab", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}={getattr(args, flag)}: expected an int >= 1")
+    if args.d_model < 128 or args.d_model % 128:
+        parser.error(f"--d_model={args.d_model}: expected a multiple of 128 (heads of 128)")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.point:
         print(json.dumps(measure_point(args)))

@@ -29,11 +29,12 @@ PACKING = ("documents", "stream")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "local_attention_lm")
 
 
-def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+def make_tokenizer(config, workdir: str | None = None, trained: bool = False) -> Tokenizer:
     """``data.tokenizer``: ``bytes``, or ``sentencepiece`` loaded from
     ``data.sentencepiece_model`` or, where that is empty, from ``<workdir>/sentencepiece.model``,
-    trained there on the training split on first use, or ``hf``: the tokenizer of the Hugging
-    Face model folder ``data.hf_tokenizer`` (hf/tokenizer.py)."""
+    trained there on the training split on first use (``trained``: a run that has trained
+    already, whose model missing is a one-line `UserError`), or ``hf``: the tokenizer of the
+    Hugging Face model folder ``data.hf_tokenizer`` (hf/tokenizer.py)."""
     if config.tokenizer == "bytes":
         return ByteTokenizer()
     if config.tokenizer == "hf":
@@ -57,6 +58,9 @@ def make_tokenizer(config, workdir: str | None = None) -> Tokenizer:
                     "hf_name": config.hf_name, "tfds_name": config.tfds_name,
                     "vocab_size": config.sentencepiece_vocab_size}
         settings_path = os.path.join(workdir, "sentencepiece.json")
+        if trained and not os.path.exists(model_path):
+            raise UserError(f"{model_path} is missing: the tokenizer this run trained with (put "
+                            f"it back; the checkpoints' ids mean its pieces)")
         # In a multi-process run process 0 trains it into the (shared) workdir while the
         # others wait, so that every process loads the same model.
         if jax.process_index() == 0 and not os.path.exists(model_path):

@@ -47,11 +47,13 @@ def source_identity(config, split: str) -> dict:
         identity["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
     elif config.source == "text":
         identity["separator"] = config.document_separator
-        identity["files"] = _files_signature(_text_files(config.paths, "data.paths"))
-        if config.validation_paths:
-            identity["validation_files"] = _files_signature(
-                _text_files(config.validation_paths, "data.validation_paths"))
+        if config.validation_paths:  # each split is its own files (data.paths may be empty
+            # when only the held-out text is evaluated)
+            field = "validation_paths" if split == "validation" else "paths"
+            identity["split_files"] = _files_signature(_text_files(config[field],
+                                                                   f"data.{field}"))
         else:
+            identity["files"] = _files_signature(_text_files(config.paths, "data.paths"))
             identity["split"] = "hash, else the last document's tail"
     elif config.source == "hf":
         identity |= {k: config[k] for k in ("hf_name", "hf_config", "hf_text_field",
@@ -120,11 +122,15 @@ def _text_files(paths, field: str) -> list[tuple[str, str]]:
             raise UserError(f"{field}: {pattern!r} matches no file or folder")
         for match in matches:
             if os.path.isdir(match):  # every file below it, hidden ones (.git, ...) excepted
+                found = len(files)
                 for directory, subdirectories, names in os.walk(match):
                     subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
                     files += [(os.path.join(directory, n),
                                os.path.relpath(os.path.join(directory, n), match))
                               for n in sorted(names) if not n.startswith(".")]
+                if len(files) == found:
+                    raise UserError(f"{field}: the folder {match!r} holds no files (hidden "
+                                    f"ones, such as .git, are skipped)")
             else:
                 files.append((match, os.path.basename(match)))
     return files

@@ -30,6 +30,11 @@ from model.config import TransformerConfig
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' save_pretrained default is 5 GB too
 
 
+# The file that marks ``<output>.partial`` as an export in progress (a killed one's leftovers,
+# which the next export may delete).
+_IN_PROGRESS = ".export-in-progress"
+
+
 def write_model_folder(output: str, params, config: TransformerConfig, tokenizer: Tokenizer,
                        max_position_embeddings: int,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
@@ -47,9 +52,15 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
     values = hf_config(config, max_position_embeddings, tokenizer.end_of_document_id,
                        tokenizer.pad_id)
     partial = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # a killed export's leftovers
+    marker = os.path.join(partial, _IN_PROGRESS)
+    if os.path.exists(partial):
+        if not os.path.isfile(marker):  # not ours: the user's, never deleted
+            raise UserError(f"--output={output}: {partial} exists and is not a killed "
+                            f"export's; move it away or name another folder")
+        shutil.rmtree(partial)  # a killed export's leftovers
     try:
         os.makedirs(partial)
+        open(marker, "w").close()
     except OSError as error:
         raise UserError(f"--output={output}: cannot create it ({error.strerror})") from None
     _write_json(os.path.join(partial, "config.json"), values)
@@ -58,6 +69,7 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
         "pad_token_id": tokenizer.pad_id})
     _write_tensors(partial, export_tensors(params, config), max_shard_bytes)
     export_tokenizer(tokenizer, partial, model_max_length=values["max_position_embeddings"])
+    os.remove(marker)
     os.replace(partial, output)
 
 

@@ -4,6 +4,7 @@ computation with dense attention; every token counts once at any context; the CL
 import glob
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -104,11 +105,12 @@ def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     assert written["seq_len"] == 128 and json.loads(done.stdout) == written
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Another corpus through --config.data.*: a text file.
+    # Another corpus through --config.data.*: a text file, as the README says (held-out text
+    # alone: data.paths, the training text, is not needed).
     text = tmp_path / "other.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 50)
     done = script("evaluate.py", f"--workdir={workdir}", "--config.data.source=text",
-                  f"--config.data.paths={text}", f"--config.data.validation_paths={text}",
+                  f"--config.data.validation_paths={text}",
                   f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
     # Every byte and the end of document is a target, except the first byte (nothing before it).
@@ -129,6 +131,13 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={workdir}", f"--plot={tmp_path}"], "error: --plot="),
             ([f"--workdir={workdir}", "--plot=/proc/none/loss.png"],
              "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist"),
+            ([f"--workdir={workdir}", "--config=configs/tiny.py"],
+             "error: --config=configs/tiny.py: evaluate.py evaluates with the run's saved "
+             "config"),
+            ([f"--workdir={workdir}", "--probe_plot=pk.png"],
+             "error: --probe_plot='pk.png' needs --probe=passkey"),
+            ([f"--workdir={workdir}", "--probe=passkey", "--probe_trials=0"],
+             "error: --probe_trials=0: expected an int >= 1"),
             ([f"--workdir={workdir}", "--plot=loss.xyz"],
              "error: --plot='loss.xyz': expected a file name ending in one of "),
             ([f"--workdir={workdir}", "--config.batch_size=0"],
@@ -149,13 +158,13 @@ def test_generate_cli_is_seeded(run):
     assert f"--- sample 1 of 1 (step {SHARED_STEPS}) ---\nimport " in first.stdout
     other = script("generate.py", *args[:-1], "--seed=4", "--temperature=1.5")
     assert other.stdout != first.stdout
-    for flag, message in (("--top_p=0", "error: top_p=0"),
+    for flag, message in (("--top_p=0", "error: --top_p=0.0: expected a probability in (0, 1]"),
                           ("--temperature=nan", "error: --temperature=nan: expected a finite"),
                           ("--seed=9223372036854775808", "error: --seed=9223372036854775808"),
                           ("--top_k=-1", "error: --top_k=-1: expected an int >= 0"),
                           ("--num_samples=0", "error: --num_samples=0: expected an int >= 1"),
                           ("--max_new_tokens=1000000000000",
-                           "error: max_new_tokens=1000000000000: expected fewer than")):
+                           "error: --max_new_tokens=1000000000000: expected fewer than")):
         bad = script("generate.py", f"--workdir={workdir}", flag)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr
         assert bad.stderr.strip().splitlines()[-1].startswith(message), bad.stderr[-500:]
@@ -209,6 +218,13 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
                   f"--config.data.paths={text}", f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["num_tokens"] > 0
+    # Its SentencePiece model gone, the run is not re-tokenized with a new one: one line.
+    os.remove(tmp_path / "run" / "sentencepiece.model")
+    done = script("evaluate.py", f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"error: {tmp_path / 'run' / 'sentencepiece.model'} is missing: the tokenizer this run "
+        f"trained with (put it back; the checkpoints' ids mean its pieces)")
+    assert not os.path.exists(tmp_path / "run" / "sentencepiece.model")
 
 
 def test_evaluate_the_train_split_and_generate_with_its_flags(run):

@@ -61,14 +61,26 @@ def test_transformers_gives_our_logits_greedy_tokens_and_ids(exported):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(exported, tmp_path):
+    (tmp_path / "mine.partial").mkdir()  # the user's own folder, by chance so named
+    (tmp_path / "mine.partial" / "notes.txt").write_text("mine")
     for flags, message in [
         ([f"--workdir={exported['run']}", f"--output={exported['hf']}"], "it exists"),
         ([f"--workdir={tmp_path / 'none'}", f"--output={tmp_path / 'out'}"], "has no checkpoints"),
         ([f"--workdir={exported['run']}", f"--output={tmp_path / 'out'}", "--step=7"],
          "no checkpoint for it"),
         ([f"--workdir={exported['run']}", "--output="], "--output is empty"),
+        ([f"--workdir={exported['run']}", f"--output={tmp_path / 'mine'}"],
+         f"{tmp_path / 'mine.partial'} exists and is not a killed export's"),
     ]:
         done = script("export.py", *flags)
         assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr[-2000:]
         assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert not os.path.exists(tmp_path / "out")
+    assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "mine"
+    # A killed export's leftovers (marked as such) give way to the next export.
+    (tmp_path / "killed.partial").mkdir()
+    (tmp_path / "killed.partial" / ".export-in-progress").touch()
+    done = script("export.py", f"--workdir={exported['run']}", f"--output={tmp_path / 'killed'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "killed.partial")
+    assert sorted(os.listdir(tmp_path / "killed")) == sorted(os.listdir(exported["hf"]))

@@ -85,3 +85,20 @@ def test_nan_and_inf_in_every_float_field_are_one_line_errors_naming_it():
                 run_config.validate_config(config)
             with pytest.raises(run_config.UserError, match=rf"^--config.{field}={value}: "):
                 run_config.check_inference_overrides({field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.validation_fraction", 1.0, r"^data.validation_fraction=1.0: expected a number in "
+                                      r"\[0, 1\)"),
+    ("data.document_separator", "<|end|>\n", r"^data.document_separator='<\|end\|>\\n': "
+                                             r"expected one line's text"),
+    ("min_learning_rate_ratio", 5.0, r"^min_learning_rate_ratio=5.0: expected a number in "
+                                     r"\[0, 1\]"),
+    ("model.num_heads", 3, r"^model.d_model=32 is not divisible by model.num_heads=3"),
+])
+def test_bad_fields_are_one_line_before_any_work(field, value, message):
+    """Checked by validate_config, before the tokenizer (which may train for minutes)."""
+    config = tiny.get_config()
+    run_config.apply_overrides(config, {field: value})
+    with pytest.raises(run_config.UserError, match=message):
+        run_config.validate_config(config)

@@ -92,6 +92,10 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                                                "expected a finite number >= 0"),
     ("--config.warmup_steps=50", "error: warmup_steps=50: expected fewer than num_train_steps=20"),
     ("--config.learning_rate=nan", "error: learning_rate=nan: expected a finite number"),
+    ("--config.data.validation_fraction=1.5", "error: data.validation_fraction=1.5: expected a "
+                                              "number in [0, 1)"),
+    ("--config.sample_tokens=10000000000", "error: sample_tokens=10000000000: expected fewer "
+                                           "than"),
     ("--config.min_learning_rate_ratio=5", "error: min_learning_rate_ratio=5.0: expected a "
                                            "number in [0, 1]"),
     ("--config.data.cache_dir=README.md", "error: data.cache_dir='README.md': cannot write "
@@ -191,6 +195,19 @@ def test_resuming_with_another_batch_size_is_a_one_line_error(trained):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: batch_size=16, but the checkpoints in")
+
+
+def test_resuming_past_num_train_steps_is_a_one_line_error(trained):
+    """A run whose checkpoints are past num_train_steps has nothing to train: said so, rather
+    than 'resuming' and evaluating as if it had."""
+    before = _snapshot(trained["run"])
+    done = script("train.py", *_shared_run_flags(trained), "--config.num_train_steps=6",
+                  "--config.warmup_steps=1")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"error: num_train_steps=6, but the checkpoints in {trained['run']}/checkpoints are at "
+        f"step {SHARED_STEPS}: raise it to train on (evaluate.py evaluates the run as it is)")
+    assert _snapshot(trained["run"]) == before
 
 
 def test_the_attention_kernel_and_document_bound_may_change_on_resume(trained, tmp_path):

@@ -63,12 +63,16 @@ def test_text_files_folders_globs_separators_and_held_out_files(data_config, tmp
     (lambda c, p: c.update(source="s3"), "data.source='s3': expected one of"),
     (lambda c, p: c.update(source="hf", hf_name=""), "data.hf_name is empty"),
     (lambda c, p: c.update(source="tfds", tfds_name=""), "data.tfds_name is empty"),
+    (lambda c, p: c.update(source="text", paths=str(p / "empty")), "the folder .* holds no "
+                                                                    "files"),
     (lambda c, p: c.update(source="text", paths=str(p / "linked")),
      r"linked/to_nothing.txt: cannot read \(No such file or directory\)"),
 ])
 def test_bad_sources_raise_one_line_errors(data_config, tmp_path, setup, message):
     (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00bad")
     (tmp_path / "linked").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_text("skipped")
     (tmp_path / "linked" / "to_nothing.txt").symlink_to(tmp_path / "gone.txt")
     setup(data_config, tmp_path)
     with pytest.raises(UserError, match=message) as error:
