@@ -200,6 +200,9 @@ def unknown_config_field(config: ml_collections.ConfigDict, path: str) -> str | 
     return None
 
 
+_PATH_FLAGS = ("workdir", "output", "plot", "probe_plot")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with a bad flag (unknown, a value of the wrong type, a missing
     required one) or a stray argument as one line."""
@@ -209,6 +212,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         exit_with_error(first_line(error))
     if len(rest) > 1:
         exit_with_error(f"unexpected arguments {rest[1:]}: flags are --NAME=VALUE")
+    # A shell leaves the ~ of --workdir=~/run as it is: expanded here, as in data.paths.
+    for name in _PATH_FLAGS:
+        if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
+            flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
     return rest
 
 

@@ -17,6 +17,7 @@ one-line errors) is cli.py's, the multi-process launch launch.py's.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -73,6 +74,15 @@ def _make_workdir(workdir: str) -> None:
     created or written)."""
     if not workdir:
         raise UserError("--workdir is empty: expected a folder for the run's checkpoints and logs")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if os.path.isfile(os.path.join(workdir, "config.json")):
+            raise UserError(f"--workdir={workdir!r} is a Hugging Face model folder, not a run: "
+                            f"to start from it, --config.init_from={workdir} with a new "
+                            f"--workdir")
+        if os.path.basename(os.path.normpath(workdir)) == "checkpoints" and os.path.isdir(
+                workdir) and any(name.isdigit() for name in os.listdir(workdir)):
+            raise UserError(f"--workdir={workdir!r} is a run's checkpoints folder: the run is "
+                            f"--workdir={os.path.dirname(os.path.normpath(workdir))}")
     problem = writable_folder_problem(workdir)
     if problem:
         raise UserError(f"--workdir={workdir!r}: {problem}: expected a folder to write the "

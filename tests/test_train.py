@@ -197,6 +197,35 @@ def test_resuming_with_another_batch_size_is_a_one_line_error(trained):
         "error: batch_size=16, but the checkpoints in")
 
 
+def test_a_workdir_that_is_not_a_run_is_one_line_naming_the_right_flag(trained, tmp_path):
+    """A Hugging Face folder, or a run's checkpoints folder, given as --workdir would start a
+    new run inside it."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    checkpoints = trained["run"] / "checkpoints"
+    for workdir, message in (
+            (tmp_path / "hf", f"error: --workdir='{tmp_path}/hf' is a Hugging Face model folder, "
+                              f"not a run: to start from it, --config.init_from={tmp_path}/hf"),
+            (checkpoints, f"error: --workdir='{checkpoints}' is a run's checkpoints folder: the "
+                          f"run is --workdir={trained['run']}")):
+        before = _snapshot(workdir)
+        done = script("train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+                      f"--config.data.cache_dir={tmp_path}/cache")
+        assert done.returncode == 1 and done.stderr.strip().startswith(message), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert _snapshot(workdir) == before
+
+
+def test_a_tilde_in_the_workdir_is_the_home_folder(tmp_path):
+    """The shell leaves --workdir=~/... as it is; the scripts expand it (here to a folder that
+    cannot be made, so that nothing is written)."""
+    done = script("train.py", "--config=configs/tiny.py", "--workdir=~/../proc/none/run",
+                  f"--config.data.cache_dir={tmp_path}/cache")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: --workdir='{os.path.expanduser('~')}/../proc/none/"
+                                  f"run': "), done.stderr
+
+
 def test_resuming_past_num_train_steps_is_a_one_line_error(trained):
     """A run whose checkpoints are past num_train_steps has nothing to train: said so, rather
     than 'resuming' and evaluating as if it had."""
