@@ -60,7 +60,7 @@ def load_for_inference(workdir: str, overrides: dict | None = None,
         checkpoints.check_tokenizer(tokenizer, tokenizer_source(config.data, workdir), step)
         run_config.apply_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.context": 1,
                                             "mesh.tensor": 1} | overrides)
-        run_config.validate_config(config)  # the overrides: e.g. --config.batch_size=0
+        run_config.check_batch_size(config)  # an override may have changed it
         model_cfg = run_config.model_config(config, tokenizer)
         mesh = sharding.make_mesh(config)
         abstract, _ = create_train_state(config, TransformerLM(model_cfg), mesh,

@@ -145,6 +145,18 @@ def check_resume_compatible(saved: ml_collections.ConfigDict,
                             f"with {old!r}: use another workdir, or the same value to resume")
 
 
+def check_batch_size(config: ml_collections.ConfigDict) -> None:
+    """A one-line `UserError` where ``batch_size`` is not a positive multiple of
+    ``grad_accum_steps`` (checked apart from `validate_config` for a trained run's saved
+    config, which may predate fields that validate_config reads)."""
+    size, accumulation = config.batch_size, config.get("grad_accum_steps", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"batch_size={size!r}: expected an int >= 1")
+    if size % accumulation:
+        raise UserError(f"batch_size={size} is not divisible by "
+                        f"grad_accum_steps={accumulation}")
+
+
 def check_inference_overrides(overrides: dict) -> None:
     """A one-line `UserError` where flat ``{"data.source": ..., ...}`` overrides of a trained
     run's config touch one of `PARAMETER_FIELDS` (the parameters depend on it) or set a float

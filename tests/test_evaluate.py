@@ -249,3 +249,22 @@ def test_evaluate_the_train_split_and_generate_with_its_flags(run):
     assert "--- sample 1 of 2 (step 75) ---" in two and "--- sample 2 of 2 (step 75) ---" in two
     first, second = (part.split("---\n", 1)[1] for part in two.split("--- sample")[1:])
     assert first != second  # seeds 1 and 2
+
+
+def test_a_run_saved_before_newer_fields_still_evaluates(run, tmp_path):
+    """A checkpoint's config from before the passkey fields and the document separator (older
+    code): loading it reads only what it has, the rest at their defaults."""
+    import shutil
+
+    _, workdir = run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    for path in glob.glob(f"{old}/checkpoints/*/config/metadata"):
+        saved = json.loads(open(path).read())
+        for name in ("passkey_fraction", "passkey_questions", "passkey_answer_weight",
+                     "document_separator"):
+            del saved["data"][name]
+        with open(path, "w") as f:
+            json.dump(saved, f)
+    result = evaluate.evaluate(str(old), max_tokens=256)
+    assert result["num_tokens"] >= 256 and math.isfinite(result["loss"])
