@@ -7,6 +7,7 @@ raises a one-line `UserError` naming the first bad or unknown field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import types
 import typing
@@ -22,8 +23,10 @@ from model.rope import NO_SCALING, RopeScaling
 
 
 POSITION_EMBEDDINGS = ("rope", "relative", "none")
-ACTIVATIONS = ("swiglu", "gelu")
-NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+NORMS = ("rmsnorm", "rmsnorm_plus_one", "layernorm")
+BLOCK_NORMS = ("pre", "sandwich", "post")
+QK_NORMS = ("none", "head", "all")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -82,14 +85,43 @@ class TransformerConfig:
         NO_SCALING, "architecture", "context extension, transformers' rope_scaling "
         "(model/rope.py): rope_type default (none), linear (position interpolation by factor) "
         "or yarn (which needs the pretraining context, original_max_position_embeddings)")
-    activation: str = _field("swiglu", "architecture", f"the MLP's, one of {ACTIVATIONS}")
-    norm: str = _field("rmsnorm", "architecture", f"one of {NORMS}")
+    activation: str = _field(
+        "swiglu", "architecture", f"the MLP's, one of {ACTIVATIONS}: swiglu silu(gate)·up; "
+        "geglu gelu(gate)·up with GELU's tanh approximation (Gemma's gelu_pytorch_tanh); gelu "
+        "(not gated, tanh approximation)")
+    norm: str = _field(
+        "rmsnorm", "architecture", f"every norm's kind, one of {NORMS}: rmsnorm x̂·scale; "
+        "rmsnorm_plus_one x̂·(1 + scale), computed in float32 with the scale stored around 0 "
+        "(Gemma's RMSNorm, so its checkpoints convert exactly); layernorm (with a bias)")
+    block_norms: str = _field(
+        "pre", "architecture", f"where each block's norms sit, one of {BLOCK_NORMS}: pre "
+        "x + f(norm(x)); sandwich x + norm(f(norm(x))) (Gemma 2 and 3's four norms a layer); "
+        "post x + norm(f(x)) (OLMo 2 and 3), for f the attention, then the MLP")
+    qk_norm: str = _field(
+        "none", "architecture", f"a norm (model.norm's kind) on queries and keys before RoPE, "
+        f"one of {QK_NORMS}: over each head's features (Gemma 3, Qwen 3) or over all heads' "
+        "features at once (OLMo 3)")
+    qkv_bias: bool = _field(False, "architecture", "biases on the query, key and value "
+                            "projections, none on the output (Qwen 2)")
+    attention_scale: float | None = _field(
+        None, "architecture", "what query·key is multiplied by; None: 1/sqrt(head_dim) "
+        "(Gemma 2 and 3: query_pre_attn_scalar ** -0.5)")
+    attention_logit_soft_cap: float | None = _field(
+        None, "architecture", "attention logits s become cap·tanh(s/cap) before the mask, in "
+        "every kernel and in decoding (Gemma 2: 50); None: no cap")
+    final_logit_soft_cap: float | None = _field(
+        None, "architecture", "output logits z become cap·tanh(z/cap): in the loss, "
+        "evaluation and sampling (Gemma 2: 30); None: no cap")
     norm_eps: float = _field(1e-6, "architecture", "added to the variance in every norm "
                              "(Mistral and Llama: 1e-5)")
     scale_embeddings: bool = _field(True, "architecture", "input embeddings times "
                                     "sqrt(d_model) (Gemma's scheme); Mistral and Llama: False")
     tie_embeddings: bool = _field(True, "architecture",
                                   "output logits through the embedding matrix")
+    hf_model_type: str = _field(
+        "", "architecture", "the Hugging Face model_type of the checkpoint the run started "
+        "from (hf/families.py), which export writes back; '': a model of this project's "
+        "own, exported as Mistral (Ministral with global layers)")
     dropout_rate: float = _field(0.0, "training", "dropout after attention and the MLP")
     attention_dropout_rate: float = _field(0.0, "training", "dropout of attention weights")
     dtype: str = _field("float32", "training", f"computation, one of {DTYPES} (bfloat16 on "
@@ -213,7 +245,8 @@ class TransformerConfig:
             raise UserError(f"model.d_model={self.d_model} is not divisible by "
                             f"model.num_heads={self.num_heads}; set model.head_dim")
         for name, allowed in (("position_embedding", POSITION_EMBEDDINGS),
-                              ("activation", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
+                              ("activation", ACTIVATIONS), ("norm", NORMS),
+                              ("block_norms", BLOCK_NORMS), ("qk_norm", QK_NORMS), ("dtype", DTYPES),
                               ("attention_implementation", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r}: expected one of "
@@ -242,8 +275,16 @@ class TransformerConfig:
                 raise UserError(f"model.{name}={value!r}: expected a number > 1")
         if not self.norm_eps > 0:
             raise UserError(f"model.norm_eps={self.norm_eps!r}: expected a number > 0")
-        if not isinstance(self.scale_embeddings, bool):
-            raise UserError(f"model.scale_embeddings={self.scale_embeddings!r}: expected a bool")
+        for name in ("scale_embeddings", "tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"model.{name}={getattr(self, name)!r}: expected a bool")
+        for name in ("attention_scale", "attention_logit_soft_cap", "final_logit_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, numbers.Real)
+                                      or isinstance(value, bool) or not 0 < value < math.inf):
+                raise UserError(f"model.{name}={value!r}: expected a positive number or None")
+        if not isinstance(self.hf_model_type, str):
+            raise UserError(f"model.hf_model_type={self.hf_model_type!r}: expected a string")
         self.rope_scaling.validate()
 
 

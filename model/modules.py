@@ -10,6 +10,7 @@ names, same ``query``/``key``/``value``/``out`` parameters) and `LocalSelfAttent
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -47,6 +48,13 @@ class MultiHeadLocalAttention(nn.Module):
         queries and keys by their positions (`model.rope.apply_rotary`).
       rope_scaling: the rotary embeddings' context-extension scaling (`model.rope.RopeScaling`:
         none, linear or YaRN, as `transformers` defines them).
+      qk_norm: a norm for queries and keys before RoPE (Gemma 3, Qwen 3, OLMo 3), called
+        as ``qk_norm("query_norm")`` and ``qk_norm("key_norm")`` to make the modules applied to
+        queries ``(batch..., seq_len, heads, head_dim)`` and keys ``(..., kv_heads,
+        head_dim)``; None: no norm.
+      attention_scale: what query·key is multiplied by (None: ``head_dim ** -0.5``).
+      logit_soft_cap: attention logits ``s`` become ``cap · tanh(s / cap)`` (Gemma 2); None:
+        no cap.
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       qkv_features: total query/key/value width (default: the input width).
@@ -56,7 +64,10 @@ class MultiHeadLocalAttention(nn.Module):
         dropout runs iff a key is available (``prng_key=``, ``dropout_rng=`` or a ``'dropout'``
         rng stream).
       precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias: as in Flax.
-      kv_kernel_init: initializer of the ``key``/``value`` kernels (default ``kernel_init``).
+      kv_kernel_init, kv_bias_init: initializers of the ``key``/``value`` kernels and
+        biases (default ``kernel_init``, ``bias_init``).
+      out_use_bias: a bias on the output projection (None: ``use_bias``; Qwen 2 has biases on
+        the query, key and value projections only).
       rel_pos_emb_init: initializer of ``rel_pos_emb``.
       decode: autoregressive decoding with ``mutable=['cache']``: a call with several tokens
         prefills a new sequence (its prompt); each call with one token continues it.
@@ -71,6 +82,9 @@ class MultiHeadLocalAttention(nn.Module):
     use_rel_pos_emb: bool = False
     rotary_base: float | None = None
     rope_scaling: RopeScaling = NO_SCALING
+    qk_norm: Callable[[str], nn.Module] | None = None
+    attention_scale: float | None = None
+    logit_soft_cap: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     qkv_features: int | None = None
@@ -81,9 +95,11 @@ class MultiHeadLocalAttention(nn.Module):
     kernel_init: Initializer = nn.linear.default_kernel_init
     out_kernel_init: Initializer | None = None
     kv_kernel_init: Initializer | None = None
+    kv_bias_init: Initializer | None = None
     bias_init: Initializer = zeros_init()
     out_bias_init: Initializer | None = None
     use_bias: bool = True
+    out_use_bias: bool | None = None
     rel_pos_emb_init: Initializer = nn.initializers.normal(stddev=0.02)
     decode: bool = False
     block_size: int | None = None
@@ -135,9 +151,12 @@ class MultiHeadLocalAttention(nn.Module):
         query = dense(features=(self.num_heads, head_dim), kernel_init=self.kernel_init,
                       name="query")(inputs_q)
         key_value = functools.partial(dense, features=(kv_heads, head_dim),
-                                      kernel_init=self.kv_kernel_init or self.kernel_init)
+                                      kernel_init=self.kv_kernel_init or self.kernel_init,
+                                      bias_init=self.kv_bias_init or self.bias_init)
         key = key_value(name="key")(inputs_k)
         value = key_value(name="value")(inputs_v)
+        if self.qk_norm is not None:
+            query, key = self.qk_norm("query_norm")(query), self.qk_norm("key_norm")(key)
         rel_pos_emb = None
         if self.use_rel_pos_emb:
             width = self.window_size_left + self.window_size_right + 1
@@ -167,7 +186,8 @@ class MultiHeadLocalAttention(nn.Module):
         return nn.DenseGeneral(
             features=self.out_features or features, axis=(-2, -1),
             kernel_init=self.out_kernel_init or self.kernel_init,
-            bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+            bias_init=self.out_bias_init or self.bias_init,
+            use_bias=self.use_bias if self.out_use_bias is None else self.out_use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
             name="out")(out)
 

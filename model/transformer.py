@@ -48,17 +48,46 @@ _DENSE_INIT = nn.initializers.xavier_uniform()
 _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
 
 
-def _norm(config: TransformerConfig, name: str) -> nn.Module:
-    scale_init = _init(nn.initializers.ones, "embed")
+class PlusOneRMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / sqrt(mean(x²) + epsilon) · (1 + scale)`` in float32, cast to
+    ``dtype``, with ``scale`` (initialised to 0) over the trailing ``feature_axes``, which are
+    also the axes reduced (transformers' ``Gemma2RMSNorm``, whose weights load unchanged)."""
+
+    epsilon: float
+    dtype: jnp.dtype
+    feature_axes: tuple[int, ...] = (-1,)
+    scale_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = tuple(x.shape[axis] for axis in self.feature_axes)
+        scale = self.param("scale", self.scale_init, shape, jnp.float32)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=self.feature_axes, keepdims=True)
+                              + self.epsilon)
+        return (x * (1.0 + scale)).astype(self.dtype)
+
+
+def _norm(config: TransformerConfig, name: str, feature_axes: tuple[int, ...] = (-1,),
+          axis_names: tuple[str, ...] = ("embed",)) -> nn.Module:
+    """A norm of ``config.norm``'s kind named ``name`` over ``feature_axes`` (whose
+    parameters carry the logical ``axis_names``)."""
+    if config.norm == "rmsnorm_plus_one":
+        return PlusOneRMSNorm(config.norm_eps, config.compute_dtype, feature_axes,
+                              _init(nn.initializers.zeros, *axis_names), name=name)
+    scale_init = _init(nn.initializers.ones, *axis_names)
+    axes = {} if feature_axes == (-1,) else {"reduction_axes": feature_axes,
+                                             "feature_axes": feature_axes}
     if config.norm == "rmsnorm":
         return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype,
-                          scale_init=scale_init, name=name)
+                          scale_init=scale_init, name=name, **axes)
     return nn.LayerNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, scale_init=scale_init,
-                        bias_init=_init(nn.initializers.zeros, "embed"), name=name)
+                        bias_init=_init(nn.initializers.zeros, *axis_names), name=name, **axes)
 
 
 class Mlp(nn.Module):
-    """``(batch, seq_len, d_model) -> (batch, seq_len, d_model)``: SwiGLU or GELU."""
+    """``(batch, seq_len, d_model) -> (batch, seq_len, d_model)``: SwiGLU, GeGLU or GELU
+    (``config.activation``; GELU in its tanh approximation, as Gemma's)."""
 
     config: TransformerConfig
 
@@ -77,6 +106,8 @@ class Mlp(nn.Module):
                                 name=name)(x)
         if config.activation == "swiglu":
             hidden = nn.silu(up("gate")) * up("up")
+        elif config.activation == "geglu":
+            hidden = nn.gelu(up("gate"), approximate=True) * up("up")
         else:
             hidden = nn.gelu(up("up"))
         hidden = nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
@@ -85,7 +116,8 @@ class Mlp(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm residual block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``.
+    """Residual block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))`` (pre-norm; with
+    ``config.block_norms`` also or only a norm on each sublayer's output).
 
     ``global_layer`` (static) makes the attention window the whole sequence: ``seq_len - 1``
     keys back, or when decoding ``decode_length - 1`` (its cache holds every position). The
@@ -110,6 +142,15 @@ class DecoderBlock(nn.Module):
             window = max(x.shape[-2] - 1, 0)
         rope_base, rope_scaling = config.rope(global_layer)
         kv_heads_name = "kv_heads" if config.resolved_num_kv_heads < config.num_heads else "heads"
+
+        def qk_norm(name: str) -> nn.Module:
+            """``query_norm`` on queries ``(..., heads, head_dim)``, ``key_norm`` on keys
+            ``(..., kv_heads, head_dim)``: over each head's features or all heads'."""
+            if config.qk_norm == "head":
+                return _norm(config, name, (-1,), ("kv",))
+            heads = "heads" if name == "query_norm" else kv_heads_name
+            return _norm(config, name, (-2, -1), (heads, "kv"))
+
         attention = MultiHeadLocalAttention(
             num_heads=config.num_heads,
             num_kv_heads=config.resolved_num_kv_heads,
@@ -122,7 +163,13 @@ class DecoderBlock(nn.Module):
             dtype=config.compute_dtype,
             dropout_rate=config.attention_dropout_rate,
             deterministic=deterministic,
-            use_bias=False,
+            use_bias=config.qkv_bias,
+            out_use_bias=False,
+            bias_init=_init(nn.initializers.zeros, "heads", "kv"),
+            kv_bias_init=_init(nn.initializers.zeros, kv_heads_name, "kv"),
+            qk_norm=None if config.qk_norm == "none" else qk_norm,
+            attention_scale=config.attention_scale,
+            logit_soft_cap=config.attention_logit_soft_cap,
             kernel_init=_init(_DENSE_INIT, "embed", "heads", "kv"),
             kv_kernel_init=_init(_DENSE_INIT, "embed", kv_heads_name, "kv"),
             out_kernel_init=_init(_DENSE_INIT, "heads", "kv", "embed"),
@@ -131,11 +178,18 @@ class DecoderBlock(nn.Module):
             implementation=config.attention_implementation,
             max_segments=config.max_documents_per_row,
             name="attention")
-        hidden = attention(_norm(config, "attention_norm")(x), segment_ids=segment_ids,
-                           positions=positions)
-        x = x + nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
-        hidden = Mlp(config, name="mlp")(_norm(config, "mlp_norm")(x), deterministic)
-        x = x + nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
+
+        def residual(x, sublayer, norm_name: str, post_norm_name: str):
+            """``x + sublayer(x)`` with the norms ``config.block_norms`` places."""
+            hidden = sublayer(x if config.block_norms == "post" else _norm(config, norm_name)(x))
+            if config.block_norms != "pre":
+                hidden = _norm(config, post_norm_name)(hidden)
+            return x + nn.Dropout(config.dropout_rate)(hidden, deterministic=deterministic)
+
+        x = residual(x, lambda x: attention(x, segment_ids=segment_ids, positions=positions),
+                     "attention_norm", "post_attention_norm")
+        x = residual(x, lambda x: Mlp(config, name="mlp")(x, deterministic), "mlp_norm",
+                     "post_mlp_norm")
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -196,20 +250,29 @@ class _OutputKernel(nn.Module):
                           (self.config.d_model, self.config.vocab_size), jnp.float32)
 
 
-def _logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x (batch, length, d_model) @ kernel (d_model, vocab)`` in x's dtype -> float32."""
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap · tanh(x / cap)`` (Gemma 2's logit soft-capping, as transformers computes it:
+    divide, tanh, multiply); ``x`` itself where ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _logits(x: jax.Array, kernel: jax.Array, cap: float | None = None) -> jax.Array:
+    """``x (batch, length, d_model) @ kernel (d_model, vocab)`` in x's dtype -> float32,
+    soft-capped at ``cap`` (None: not capped)."""
     logits = jnp.dot(x, kernel.astype(x.dtype))
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+    return soft_cap(logits, cap)
 
 
 def chunked_token_losses(x: jax.Array, kernel: jax.Array, targets: jax.Array,
-                         chunk_size: int) -> jax.Array:
+                         chunk_size: int, cap: float | None = None) -> jax.Array:
     """Cross-entropy of each target without the whole logits: ``(batch, seq_len)`` float32.
 
     ``x (batch, seq_len, d_model)``: the final hidden states; ``kernel (d_model, vocab)``: the
-    output projection; ``targets (batch, seq_len)`` int. The logits are computed
-    ``chunk_size`` tokens at a time (0: about 2**24 logits per chunk) and recomputed in the
-    backward pass, so at most one chunk's float32 ``(chunk, vocab)`` logits exist at once.
+    output projection; ``targets (batch, seq_len)`` int; ``cap``: the logits' soft cap
+    (`soft_cap`; None: none). The logits are computed ``chunk_size`` tokens at a time (0:
+    about 2**24 logits per chunk) and recomputed in the backward pass, so at most one chunk's
+    float32 ``(chunk, vocab)`` logits exist at once.
     """
     chunk_size = chunk_size or max(1, 2**24 // kernel.shape[-1])
     num_chunks = _num_chunks(x.shape[1], chunk_size)
@@ -217,8 +280,8 @@ def chunked_token_losses(x: jax.Array, kernel: jax.Array, targets: jax.Array,
     @jax.checkpoint
     def chunk_losses(chunk):
         x_chunk, targets_chunk = chunk
-        return optax.softmax_cross_entropy_with_integer_labels(_logits(x_chunk, kernel),
-                                                                targets_chunk)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            _logits(x_chunk, kernel, cap), targets_chunk)
 
     losses = jax.lax.map(chunk_losses, (to_sequence_chunks(x, num_chunks),
                                         to_sequence_chunks(targets, num_chunks)))
@@ -296,5 +359,6 @@ class TransformerLM(nn.Module):
         else:
             kernel = _OutputKernel(config, name="logits")()
         if targets is not None:
-            return chunked_token_losses(x, kernel, targets, config.loss_chunk_size)
-        return _logits(x, kernel)
+            return chunked_token_losses(x, kernel, targets, config.loss_chunk_size,
+                                        config.final_logit_soft_cap)
+        return _logits(x, kernel, config.final_logit_soft_cap)
