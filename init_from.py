@@ -1,9 +1,10 @@
 """Where a new run's parameters come from: ``config.init_from``.
 
 ``init_from`` names a workdir (the parameters of its latest checkpoint, or ``PATH@STEP``) or a
-Hugging Face model folder (config.json and safetensors of a Mistral, Ministral or Llama
-model). The new run takes only the parameters: a fresh optimizer, step 0, its own data. Once
-it has a checkpoint of its own it resumes from that, as every run does.
+Hugging Face model folder (config.json and safetensors of a family of `hf.families`:
+Mistral, Gemma, Qwen, OLMo 3, Phi-3). The new run takes only the parameters: a fresh
+optimizer, step 0, its own data. Once it has a checkpoint of its own it resumes from that, as
+every run does.
 
 Two steps, at two places:
 

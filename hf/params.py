@@ -1,14 +1,18 @@
-"""Parameters between this project's tree and Hugging Face's Mistral/Llama tensor names.
+"""Parameters between this project's tree and the Hugging Face tensor names of each family
+(`hf.families`: Mistral/Llama names, Gemma's four norms a layer, Qwen's q/k/v biases and
+q/k norms, OLMo's post-norms, Phi-3's fused tensors).
 
-Each of our parameters is one tensor of the Hugging Face layout per layer, transposed and
-reshaped (torch's ``Linear`` keeps ``(out, in)``; our kernels ``(in, heads, head_dim)`` and
-``(heads, head_dim, out)``). Queries and keys need no permutation: both rotate halves
+Each of our parameters is (a part of) one tensor of the Hugging Face layout per layer,
+transposed and reshaped (torch's ``Linear`` keeps ``(out, in)``; our kernels ``(in, heads,
+head_dim)`` and ``(heads, head_dim, out)``); Phi-3's ``qkv_proj`` and ``gate_up_proj`` stack
+several along axis 0. Queries and keys need no permutation: every family here rotates halves
 (`model.rope.apply_rotary`; Meta's original checkpoints, which interleave pairs, would).
+Gemma's ``(1 + w)`` norms load unchanged: our ``rmsnorm_plus_one`` stores ``w``.
 
 Our input embeddings may be scaled by ``sqrt(d_model)`` (``model.scale_embeddings``, Gemma's
-scheme); Mistral's are not. Export folds the scale into the embedding table, and where the
-table is also the output projection (tied), divides the final norm's scale by it, so that
-the logits are unchanged: the exported model computes the same function with
+scheme); Mistral's are not. Export to Mistral folds the scale into the embedding table, and
+where the table is also the output projection (tied), divides the final norm's scale by it,
+so that the logits are unchanged: the exported model computes the same function with
 ``scale_embeddings`` off, which is what an import gives back.
 
 `export_tensors` yields ``(name, array)`` for writing; `load_params` builds our parameters
@@ -22,12 +26,14 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import numpy as np
 from safetensors import safe_open
 
 from errors import UserError
+from hf.families import family_of
 from model.config import TransformerConfig
 
 _INDEX = "model.safetensors.index.json"
@@ -37,34 +43,82 @@ _SINGLE = "model.safetensors"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _layer_tensors(config: TransformerConfig):
-    """``(hf name in layer, our path in a layer, hf -> ours, ours -> hf)`` for each tensor."""
+class _Part(NamedTuple):
+    """One of our parameters in a layer as (part of) one Hugging Face tensor: its path in
+    the layer, the conversions of one layer's slice both ways, and its rows in the Hugging
+    Face tensor (fused tensors, Phi-3's, stack several parts along axis 0)."""
+
+    path: tuple[str, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    rows: int
+
+
+def _layer_tensors(config: TransformerConfig) -> list[tuple[str, list[_Part]]]:
+    """``(Hugging Face name in a layer, its parts)`` of every tensor a layer of ``config``
+    has, for the family ``model.hf_model_type`` names (`hf.families`)."""
     d, heads, kv_heads = config.d_model, config.num_heads, config.resolved_num_kv_heads
     head_dim = config.resolved_head_dim
 
-    def projection(count):  # (count * head_dim, d) <-> (d, count, head_dim)
-        return (lambda w: w.T.reshape(d, count, head_dim),
-                lambda k: k.reshape(d, count * head_dim).T)
+    def projection(name, count):  # (count * head_dim, d) <-> (d, count, head_dim)
+        return _Part(("attention", name, "kernel"), lambda w: w.T.reshape(d, count, head_dim),
+                     lambda k: k.reshape(d, count * head_dim).T, count * head_dim)
 
-    transpose = (lambda w: w.T, lambda k: k.T)
-    same = (lambda w: w, lambda k: k)
-    return [
-        ("self_attn.q_proj.weight", ("attention", "query", "kernel"), *projection(heads)),
-        ("self_attn.k_proj.weight", ("attention", "key", "kernel"), *projection(kv_heads)),
-        ("self_attn.v_proj.weight", ("attention", "value", "kernel"), *projection(kv_heads)),
-        ("self_attn.o_proj.weight", ("attention", "out", "kernel"),
-         lambda w: w.T.reshape(heads, head_dim, d), lambda k: k.reshape(heads * head_dim, d).T),
-        ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), *transpose),
-        ("mlp.up_proj.weight", ("mlp", "up", "kernel"), *transpose),
-        ("mlp.down_proj.weight", ("mlp", "down", "kernel"), *transpose),
-        ("input_layernorm.weight", ("attention_norm", "scale"), *same),
-        ("post_attention_layernorm.weight", ("mlp_norm", "scale"), *same),
+    def per_head(path, count):  # (count * head_dim,) <-> (count, head_dim)
+        return _Part(path, lambda w: w.reshape(count, head_dim), lambda b: b.reshape(-1),
+                     count * head_dim)
+
+    def same(path, rows):
+        return _Part(path, lambda w: w, lambda w: w, rows)
+
+    def mlp(name, rows):  # torch's Linear (out, in) <-> our (in, out)
+        return _Part(("mlp", name, "kernel"), lambda w: w.T, lambda k: k.T, rows)
+
+    q, k, v = (projection(name, count) for name, count in
+               (("query", heads), ("key", kv_heads), ("value", kv_heads)))
+    gated = config.activation in ("swiglu", "geglu")
+    up = [mlp("gate", config.mlp_dim)] * gated + [mlp("up", config.mlp_dim)]
+    if family_of(config.hf_model_type).fused_projections:
+        tensors = [("self_attn.qkv_proj.weight", [q, k, v]), ("mlp.gate_up_proj.weight", up)]
+    else:
+        tensors = [(f"self_attn.{n}_proj.weight", [part]) for n, part in zip("qkv", (q, k, v))]
+        tensors += [(f"mlp.{name}_proj.weight", [part])
+                    for name, part in zip(("gate", "up")[-len(up):], up)]
+    tensors += [
+        ("self_attn.o_proj.weight", [_Part(("attention", "out", "kernel"),
+                                           lambda w: w.T.reshape(heads, head_dim, d),
+                                           lambda k: k.reshape(heads * head_dim, d).T, d)]),
+        ("mlp.down_proj.weight", [mlp("down", d)]),
     ]
+    if config.qkv_bias:
+        tensors += [(f"self_attn.{n}_proj.bias", [per_head(("attention", name, "bias"), count)])
+                    for n, name, count in (("q", "query", heads), ("k", "key", kv_heads),
+                                           ("v", "value", kv_heads))]
+    if config.qk_norm != "none":
+        for n, name, count in (("q", "query_norm", heads), ("k", "key_norm", kv_heads)):
+            path = ("attention", name, "scale")
+            part = same(path, head_dim) if config.qk_norm == "head" else per_head(path, count)
+            tensors.append((f"self_attn.{n}_norm.weight", [part]))
+    # The norms by their place (model.block_norms): Llama's post_attention_layernorm is the
+    # MLP's input norm; Gemma's and OLMo's is the attention output's.
+    norms = {"pre": [("input_layernorm", "attention_norm"),
+                     ("post_attention_layernorm", "mlp_norm")],
+             "sandwich": [("input_layernorm", "attention_norm"),
+                          ("post_attention_layernorm", "post_attention_norm"),
+                          ("pre_feedforward_layernorm", "mlp_norm"),
+                          ("post_feedforward_layernorm", "post_mlp_norm")],
+             "post": [("post_attention_layernorm", "post_attention_norm"),
+                      ("post_feedforward_layernorm", "post_mlp_norm")]}[config.block_norms]
+    tensors += [(f"{hf_name}.weight", [same((name, "scale"), d)]) for hf_name, name in norms]
+    return tensors
 
 
 def _embedding_scale(config: TransformerConfig) -> np.float32:
-    """What export multiplies the embedding table by: our input scale, folded in."""
-    return np.sqrt(np.float32(config.d_model)) if config.scale_embeddings else np.float32(1)
+    """What export multiplies the embedding table by: our input scale, folded in where the
+    target family does not scale its embeddings (Mistral; Gemma scales them itself)."""
+    folded = config.scale_embeddings and not family_of(config.hf_model_type).fixed[
+        "scale_embeddings"]
+    return np.sqrt(np.float32(config.d_model)) if folded else np.float32(1)
 
 
 def export_tensors(params, config: TransformerConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -78,12 +132,13 @@ def export_tensors(params, config: TransformerConfig) -> Iterator[tuple[str, np.
     scale = _embedding_scale(config)
     yield "model.embed_tokens.weight", leaf(params, ("embed", "embedding")) * scale
     for layer in range(config.num_layers):
-        for name, path, _, to_hf in _layer_tensors(config):
+        for name, parts in _layer_tensors(config):
             if config.scan_layers:
-                tensor = leaf(params, ("layers", *path))[layer]
+                slices = [leaf(params, ("layers", *part.path))[layer] for part in parts]
             else:
-                tensor = leaf(params, (f"layer_{layer}", *path))
-            yield f"model.layers.{layer}.{name}", np.ascontiguousarray(to_hf(tensor))
+                slices = [leaf(params, (f"layer_{layer}", *part.path)) for part in parts]
+            tensor = np.concatenate([part.to_hf(x) for part, x in zip(parts, slices)])
+            yield f"model.layers.{layer}.{name}", np.ascontiguousarray(tensor)
     final_scale = leaf(params, ("final_norm", "scale"))
     yield "model.norm.weight", final_scale / scale if config.tie_embeddings else final_scale
     if not config.tie_embeddings:
@@ -147,31 +202,50 @@ class TensorFiles:
             return f.get_tensor(name).astype(np.float32, copy=False)
 
 
-def _our_leaves(config: TransformerConfig) -> dict[tuple, tuple[list[str], Callable, Callable]]:
-    """Each of our parameter paths -> (the Hugging Face names it is built from, in layer order;
-    how to build it from those tensors, read by a function of a name; how one layer's slice
-    of it maps to a Hugging Face tensor, up to scale: what gives the shape each name needs)."""
+class _Leaf(NamedTuple):
+    """How one of our parameters is read: the Hugging Face tensors it is built from (one per
+    layer where it is scanned), how to build it (from a function reading a tensor by name,
+    and those names), its part of each tensor, and that tensor's rows (all its parts')."""
+
+    names: list[str]
+    build: Callable[[Callable[[str], np.ndarray], list[str]], np.ndarray]
+    part: _Part
+    tensor_rows: int
+
+
+def _our_leaves(config: TransformerConfig) -> dict[tuple, _Leaf]:
+    """Each of our parameter paths -> its `_Leaf`."""
     scale = _embedding_scale(config)
-    same = lambda k: k  # noqa: E731
+    same = _Part((), lambda w: w, lambda w: w, config.vocab_size)
     leaves = {
-        ("embed", "embedding"): (["model.embed_tokens.weight"],
-                                 lambda read, names: read(names[0]) / scale, same),
-        ("final_norm", "scale"): (["model.norm.weight"], lambda read, names: read(names[0])
-                                  * (scale if config.tie_embeddings else 1), same),
+        ("embed", "embedding"): _Leaf(["model.embed_tokens.weight"],
+                                      lambda read, names: read(names[0]) / scale, same,
+                                      config.vocab_size),
+        ("final_norm", "scale"): _Leaf(["model.norm.weight"], lambda read, names: read(names[0])
+                                       * (scale if config.tie_embeddings else 1),
+                                       same._replace(rows=config.d_model), config.d_model),
     }
     if not config.tie_embeddings:
-        leaves[("logits", "kernel")] = (["lm_head.weight"], lambda read, names: read(names[0]).T,
-                                        lambda k: k.T)
-    for name, path, to_ours, to_hf in _layer_tensors(config):
+        leaves[("logits", "kernel")] = _Leaf(
+            ["lm_head.weight"], lambda read, names: read(names[0]).T,
+            _Part((), lambda w: w.T, lambda k: k.T, config.vocab_size), config.vocab_size)
+    for name, parts in _layer_tensors(config):
         names = [f"model.layers.{layer}.{name}" for layer in range(config.num_layers)]
-        if config.scan_layers:
-            leaves[("layers", *path)] = (names, lambda read, names, to_ours=to_ours: np.stack(
-                [to_ours(read(n)) for n in names]), to_hf)
-        else:
-            for layer, hf_name in enumerate(names):
-                leaves[(f"layer_{layer}", *path)] = (
-                    [hf_name], lambda read, names, to_ours=to_ours: to_ours(read(names[0])),
-                    to_hf)
+        offset, tensor_rows = 0, sum(part.rows for part in parts)
+        for part in parts:
+            def convert(tensor, part=part, offset=offset):
+                return part.to_ours(tensor[offset:offset + part.rows])
+
+            if config.scan_layers:
+                leaves[("layers", *part.path)] = _Leaf(
+                    names, lambda read, names, convert=convert: np.stack(
+                        [convert(read(n)) for n in names]), part, tensor_rows)
+            else:
+                for layer, hf_name in enumerate(names):
+                    leaves[(f"layer_{layer}", *part.path)] = _Leaf(
+                        [hf_name], lambda read, names, convert=convert: convert(read(names[0])),
+                        part, tensor_rows)
+            offset += part.rows
     return leaves
 
 
@@ -185,13 +259,13 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
     """
     files = TensorFiles(folder)
     leaves = _our_leaves(config)
-    wanted = {name for names, _, _ in leaves.values() for name in names}
+    wanted = {name for leaf in leaves.values() for name in leaf.names}
     spare = sorted(name for name in files.names() - wanted
                    if not name.endswith(_IGNORED_SUFFIXES)
                    and not (config.tie_embeddings and name == "lm_head.weight"))
     if spare:
-        raise UserError(f"{folder}: tensor {spare[0]} has no place in this model (a "
-                        f"Mistral/Llama-shaped model has no biases or extra norms)")
+        raise UserError(f"{folder}: tensor {spare[0]} has no place in this model (its "
+                        f"config.json describes no such tensor)")
     missing = sorted(wanted - files.names())
     if missing:
         raise UserError(f"{folder}: tensor {missing[0]} is missing")
@@ -200,17 +274,19 @@ def load_params(folder: str, config: TransformerConfig, abstract_params):
         return tuple(getattr(key, "key", key) for key in path)
 
     def check_shapes(path, abstract):  # every header before any tensor is read
-        names, _, to_hf = leaves[key_path(path)]
+        leaf = leaves[key_path(path)]
         layer_shape = abstract.shape[1:] if path[0].key == "layers" else abstract.shape
-        expected = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape
-        for name in names:
+        part_shape = jax.eval_shape(leaf.part.to_hf,
+                                    jax.ShapeDtypeStruct(layer_shape, np.float32)).shape
+        expected = (leaf.tensor_rows, *part_shape[1:])
+        for name in leaf.names:
             if files.shape(name) != expected:
                 raise UserError(f"{folder}: tensor {name} has shape {files.shape(name)}; this "
                                 f"model needs {expected} (from its model.* config)")
 
     def build(path, abstract):
-        names, convert, _ = leaves[key_path(path)]
-        tensor = convert(files.read, names)
+        leaf = leaves[key_path(path)]
+        tensor = leaf.build(files.read, leaf.names)
         return jax.make_array_from_callback(abstract.shape, abstract.sharding,
                                             lambda index: tensor[index])
 

@@ -112,8 +112,7 @@ def test_yarn_without_factor_or_original_length():
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      "config.json: rope_parameters per layer type (['full_attention', 'sliding_attention']) "
      "are not supported"),
-    ({"attention_bias": True}, "config.json: attention_bias=true; this project's layers have "
-                               "no biases"),
+    ({"attention_bias": True}, "config.json: attention_bias=true; expected false"),
     ({"mlp_bias": True}, "config.json: mlp_bias=true"),
     ({"partial_rotary_factor": 0.5}, "config.json: partial_rotary_factor=0.5; expected 1"),
     ({"model_type": "ministral", "layer_types": ["full_attention", "sliding_attention"]},

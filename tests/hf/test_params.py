@@ -192,8 +192,11 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"is not a folder"):
         read_config_json(str(tmp_path / "missing"))
     config = json.load(open(os.path.join(folder, "config.json")))
-    with pytest.raises(ValueError, match=r"model_type='qwen2'; expected one of"):
-        model_fields(config | {"model_type": "qwen2"})
+    with pytest.raises(ValueError, match=r"model_type='gpt2'; expected one of"):
+        model_fields(config | {"model_type": "gpt2"})
+    with pytest.raises(ValueError, match=r"model_type='gpt_oss' is not supported yet: it has "
+                                         r"attention sinks"):
+        model_fields(config | {"model_type": "gpt_oss"})
     with pytest.raises(ValueError, match=r"hidden_act='gelu'"):
         model_fields(config | {"hidden_act": "gelu"})
     # A sharded folder whose index has a spare tensor, and one whose index lacks a tensor
@@ -248,8 +251,15 @@ def test_a_shard_lacking_a_tensor_its_index_names_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"position_embedding": "relative"}, r"model.position_embedding='relative' cannot be "
-                                         r"exported: transformers' Mistral has rotary"),
+                                         r"exported as MistralForCausalLM: its "
+                                         r"position_embedding is 'rope'"),
     ({"activation": "gelu"}, r"model.activation='gelu' cannot be exported"),
+    ({"hf_model_type": "gemma2", "activation": "swiglu"},
+     r"model.activation='swiglu' cannot be exported as Gemma2ForCausalLM: its activation is "
+     r"'geglu'"),
+    ({"hf_model_type": "phi3", "global_layers": (1,), "scale_embeddings": False},
+     r"model.global_layers=\(1,\) cannot be exported as Phi3ForCausalLM: it applies the window "
+     r"to every layer"),
     ({"global_layers": (1,), "rope_local_base": 1000.0},
      r"model.rope_local_base=1000.0 cannot be exported"),
 ])
