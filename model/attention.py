@@ -12,6 +12,7 @@ O(n·w) algorithm (`model.kernels.xla`, whose docstring explains it), ``dense``,
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -41,6 +42,8 @@ def local_attention(
     block_size: int | None = None,
     precision: lax.PrecisionLike = None,
     max_segments: int | None = None,
+    scale: float | None = None,
+    logit_soft_cap: float | None = None,
 ) -> jax.Array:
     """Exact local (sliding-window) attention.
 
@@ -64,7 +67,7 @@ def local_attention(
         ``(window_size_left + window_size_right + 1, head_dim)`` or with leading axes that
         broadcast against q's (e.g. ``(heads, 1 + left + right, head_dim)`` for
         ``(batch, heads, ...)`` inputs). Row ``j - i + window_size_left`` is added to the key:
-        ``logit(i, j) = q_i · (k_j + rel_pos_emb[j - i + window_size_left]) / sqrt(head_dim)``.
+        ``logit(i, j) = scale · q_i · (k_j + rel_pos_emb[j - i + window_size_left])``.
       window_size_left, window_size_right: non-negative ints (static). Windows longer than
         the sequence are allowed.
       dropout_rate: dropout on the attention weights; needs ``dropout_rng`` when positive.
@@ -79,16 +82,25 @@ def local_attention(
         ``jax.nn.dot_product_attention`` over the full (n, n) scores (O(n²): a baseline,
         without rel_pos_emb or dropout); ``"cudnn"``, cuDNN's fused sliding-window flash
         attention (NVIDIA GPUs, bfloat16/float16, causal windows; segment_ids need
-        ``max_segments``; no mask, rel_pos_emb or dropout); ``"splash"``, the Pallas splash
-        attention kernel of TPUs (Pallas interpret mode elsewhere, which is slow: for tests;
-        no mask, rel_pos_emb or dropout). An explicit name that cannot run the call is a
-        one-line ValueError.
+        ``max_segments``; no mask, rel_pos_emb, dropout or logit_soft_cap); ``"splash"``, the
+        Pallas splash attention kernel of TPUs (Pallas interpret mode elsewhere, which is
+        slow: for tests; no mask, rel_pos_emb or dropout). An explicit name that cannot run
+        the call is a one-line ValueError.
       block_size: query block length (static); by default chosen from the window.
       precision: matmul precision, as for ``jnp.einsum``.
       max_segments: static bound on the segments (documents) in one row of ``segment_ids``,
         for ``cudnn``, whose packed layout needs it. Segments are the contiguous runs of equal
         ids, as packing makes them; a row with more runs is not computed exactly, so the caller
         checks its data (train.py does, batch by batch).
+      scale: the logits' factor, a positive finite float (static); None: ``head_dim ** -0.5``.
+        Gemma 2 and 3 use ``query_pre_attn_scalar ** -0.5`` (transformers'
+        ``modeling_gemma2.py``), which need not be the head size.
+      logit_soft_cap: a positive finite float (static), or None (no cap): each logit ``s``
+        (``scale · q_i · k_j``, the relative position's part included) becomes
+        ``logit_soft_cap · tanh(s / logit_soft_cap)`` before the mask and the softmax, as
+        Gemma 2's ``attn_logit_softcapping`` in transformers' ``eager_attention_forward``
+        (``modeling_gemma2.py``, 5.24). Every implementation computes it except ``cudnn``
+        (an explicit ``"cudnn"`` with a cap is a one-line ValueError; ``auto`` picks another).
 
     Returns:
       ``(..., seq_len, head_dim)`` in q's dtype. Scores and softmax are computed in float32. A
@@ -96,30 +108,39 @@ def local_attention(
     """
     check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                     dropout_rate, dropout_rng, segment_ids, block_size=block_size,
-                    max_segments=max_segments)
+                    max_segments=max_segments, scale=scale, logit_soft_cap=logit_soft_cap)
     implementation = resolve_implementation(
         implementation, q.dtype, has_mask=mask is not None,
         has_rel_pos_emb=rel_pos_emb is not None, dropout_rate=dropout_rate,
         window_size_right=window_size_right, has_segment_ids=segment_ids is not None,
-        max_segments=max_segments)
+        max_segments=max_segments, has_logit_soft_cap=logit_soft_cap is not None)
     return _IMPLEMENTATIONS[implementation](
         q, k, v, mask, rel_pos_emb, int(window_size_left), int(window_size_right),
         dropout_rate, dropout_rng, segment_ids, block_size=block_size, precision=precision,
-        max_segments=max_segments)
+        max_segments=max_segments, **static_floats(scale=scale, logit_soft_cap=logit_soft_cap))
+
+
+def static_floats(**values: float | None) -> dict[str, float | None]:
+    """``values`` (checked by `check_arguments`) as Python floats, None kept: the kernels take
+    them so, since a NumPy or JAX scalar multiplying a bfloat16 q would promote it to float32
+    (a Python float keeps q's dtype), and their static tilings hash them."""
+    return {name: None if value is None else float(value) for name, value in values.items()}
 
 
 def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False,
                            has_rel_pos_emb: bool = False, dropout_rate: float = 0.0,
                            window_size_right: int = 0, has_segment_ids: bool = False,
-                           max_segments: int | None = None, backend: str | None = None) -> str:
+                           max_segments: int | None = None, has_logit_soft_cap: bool = False,
+                           backend: str | None = None) -> str:
     """The implementation that `local_attention` runs for a call with these features.
 
     ``"auto"`` picks the fastest exact path on ``backend`` (default: JAX's default backend, or
     the platform of `model.kernels.common.lowering_platform` where one is in scope):
     on GPUs ``cudnn`` (20× ``xla`` on an H100: docs/benchmarks.md) where the call has a causal
-    window, bfloat16/float16 inputs, no mask, relative positions or dropout, and either no
-    segment ids or a ``max_segments`` bound; on TPUs ``splash`` where the call has no mask,
-    relative positions or dropout; otherwise ``xla`` (always on CPUs, where it is fastest).
+    window, bfloat16/float16 inputs, no mask, relative positions, dropout or logit soft-cap,
+    and either no segment ids or a ``max_segments`` bound; on TPUs ``splash`` where the call
+    has no mask, relative positions or dropout; otherwise ``xla`` (always on CPUs, where it is
+    fastest).
     Other names come back unchanged; an unknown one is a one-line ValueError.
     """
     if implementation not in _IMPLEMENTATIONS and implementation != "auto":
@@ -131,7 +152,7 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
     backend = backend or target_backend()
     kernel_features = not (has_mask or has_rel_pos_emb or dropout_rate > 0.0)
     if backend == "gpu" and kernel_features and window_size_right == 0 \
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+            and not has_logit_soft_cap and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
             and (not has_segment_ids or max_segments is not None):
         return "cudnn"
     if backend == "tpu" and kernel_features:
@@ -141,10 +162,11 @@ def resolve_implementation(implementation: str, dtype, *, has_mask: bool = False
 
 def check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                     dropout_rate, dropout_rng, segment_ids, *, block_size=None,
-                    max_segments=None) -> None:
+                    max_segments=None, scale=None, logit_soft_cap=None) -> None:
     """One-line ValueErrors for shapes and values a caller can get wrong: `local_attention`'s
     arguments, as its docstring gives them (shapes, dtypes, ranges); returns None if they
-    are right. ``block_size`` and ``max_segments`` are checked last (positive ints or None)."""
+    are right. ``block_size`` and ``max_segments`` are checked last (positive ints or None),
+    then ``scale`` and ``logit_soft_cap`` (positive finite numbers or None)."""
     if q.ndim < 2 or k.shape != v.shape or q.ndim != k.ndim or q.shape[-2:] != k.shape[-2:] \
             or q.shape[:-3] != k.shape[:-3] or query_groups(q, k) is None:
         raise ValueError(
@@ -182,6 +204,10 @@ def check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_ri
         if value is not None and (isinstance(value, bool) or value < 1
                                   or not isinstance(value, numbers.Integral)):
             raise ValueError(f"{name}={value!r}: expected a positive int or None")
+    for name, value in (("scale", scale), ("logit_soft_cap", logit_soft_cap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{name}={value!r}: expected a positive finite number or None")
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

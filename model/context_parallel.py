@@ -33,7 +33,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from errors import UserError
-from model.attention import check_arguments, local_attention, resolve_implementation
+from model.attention import (check_arguments, local_attention, resolve_implementation,
+                             static_floats)
 from model.kernels.common import NO_SEGMENT, pad_sequence
 from model.kernels.xla import xla_local_attention
 
@@ -44,7 +45,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     """`local_attention` with the sequence sharded over the mesh axes of logical ``length``.
 
     Same arguments, semantics and result as `local_attention` (``kernel_options``:
-    ``implementation``, ``block_size``, ``precision``, ``max_segments``), with q, k, v
+    ``implementation``, ``block_size``, ``precision``, ``max_segments``, ``scale``,
+    ``logit_soft_cap``), with q, k, v
     ``(batch..., heads, seq_len, head_dim)`` (k, v may have fewer heads, as for
     `local_attention`): the first axis is logical ``batch``, the last three ``heads`` (k and v:
     ``kv_heads`` where they have fewer), ``length``, ``kv``, sharded as the logical axis rules
@@ -56,7 +58,8 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     draw. Raises a one-line `UserError` if ``seq_len`` is not divisible by the sequence shards.
     """
     check_arguments(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
-                    dropout_rate, dropout_rng, segment_ids)
+                    dropout_rate, dropout_rng, segment_ids, scale=kernel_options.get("scale"),
+                    logit_soft_cap=kernel_options.get("logit_soft_cap"))
     mesh = jax.sharding.get_abstract_mesh()
     grouped = q.ndim >= 3 and k.shape[-3] != q.shape[-3]
     axes, kv_axes = (_logical_mesh_axes(q.ndim, mesh, heads) for heads in
@@ -86,11 +89,13 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
     max_segments = kernel_options.get("max_segments")
     kernel_options["max_segments"] = None if max_segments is None and mask is not None \
         else (max_segments or 1) + 2
-    queries_at_offset = before + after >= local_len and rel_pos_emb is None and (
-        resolve_implementation(kernel_options.get("implementation", "auto"), q.dtype,
-                               has_mask=mask is not None, dropout_rate=dropout_rate,
-                               window_size_right=window_size_right, has_segment_ids=True,
-                               max_segments=kernel_options["max_segments"]) == "xla")
+    implementation = resolve_implementation(
+        kernel_options.get("implementation", "auto"), q.dtype, has_mask=mask is not None,
+        dropout_rate=dropout_rate, window_size_right=window_size_right, has_segment_ids=True,
+        max_segments=kernel_options["max_segments"],
+        has_logit_soft_cap=kernel_options.get("logit_soft_cap") is not None)
+    queries_at_offset = before + after >= local_len and rel_pos_emb is None \
+        and implementation == "xla"
     inputs, specs = _sharded_inputs(q, k, v, mask, rel_pos_emb, dropout_rng, segment_ids, spec,
                                     kv_spec)
 
@@ -118,7 +123,9 @@ def context_parallel_attention(q, k, v, mask=None, rel_pos_emb=None, window_size
                 window_size_right, dropout_rate, rng, segments,
                 block_size=kernel_options.get("block_size"),
                 precision=kernel_options.get("precision"), max_segments=None,
-                query_offset=before)
+                query_offset=before, **static_floats(
+                    scale=kernel_options.get("scale"),
+                    logit_soft_cap=kernel_options.get("logit_soft_cap")))
         # Queries padded to the keys' length, so that positions line up; the outputs of the
         # padding are dropped (no gradient flows back through them).
         q = pad_sequence(inputs["q"], before, after, axis=-2)
@@ -145,7 +152,8 @@ def _unsplit_sequence(q, k, v, mask, rel_pos_emb, window_size_left, window_size_
         kernel_options.get("implementation", "auto"), q.dtype, has_mask=mask is not None,
         has_rel_pos_emb=rel_pos_emb is not None, dropout_rate=dropout_rate,
         window_size_right=window_size_right, has_segment_ids=segment_ids is not None,
-        max_segments=kernel_options.get("max_segments"))
+        max_segments=kernel_options.get("max_segments"),
+        has_logit_soft_cap=kernel_options.get("logit_soft_cap") is not None)
     if implementation != "splash" or not axes:
         return local_attention(q, k, v, *arguments, **kernel_options)
     spec, kv_spec = _array_specs(q, k, mesh, axes, kv_axes, ())

@@ -22,7 +22,7 @@ from jax import lax
 
 from model.attention import local_attention
 from model.context_parallel import context_parallel_attention
-from model.kernels.common import masked_softmax_parts
+from model.kernels.common import masked_softmax_parts, soft_cap
 from model.rope import NO_SCALING, RopeScaling, apply_rotary
 
 Array = jax.Array
@@ -73,6 +73,11 @@ class MultiHeadLocalAttention(nn.Module):
         prefills a new sequence (its prompt); each call with one token continues it.
       block_size, implementation, max_segments: passed to `local_attention` (``"auto"``: the
         fastest exact kernel for the backend and the call's features).
+      attention_scale: the logits' factor (None: ``head_dim ** -0.5``); Gemma's
+        ``query_pre_attn_scalar ** -0.5``. Passed to `local_attention` as ``scale``.
+      logit_soft_cap: None, or each logit ``s`` becomes ``cap · tanh(s / cap)`` before the
+        mask (Gemma 2's ``attn_logit_softcapping``), in the kernels and in decoding. Passed
+        to `local_attention`.
     """
 
     num_heads: int
@@ -105,6 +110,8 @@ class MultiHeadLocalAttention(nn.Module):
     block_size: int | None = None
     implementation: str = "auto"
     max_segments: int | None = None
+    attention_scale: float | None = None
+    logit_soft_cap: float | None = None
 
     @nn.compact
     def __call__(
@@ -221,7 +228,8 @@ class MultiHeadLocalAttention(nn.Module):
             dropout_rate=dropout_rate, dropout_rng=dropout_rng,
             segment_ids=add_head_axis(segment_ids), implementation=self.implementation,
             block_size=self.block_size, precision=self.precision,
-            max_segments=self.max_segments))
+            max_segments=self.max_segments, scale=self.attention_scale,
+            logit_soft_cap=self.logit_soft_cap))
 
     def _dropout(self, deterministic, dropout_rng, prng_key) -> tuple[float, Array | None]:
         """The dropout rate and key to use for this call (rate 0 when deterministic)."""
@@ -328,7 +336,8 @@ class MultiHeadLocalAttention(nn.Module):
         visible = (cached_mask.value & (cached_segment.value == segment))[..., None, :]
         # Query heads grouped by their key/value head: (batch..., kv_heads, groups, head_dim).
         q = query[..., 0, :, :].reshape(*batch, kv_heads, heads // kv_heads, head_dim)
-        q = q * head_dim ** -0.5
+        # A Python float keeps a bfloat16 q's dtype, as in the kernels.
+        q = q * (head_dim ** -0.5 if self.attention_scale is None else float(self.attention_scale))
         scores = jnp.einsum("...kgd,...skd->...kgs", q, cached_key.value,
                             precision=self.precision, preferred_element_type=jnp.float32)
         if rel_pos_emb is not None:
@@ -337,6 +346,7 @@ class MultiHeadLocalAttention(nn.Module):
             rel = rel.reshape(kv_heads, heads // kv_heads, slots, head_dim)
             scores = scores + jnp.einsum("...kgd,kgsd->...kgs", q, rel, precision=self.precision,
                                          preferred_element_type=jnp.float32)
+        scores = soft_cap(scores, self.logit_soft_cap)
         (exps,), total, _ = masked_softmax_parts([scores], [visible[..., None, :, :]])
         out = jnp.einsum("...kgs,...skd->...kgd", exps.astype(value.dtype), cached_value.value,
                          precision=self.precision, preferred_element_type=jnp.float32)

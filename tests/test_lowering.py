@@ -6,6 +6,7 @@ sequence) array. For ``cuda`` the step lowers with the blocked kernel; cuDNN's a
 a GPU to lower at all (jax asks the driver for cuDNN's version), so its checks are
 bench/gpu_check.sh's."""
 
+import base64
 import collections
 import re
 
@@ -26,11 +27,20 @@ def _no_sequence_squared(text: str, seq_len: int) -> bool:
     return f"{seq_len}x{seq_len}" not in text
 
 
-def test_splash_forward_and_backward_lower_for_tpu_as_mosaic_kernels():
+def _mosaic_bodies(text: str) -> list[bytes]:
+    """The serialized (MLIR bytecode) body of each Mosaic kernel that ``text`` calls."""
+    return [base64.b64decode(body) for body in
+            re.findall(r'\\22body\\22: \\22([A-Za-z0-9+/=]+)\\22', text)]
+
+
+# Without, and with Gemma 2's logit soft-cap (the kernel's attn_logits_soft_cap).
+@pytest.mark.parametrize("logit_soft_cap", [None, 50.0])
+def test_splash_forward_and_backward_lower_for_tpu_as_mosaic_kernels(logit_soft_cap):
     def gradients(q, k, v, segment_ids):
         def loss(q, k, v):
             out = local_attention(q, k, v, segment_ids=segment_ids, window_size_left=WINDOW,
-                                  window_size_right=0, implementation="auto")
+                                  window_size_right=0, implementation="auto",
+                                  logit_soft_cap=logit_soft_cap)
             return out.astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -44,6 +54,10 @@ def test_splash_forward_and_backward_lower_for_tpu_as_mosaic_kernels():
     # The forward kernel and the backward's dq and dk/dv kernels, each a Mosaic custom call
     # (interpret mode would have lowered to plain loops instead).
     assert text.count("tpu_custom_call") == 3
+    # Each kernel computes tanh(s / cap) · cap where there is a cap, and no tanh otherwise.
+    bodies = _mosaic_bodies(text)
+    assert len(bodies) == 3
+    assert all((b"tanh" in body) == (logit_soft_cap is not None) for body in bodies)
     # The window: each of the 8 query blocks visits 3 key blocks (1024 / 512 + 1), not 8; the
     # block tables are the kernel's constant operands.
     blocks = SEQ_LEN // BLOCK

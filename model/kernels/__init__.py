@@ -3,7 +3,8 @@
 `model.attention` checks the arguments, picks the implementation and calls its kernel; each
 kernel takes the same arguments as `local_attention` (positional ``q, k, v, mask,
 rel_pos_emb, window_size_left, window_size_right, dropout_rate, dropout_rng, segment_ids``,
-then keyword ``block_size, precision, max_segments``) and returns the same result.
+then keyword ``block_size, precision, max_segments, scale, logit_soft_cap``, the last two
+Python floats or None) and returns the same result.
 
 * `model.kernels.xla` (`xla_local_attention`): the blocked O(n·w) kernel in plain XLA, for
   every backend and feature; its tiling is `model.kernels.xla_plan`, its two schedules

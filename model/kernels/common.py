@@ -1,7 +1,8 @@
-"""What several kernels share: head grouping, padding, the masked softmax and their errors.
+"""What several kernels share: head grouping, padding, the masked softmax, the logit soft-cap
+and their errors.
 
-`masked_softmax_parts` also serves decoding (`model.modules`), which attends one query to its
-cache outside the kernels.
+`masked_softmax_parts` and `soft_cap` also serve decoding (`model.modules`), which attends one
+query to its cache outside the kernels.
 """
 
 from __future__ import annotations
@@ -104,6 +105,25 @@ def masked_softmax_parts(
     total = sum(e.sum(axis=-1) for e in exps)
     lse = jnp.where(total > 0, row_max + jnp.log(total), jnp.inf)
     return exps, total, lse
+
+
+def soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:
+    """Attention logit soft-capping, ``cap · tanh(scores / cap)``, as transformers' Gemma 2
+    (``attn_logit_softcapping``, `eager_attention_forward` in ``modeling_gemma2.py``) applies
+    it to the scaled scores before the mask; ``scores`` unchanged (no operation) for
+    ``cap=None``. Any shape; float32 scores in the kernels."""
+    if cap is None:
+        return scores
+    return jnp.tanh(scores / cap) * cap
+
+
+def soft_cap_backward(capped: jax.Array, d_capped: jax.Array, cap: float | None) -> jax.Array:
+    """The gradient of the scores from that of `soft_cap`'s result ``capped``:
+    ``d/ds cap·tanh(s/cap) = 1 - tanh²(s/cap) = 1 - (capped / cap)²``, so the uncapped
+    scores need not be kept; ``d_capped`` unchanged for ``cap=None``."""
+    if cap is None:
+        return d_capped
+    return d_capped * (1.0 - jnp.square(capped / cap))
 
 
 def reject_unsupported(implementation: str, mask, rel_pos_emb, dropout_rate, extra=()) -> None:

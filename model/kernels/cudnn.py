@@ -45,7 +45,7 @@ def repeat_key_value_heads(k: jax.Array, v: jax.Array, query_heads: int):
 
 def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                           dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
-                          max_segments):
+                          max_segments, scale, logit_soft_cap):
     """cuDNN's fused flash attention with its sliding-window mask (NVIDIA GPUs). It skips the
     key blocks outside the window, so time and memory stay linear in the sequence length; on
     an H100 it runs about 20× faster than the blocked kernel (docs/benchmarks.md). Segment ids go
@@ -54,8 +54,9 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
 
     Takes `model.local_attention`'s arguments (checked there) and returns its
     ``(..., seq_len, head_dim)`` in q's dtype. A one-line `UserError` for a mask, rel_pos_emb,
-    dropout, a right window, segment ids without ``max_segments`` or differing per head, a
-    backend other than an NVIDIA GPU, or inputs other than bfloat16/float16. On a jax before
+    dropout, a logit soft-cap (jax's cuDNN attention has none), a right window, segment ids
+    without ``max_segments`` or differing per head, a backend other than an NVIDIA GPU, or
+    inputs other than bfloat16/float16. On a jax before
     0.11.1, grouped k/v heads with segment ids are repeated to the query heads first
     (`PACKED_GROUPED_HEADS_FIXED_IN`)."""
     del dropout_rng, block_size, precision
@@ -63,6 +64,8 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
         window_size_right)
     if segment_ids is not None and max_segments is None:
         extra.append("segment_ids without max_segments (its packed layout needs the bound)")
+    if logit_soft_cap is not None:
+        extra.append(f"logit_soft_cap={logit_soft_cap} (jax's cuDNN attention has no cap)")
     reject_unsupported("cudnn", mask, rel_pos_emb, dropout_rate, extra)
     if target_backend() != "gpu":
         raise UserError(f"implementation='cudnn' needs an NVIDIA GPU; the backend is "
@@ -80,7 +83,7 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
     if segment_ids is None:
         # A window over the whole sequence (a global layer) is plain causal flash attention.
         out = jax.nn.dot_product_attention(
-            to_bnhd(q), to_bnhd(k), to_bnhd(v), is_causal=True,
+            to_bnhd(q), to_bnhd(k), to_bnhd(v), scale=scale, is_causal=True,
             local_window_size=None if window_size_left >= seq_len - 1 else (window_size_left, 0),
             implementation="cudnn")
     else:
@@ -94,6 +97,7 @@ def cudnn_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_s
             k, v = repeat_key_value_heads(k, v, q.shape[-3] if q.ndim >= 3 else 1)
         out = cudnn.dot_product_attention(
             to_bnhd(q), k, v, None, None, lengths, lengths, offsets, offsets,
-            scale=head_dim ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+            scale=head_dim ** -0.5 if scale is None else scale,
+            mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
             sliding_window_length=min(window_size_left, seq_len - 1) + 1)
     return jnp.swapaxes(out, 1, 2).reshape(q.shape)

@@ -16,11 +16,13 @@ from model.kernels.common import (NO_SEGMENT, grouped, pad_sequence, per_row_seg
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(padded_len: int, groups: int, left: int, right: int, block: int,
-                   interpret: bool, mesh):
+                   logit_soft_cap: float | None, interpret: bool, mesh):
     """A multi-query splash attention kernel, ``groups`` query heads against one key/value
-    head, with a local mask, causal where the window spans the sequence (built once per static
-    shape and abstract ``mesh`` in scope: its mask preprocessing runs in numpy, and its tables
-    belong to that mesh, which under shard_map is the manual one)."""
+    head, with a local mask, causal where the window spans the sequence, and the logit
+    soft-cap ``cap · tanh(s / cap)`` where ``logit_soft_cap`` is set (the kernel's
+    ``attn_logits_soft_cap``). Built once per static shape and abstract ``mesh`` in scope: its
+    mask preprocessing runs in numpy, and its tables belong to that mesh, which under
+    shard_map is the manual one."""
     del mesh  # a cache key
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -36,12 +38,12 @@ def _splash_kernel(padded_len: int, groups: int, left: int, right: int, block: i
     # kernel (under shard_map they would be, and the cached kernel would leak them).
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                      interpret=interpret)
+                                      attn_logits_soft_cap=logit_soft_cap, interpret=interpret)
 
 
 def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                            dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
-                           max_segments):
+                           max_segments, scale, logit_soft_cap):
     """The Pallas splash attention kernel of TPUs with a local mask and segment ids: it skips
     the blocks outside the window, in the forward and the backward pass. On other backends
     it runs in Pallas interpret mode (exact, slow: how the tests check it on a CPU).
@@ -60,7 +62,7 @@ def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
     block = block_size or min(512, round_up(seq_len, 128))
     padded_len = round_up(seq_len, block)
     kernel = _splash_kernel(padded_len, groups, min(window_size_left, padded_len),
-                            min(window_size_right, padded_len), block,
+                            min(window_size_right, padded_len), block, logit_soft_cap,
                             interpret=target_backend() != "tpu",
                             mesh=jax.sharding.get_abstract_mesh())
     if segment_ids is None:
@@ -75,8 +77,9 @@ def splash_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_
         return pad_sequence(x, 0, padded_len - seq_len, axis=-2)
 
     # The kernel takes one key/value head and its groups of query heads:
-    # q (batch·kv_heads, groups, padded n, d), k, v (batch·kv_heads, padded n, d).
-    scaled_q = (q * head_dim ** -0.5).astype(q.dtype)
+    # q (batch·kv_heads, groups, padded n, d), k, v (batch·kv_heads, padded n, d). The kernel
+    # has no scale: it goes into q, so that the cap sees the scaled logits.
+    scaled_q = (q * (head_dim ** -0.5 if scale is None else scale)).astype(q.dtype)
     keys = lambda x: padded(x.reshape(-1, seq_len, head_dim))  # noqa: E731
 
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds

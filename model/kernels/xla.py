@@ -18,6 +18,10 @@ How it works (the ``"xla"`` implementation):
   the backward pass (a ``jax.custom_vjp``), which recomputes the scores chunk by chunk
   (FlashAttention's recipe). Memory is therefore O(n · d) plus one chunk.
 
+The attention scale multiplies q before the blocks are cut; a logit soft-cap (Gemma 2's) maps
+each block of scores, relative positions' part included, to ``cap · tanh(s / cap)`` before the
+mask (`model.kernels.common.soft_cap`), and the backward pass recomputes it with the scores.
+
 The views of one query block hold every key it can see, so its softmax is exact in one pass
 over them: the row maximum is taken over all views before exponentiating, which is what an
 online (running max and sum) softmax converges to, without the rescaling.
@@ -49,7 +53,7 @@ from model.kernels.xla_plan import Plan, make_plan
 
 def xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_size_right,
                         dropout_rate, dropout_rng, segment_ids, *, block_size, precision,
-                        max_segments, query_offset=0):
+                        max_segments, scale, logit_soft_cap, query_offset=0):
     """Blocked local attention in plain XLA: pads and flattens, then runs the custom-vjp core.
 
     ``query_offset`` (static; for model/context_parallel.py): q may hold only the positions
@@ -69,7 +73,8 @@ def xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_siz
     batch = math.prod(lead)  # one row per key/value head; its query heads are its groups
     plan = make_plan(batch * groups, seq_len, window_size_left, window_size_right, block_size,
                      dropout_rate, precision, has_rel_pos_emb=rel_pos_emb is not None,
-                     query_len=query_len, query_offset=query_offset)
+                     query_len=query_len, query_offset=query_offset,
+                     logit_soft_cap=logit_soft_cap)
 
     def flat(x, trailing):
         return jnp.broadcast_to(x, (*lead, *trailing)).reshape(batch, *trailing)
@@ -78,7 +83,9 @@ def xla_local_attention(q, k, v, mask, rel_pos_emb, window_size_left, window_siz
     # query block b's window starts in key block b, and enough after for the last block's views.
     # Padding keys are marked invalid. The query heads of one key/value head share its key
     # blocks: query blocks are (batch, num_blocks, groups, block, head_dim).
-    q_rows = grouped(q * (head_dim ** -0.5), groups)  # (batch, groups, query_len, head_dim)
+    # The scale goes into q (the relative positions' logits get it with q).
+    q_rows = grouped(q * (head_dim ** -0.5 if scale is None else scale),
+                     groups)  # (batch, groups, query_len, head_dim)
     q_rows = pad_sequence(q_rows, 0, plan.padded_len - query_len, axis=-2)
     q_blocks = jnp.moveaxis(q_rows.reshape(batch, groups, plan.num_blocks, plan.block, head_dim),
                             1, 2)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from model.kernels.common import masked_softmax_parts
+from model.kernels.common import masked_softmax_parts, soft_cap
 from model.kernels.xla_plan import Plan, score_mask
 
 
@@ -36,7 +36,7 @@ def _skew(rel_scores: jax.Array, span: int) -> jax.Array:
 class _Chunk(NamedTuple):
     """The query blocks of one chunk and the key blocks they can see."""
 
-    q: jax.Array  # (B, G, groups, block, d), scaled by 1/sqrt(d); groups: query heads per k/v
+    q: jax.Array  # (B, G, groups, block, d), scaled; groups: query heads per k/v
     k: jax.Array  # (B, G + views - 1, block, d); view j of query block g is key block g + j
     v: jax.Array  # (B, G + views - 1, block, d)
     visible: list[jax.Array]  # per view, bool (B, G, 1, block, block): band, key valid, segment
@@ -67,7 +67,9 @@ def _chunk(plan: Plan, index, q_blocks, k_blocks, v_blocks, key_valid, segments)
 
 def _scores(plan: Plan, q, k, rel) -> list[jax.Array]:
     """Per view, float32 logits ``(B, G, groups, block, block)`` of the chunk's queries and
-    keys (one matmul per view for all the query heads of a key/value head)."""
+    keys (one matmul per view for all the query heads of a key/value head), soft-capped where
+    ``plan.logit_soft_cap`` says (the relative positions' part included). The backward pass
+    differentiates this function with ``jax.vjp``, the cap's derivative with it."""
     count = q.shape[1]
     scores = [
         jnp.einsum("bgpqd,bgkd->bgpqk", q, k[:, view:view + count], precision=plan.precision,
@@ -80,7 +82,7 @@ def _scores(plan: Plan, q, k, rel) -> list[jax.Array]:
         skewed = _skew(rel_scores, plan.views * plan.block)
         scores = [s + skewed[..., view * plan.block:(view + 1) * plan.block]
                   for view, s in enumerate(scores)]
-    return scores
+    return [soft_cap(s, plan.logit_soft_cap) for s in scores]
 
 
 def _values(plan: Plan, weights, v) -> jax.Array:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from model.kernels.common import soft_cap, soft_cap_backward
 from model.kernels.xla_plan import Plan, score_mask
 
 
@@ -31,13 +32,13 @@ def _key_block_range(plan: Plan, query_block):
 def _block_pair(plan: Plan, query_block, key_block, q_blocks, k_blocks, key_valid, segments,
                 dropout_rng):
     """Query block ``query_block`` against key block ``key_block``: float32 scores
-    ``(B, groups, block, block)``, which of them are visible (bool ``(B, 1, block, block)``)
-    and the dropout multiplier of the weights (float32, as the scores; None without
-    dropout)."""
+    ``(B, groups, block, block)`` (soft-capped where ``plan.logit_soft_cap`` says), which of
+    them are visible (bool ``(B, 1, block, block)``) and the dropout multiplier of the weights
+    (float32, as the scores; None without dropout)."""
     row = functools.partial(lax.dynamic_index_in_dim, axis=1, keepdims=False)
     q, k = row(q_blocks, query_block), row(k_blocks, key_block)
-    scores = jnp.einsum("bpqd,bkd->bpqk", q, k, precision=plan.precision,
-                        preferred_element_type=jnp.float32)
+    scores = soft_cap(jnp.einsum("bpqd,bkd->bpqk", q, k, precision=plan.precision,
+                                 preferred_element_type=jnp.float32), plan.logit_soft_cap)
     positions = jnp.arange(plan.block)
     key_minus_query = ((key_block - query_block) * plan.block - plan.query_offset
                        + positions[None, :] - positions[:, None])
@@ -112,7 +113,8 @@ def looped_backward(plan: Plan, q_blocks, k_blocks, v_blocks, key_valid, segment
             d_kept = jnp.einsum("bpqd,bkd->bpqk", d_o, v.astype(jnp.float32),
                                 precision=plan.precision)
             d_probs = d_kept if keep is None else d_kept * keep
-            d_scores = (probs * (d_probs - block_correction)).astype(q.dtype)
+            d_scores = soft_cap_backward(scores, probs * (d_probs - block_correction),
+                                         plan.logit_soft_cap).astype(q.dtype)
             d_q = d_q + jnp.einsum("bpqk,bkd->bpqd", d_scores, k, precision=plan.precision,
                                    preferred_element_type=jnp.float32)
             d_k = jnp.einsum("bpqk,bpqd->bkd", d_scores, q, precision=plan.precision,

@@ -40,6 +40,7 @@ class Plan(NamedTuple):
     num_chunks: int
     dropout_rate: float
     precision: lax.PrecisionLike
+    logit_soft_cap: float | None  # `model.kernels.common.soft_cap`'s cap; None: no cap
 
     @property
     def views(self) -> int:
@@ -89,6 +90,7 @@ def make_plan(
     has_rel_pos_emb: bool = False,
     query_len: int | None = None,
     query_offset: int = 0,
+    logit_soft_cap: float | None = None,
 ) -> Plan:
     """The tiling of a call over ``batch`` rows (batch · query heads) of ``seq_len`` keys and
     ``query_len`` queries (default ``seq_len``) at ``query_offset`` into them, with the window,
@@ -134,6 +136,7 @@ def make_plan(
         num_chunks=num_chunks,
         dropout_rate=float(dropout_rate),
         precision=precision,
+        logit_soft_cap=logit_soft_cap,
     )
 
 

@@ -70,6 +70,9 @@ def test_bfloat16_within_tolerance_of_float32():
     (dict(implementation="pallas"), "implementation='pallas'"),
     (dict(block_size=0), "block_size=0"),
     (dict(max_segments=0), "max_segments=0"),
+    (dict(scale=0.0), "scale=0.0"),
+    (dict(logit_soft_cap=float("inf")), "logit_soft_cap=inf"),
+    (dict(logit_soft_cap=-50), "logit_soft_cap=-50"),
     (dict(implementation="splash", mask=jnp.ones((10,), bool)), "'splash' cannot compute mask"),
     (dict(implementation="splash", dropout_rate=0.1, dropout_rng=jax.random.key(0)),
      "'splash' cannot compute dropout"),
@@ -98,10 +101,12 @@ def test_mismatched_shapes_raise():
     ("gpu", jnp.float32, {}, "xla"),
     ("gpu", jnp.bfloat16, dict(window_size_right=2), "xla"),
     ("gpu", jnp.bfloat16, dict(has_rel_pos_emb=True), "xla"),
+    ("gpu", jnp.bfloat16, dict(has_logit_soft_cap=True), "xla"),  # cuDNN cannot cap
     ("tpu", jnp.float32, dict(has_segment_ids=True), "splash"),
     ("tpu", jnp.bfloat16, dict(window_size_right=5), "splash"),
     ("tpu", jnp.bfloat16, dict(has_mask=True), "xla"),
     ("tpu", jnp.bfloat16, dict(dropout_rate=0.1), "xla"),
+    ("tpu", jnp.bfloat16, dict(has_logit_soft_cap=True), "splash"),
 ])
 def test_auto_picks_the_fastest_implementation_that_computes_the_call(backend, dtype, features,
                                                                       expected):
@@ -119,16 +124,20 @@ def test_auto_is_the_default_and_runs_xla_on_cpu():
 
 
 @pytest.mark.parametrize("implementation", ["xla", "dense", "splash"])
-@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query (2 groups of 2), multi-query
-def test_grouped_key_value_heads_equal_the_reference_with_repeated_keys(implementation, kv_heads):
+# Grouped-query (2 groups of 2); multi-query with Gemma 2's attention scale and logit soft-cap,
+# which binds (scores of order several against a cap of 2).
+@pytest.mark.parametrize("kv_heads,options", [(2, {}), (1, dict(scale=0.6, logit_soft_cap=2.0))])
+def test_grouped_key_value_heads_equal_the_reference_with_repeated_keys(implementation, kv_heads,
+                                                                       options):
     """Fewer key/value heads than query heads: the same output and gradients as the dense
-    reference given k and v repeated per query head (the gradients of the repeats summed)."""
+    reference given k and v repeated per query head (the gradients of the repeats summed);
+    every kernel with a scale and a soft-cap too."""
     heads, n, left = 4, 40 if implementation != "splash" else 130, 9
     q = qkv((2, heads, n, 16), seed=5)[0]
     k, v = qkv((2, kv_heads, n, 16), seed=6)[1:]
     keys = jax.random.split(jax.random.key(7), 3)
     segment_ids = jnp.cumsum(jax.random.bernoulli(keys[1], 0.05, (2, 1, n)), axis=-1)
-    kwargs = dict(segment_ids=segment_ids)
+    kwargs = dict(segment_ids=segment_ids, **options)
     if implementation == "xla":  # every feature: a key mask and relative positions too
         kwargs["mask"] = jax.random.bernoulli(keys[0], 0.8, (2, 1, n))
         kwargs["rel_pos_emb"] = jax.random.normal(keys[2], (heads, left + 1, 16))

@@ -92,22 +92,32 @@ def test_attention_equals_dot_product_attention(mesh_shape, left, right):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_relative_positions_with_heads_over_tensor_and_halos_from_two_neighbours():
+@pytest.mark.parametrize("left, right, use_rel_pos_emb", [
+    (10, 3, True),  # halos from two neighbours, the queries padded to them
+    (63, 0, False),  # a global layer: the device's queries at their offset into the keys
+])
+def test_relative_positions_scale_and_soft_cap_equal_the_dense_reference(left, right,
+                                                                          use_rel_pos_emb):
+    """Gemma 2's attention scale and logit soft-cap (binding: scores of order several against
+    a cap of 1.5) on both of the shards' paths, with a key mask and documents: forward and
+    gradients against the dense reference, at context 8."""
     q, k, v, cotangent, key_mask, segment_ids = _attention_inputs(heads=4, seed=1)
-    left, right = 10, 3
     rel_pos_emb = jax.random.normal(jax.random.PRNGKey(7), (4, left + right + 1, 8))
+    options = dict(scale=0.8, logit_soft_cap=1.5)
 
     def loss(attention, q, k, v, rel_pos_emb):
         return (attention(q, k, v, mask=key_mask, segment_ids=segment_ids,
-                          rel_pos_emb=rel_pos_emb[None], window_size_left=left,
-                          window_size_right=right) * cotangent).sum()
+                          rel_pos_emb=rel_pos_emb[None] if use_rel_pos_emb else None,
+                          window_size_left=left, window_size_right=right,
+                          **options) * cotangent).sum()
 
-    def reference(q, k, v, mask, segment_ids, rel_pos_emb, window_size_left, window_size_right):
+    def reference(q, k, v, mask, segment_ids, rel_pos_emb, window_size_left, window_size_right,
+                  **options):
         return dense_local_attention(q, k, v, window_size_left, window_size_right, mask=mask,
-                                     segment_ids=segment_ids, rel_pos_emb=rel_pos_emb)
+                                     segment_ids=segment_ids, rel_pos_emb=rel_pos_emb, **options)
 
     grad = lambda attention: jax.value_and_grad(  # noqa: E731
-        lambda *x: loss(attention, *x), argnums=(0, 1, 2, 3))
+        lambda *x: loss(attention, *x), argnums=(0, 1, 2, 3) if use_rel_pos_emb else (0, 1, 2))
     got = _in_mesh(_mesh(context=8), grad(context_parallel_attention), q, k, v, rel_pos_emb)
     want = grad(reference)(q, k, v, rel_pos_emb)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

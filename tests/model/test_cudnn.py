@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from errors import UserError
 from model import local_attention
 from model.attention import resolve_implementation
 from model.kernels.cudnn import packed_layout
@@ -22,6 +23,12 @@ def test_cudnn_implementation_rejects_what_it_cannot_compute():
         local_attention(q, k, v, window_size_left=8, window_size_right=0,
                         rel_pos_emb=jnp.ones((9, 16)), dropout_rate=0.1,
                         dropout_rng=jax.random.key(0), implementation="cudnn")
+    # Gemma 2's logit soft-cap: jax's cuDNN attention has none (auto picks xla instead).
+    with pytest.raises(UserError, match=r"'cudnn' cannot compute logit_soft_cap=50\.0 "
+                                         r"\(jax's cuDNN attention has no cap\)") as error:
+        local_attention(q, k, v, window_size_left=8, window_size_right=0, logit_soft_cap=50,
+                        implementation="cudnn")
+    assert "\n" not in str(error.value)
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="implementation='cudnn' needs an NVIDIA GPU"):
             local_attention(q, k, v, window_size_left=8, window_size_right=0,
@@ -77,7 +84,8 @@ def test_grouped_heads_with_documents_are_repeated_for_a_jax_that_strides_them_w
     q = qkv((3, 4, 300, 16), jnp.bfloat16, seed=5)[0]
     k, v = qkv((3, 2, 300, 16), jnp.bfloat16, seed=6)[1:]
     segment_ids = document_ids(DOCUMENT_LENGTHS)[:, None]
-    kwargs = dict(window_size_left=40, window_size_right=0, segment_ids=segment_ids)
+    # A scale other than 1/sqrt(head_dim) (Gemma's) reaches cuDNN's packed call.
+    kwargs = dict(window_size_left=40, window_size_right=0, segment_ids=segment_ids, scale=0.4)
     got = local_attention(q, k, v, implementation="cudnn", max_segments=7, **kwargs)
     assert heads_given == [4 if version < (0, 11, 1) else 2]
     expected = local_attention(*(x.astype(jnp.float32) for x in (q, k, v)), implementation="xla",
@@ -165,10 +173,11 @@ def test_cudnn_grouped_heads_with_packed_documents_match_the_blocked_kernel_on_g
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
-@pytest.mark.parametrize("left", [64, 1023])  # a window, and one over the whole sequence
-def test_cudnn_grouped_key_value_heads_match_the_blocked_kernel_on_gpu(left):
+# A window, and one over the whole sequence with a scale other than 1/sqrt(head_dim) (Gemma's).
+@pytest.mark.parametrize("left,scale", [(64, None), (1023, 0.2)])
+def test_cudnn_grouped_key_value_heads_match_the_blocked_kernel_on_gpu(left, scale):
     q = qkv((2, 8, 1024, 64), jnp.bfloat16, seed=11)[0]
     k, v = qkv((2, 2, 1024, 64), jnp.bfloat16, seed=12)[1:]
     run = lambda name: local_attention(q, k, v, window_size_left=left, window_size_right=0,  # noqa: E731
-                                       implementation=name).astype(jnp.float32)
+                                       implementation=name, scale=scale).astype(jnp.float32)
     np.testing.assert_allclose(run("cudnn"), run("xla"), atol=2e-2, rtol=2e-2)

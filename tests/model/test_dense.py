@@ -8,10 +8,12 @@ from model import local_attention
 from tests.model.inputs import qkv
 
 
-@pytest.mark.parametrize("with_masks", [False, True])
-def test_dense_implementation_matches_the_blocked_one(with_masks):
+# jax's function with a scale; with a soft-cap (Gemma 2's), which it lacks, written out.
+@pytest.mark.parametrize("with_masks,options", [
+    (False, {}), (True, dict(scale=0.3)), (False, dict(scale=0.9, logit_soft_cap=1.0))])
+def test_dense_implementation_matches_the_blocked_one(with_masks, options):
     q, k, v = qkv((2, 2, 90, 8))
-    kwargs = dict(window_size_left=12, window_size_right=3)
+    kwargs = dict(window_size_left=12, window_size_right=3, **options)
     if with_masks:
         kwargs |= dict(mask=jnp.arange(90) % 7 != 0,
                        segment_ids=jnp.repeat(jnp.arange(3), 30)[None, None])

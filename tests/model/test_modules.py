@@ -51,18 +51,25 @@ def test_key_padding_mask_hides_keys():
     np.testing.assert_allclose(before[:, mask[0]], after[:, mask[0]], atol=1e-6)
 
 
-@pytest.mark.parametrize("use_rel_pos_emb,rotary_base,prompt_len", [
-    (False, None, 1), (True, None, 4), (False, 10_000.0, 9), (True, 100.0, 17)])
-def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb, rotary_base, prompt_len):
+@pytest.mark.parametrize("use_rel_pos_emb,rotary_base,prompt_len,options", [
+    (False, None, 1, {}), (True, None, 4, {}), (False, 10_000.0, 9, {}),
+    # Gemma 2's attention scale and logit soft-cap, the cap over the relative positions' part
+    # too; it binds (scores of order several against a cap of 1).
+    (True, 100.0, 17, dict(attention_scale=0.7, logit_soft_cap=1.0))])
+def test_decode_step_by_step_equals_full_causal_forward(use_rel_pos_emb, rotary_base, prompt_len,
+                                                        options):
     window, steps = 6, 23  # more than 3 windows: the rolling cache wraps around several times
     x = _inputs((2, steps, 16))
     attention = MultiHeadLocalAttention(num_heads=2, qkv_features=16, window_size_left=window,
                                         window_size_right=0, use_rel_pos_emb=use_rel_pos_emb,
-                                        rotary_base=rotary_base)
+                                        rotary_base=rotary_base, **options)
     params = attention.init(jax.random.key(1), x)["params"]
     if use_rel_pos_emb:  # the default init is small; make the embeddings matter
         params["rel_pos_emb"] = _inputs(params["rel_pos_emb"].shape, seed=2)
     full = attention.apply({"params": params}, x)
+    if options:
+        uncapped = attention.clone(attention_scale=None, logit_soft_cap=None)
+        assert float(jnp.abs(full - uncapped.apply({"params": params}, x)).max()) > 0.1
 
     decoder = attention.clone(decode=True)
     variables = decoder.init(jax.random.key(1), x[:, :1])

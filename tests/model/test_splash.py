@@ -12,8 +12,11 @@ from tests.model.reference import dense_local_attention
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("documents", [False, True])
-@pytest.mark.parametrize("left,right", [(40, 0), (25, 9)])
-def test_splash_matches_the_dense_reference(dtype, documents, left, right):
+# The second window with Gemma 2's attention scale and logit soft-cap (the kernel's
+# attn_logits_soft_cap), which binds: scores of order several against a cap of 1.
+@pytest.mark.parametrize("left,right,options", [
+    (40, 0, {}), (25, 9, dict(scale=0.5, logit_soft_cap=1.0))])
+def test_splash_matches_the_dense_reference(dtype, documents, left, right, options):
     """The splash kernel (Pallas interpret mode off TPUs): forward and gradients."""
     q, k, v = qkv((3, 2, 300, 16), dtype, seed=5)
     segment_ids = document_ids(DOCUMENT_LENGTHS)[:, None] if documents else None
@@ -24,9 +27,9 @@ def test_splash_matches_the_dense_reference(dtype, documents, left, right):
 
     splash = lambda q, k, v: local_attention(  # noqa: E731
         q, k, v, window_size_left=left, window_size_right=right, segment_ids=segment_ids,
-        implementation="splash")
+        implementation="splash", **options)
     reference = lambda q, k, v: dense_local_attention(  # noqa: E731
-        q, k, v, left, right, segment_ids=segment_ids)
+        q, k, v, left, right, segment_ids=segment_ids, **options)
     tolerance = 2e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(splash(q, k, v).astype(np.float32),
                                reference(q, k, v).astype(np.float32),

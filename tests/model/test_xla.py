@@ -1,6 +1,8 @@
 """The blocked ``"xla"`` kernel (model/kernels/xla*.py): its tiling (blocks, chunks, padding),
 its band and looped schedules, dropout, memory, and queries at an offset into the keys."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,49 @@ def test_masks_segments_and_relative_positions_match_dense_reference(
         q, k, v, rel_pos_emb) for f in (ours, reference)]
     for ours_grad, their_grad in zip(*grads):
         np.testing.assert_allclose(ours_grad, their_grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("left,right", [(6, 2), (39, 0)])  # the band schedule; the looped one
+def test_scale_and_logit_soft_cap_match_the_dense_reference(left, right):
+    """Gemma 2's attention: logits ``scale · q·k`` (the relative positions' part included, in
+    the band schedule), then ``cap · tanh(s / cap)`` before the mask. Forward and gradients
+    (the custom VJP's derivative of the cap) against the dense reference, with a key mask,
+    documents and grouped heads; scores of order several against a cap of 1.5, so it binds."""
+    n, d, heads = 40, 8, 4
+    q = qkv((2, heads, n, d), seed=30)[0]
+    k, v = qkv((2, 2, n, d), seed=31)[1:]
+    keys = jax.random.split(jax.random.key(32), 4)
+    kwargs = dict(mask=jax.random.bernoulli(keys[0], 0.8, (2, 1, n)),
+                  segment_ids=jnp.cumsum(jax.random.bernoulli(keys[1], 0.05, (2, 1, n)), -1))
+    # The looped schedule (a window over the sequence) has no relative positions.
+    rel = jax.random.normal(keys[2], (heads, left + right + 1, d)) if right else None
+    options = dict(scale=0.8, logit_soft_cap=1.5)
+    repeat = lambda x: jnp.repeat(x, 2, axis=1)  # noqa: E731
+
+    def ours(q, k, v, rel):
+        return local_attention(q, k, v, rel_pos_emb=rel, window_size_left=left,
+                               window_size_right=right, block_size=8, **kwargs, **options)
+
+    def reference(q, k, v, rel, **options):
+        return dense_local_attention(q, repeat(k), repeat(v), left, right, rel_pos_emb=rel,
+                                     **kwargs, **options)
+
+    cotangent = jax.random.normal(keys[3], q.shape)
+
+    def value_and_grads(f):
+        def loss(*args):
+            out = f(*args)
+            return jnp.sum(out * cotangent), out
+        argnums = (0, 1, 2, 3) if rel is not None else (0, 1, 2)
+        return jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(q, k, v, rel)
+
+    (_, out), grads = value_and_grads(ours)
+    (_, expected), expected_grads = value_and_grads(functools.partial(reference, **options))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+    for ours_grad, their_grad in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(ours_grad, their_grad, atol=1e-4, rtol=1e-4)
+    # The scale and the cap matter: without them the reference differs.
+    assert float(jnp.abs(expected - jax.jit(reference)(q, k, v, rel)).max()) > 0.1
 
 
 @pytest.mark.parametrize("window", [8, 16])  # the band schedule, the looped one (2·33 >= 64)
@@ -180,13 +225,15 @@ def test_a_global_window_with_segments_and_grouped_heads_equals_jax_attention(n,
                                    rtol=2 * tolerance)
 
 
-@pytest.mark.parametrize("offset,length,left,right,block", [
-    (192, 64, 255, 0, None),  # the last of 4 devices' blocks under a global layer
-    (64, 64, 255, 0, 16),  # a middle block: keys after the queries too (unseen, causal)
-    (50, 37, 20, 9, 16),  # an offset and length that are not multiples of the block
+@pytest.mark.parametrize("offset,length,left,right,block,options", [
+    (192, 64, 255, 0, None, {}),  # the last of 4 devices' blocks under a global layer
+    (64, 64, 255, 0, 16, {}),  # a middle block: keys after the queries too (unseen, causal)
+    # An offset and length that are not multiples of the block; Gemma 2's attention scale and
+    # logit soft-cap (scores of order several against a cap of 2).
+    (50, 37, 20, 9, 16, dict(scale=0.5, logit_soft_cap=2.0)),
 ])
 def test_queries_at_an_offset_into_the_keys_equal_the_whole_sequences_rows(offset, length, left,
-                                                                         right, block):
+                                                                         right, block, options):
     """context_parallel's path for long halos: queries that are positions [offset, offset +
     length) of the keys' sequence give those rows of the whole sequence's attention (dense
     reference), forward and gradients, with a key mask, documents and grouped heads."""
@@ -200,12 +247,13 @@ def test_queries_at_an_offset_into_the_keys_equal_the_whole_sequences_rows(offse
     def ours(q_part, k, v):
         return xla_local_attention(q_part, k, v, mask, None, left, right, 0.0, None,
                                     segment_ids, block_size=block, precision=None,
-                                    max_segments=None, query_offset=offset)
+                                    max_segments=None, query_offset=offset,
+                                    **{"scale": None, "logit_soft_cap": None} | options)
 
     def reference(q_part, k, v):
         whole = q.at[:, :, rows].set(q_part)
         out = dense_local_attention(whole, jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1),
-                                    left, right, mask=mask, segment_ids=segment_ids)
+                                    left, right, mask=mask, segment_ids=segment_ids, **options)
         return out[:, :, rows]
 
     cotangent = jax.random.normal(jax.random.key(25), (2, 4, length, 16))
