@@ -202,7 +202,8 @@ class TransformerConfig:
             self.attention_implementation, self.compute_dtype,
             has_rel_pos_emb=self.position_embedding == "relative",
             dropout_rate=self.attention_dropout_rate, has_segment_ids=True,
-            max_segments=self.max_documents_per_row, backend=backend)
+            max_segments=self.max_documents_per_row,
+            has_logit_soft_cap=self.attention_logit_soft_cap is not None, backend=backend)
         return self.max_documents_per_row if implementation == "cudnn" else 0
 
     def validate(self) -> None:
@@ -258,6 +259,10 @@ class TransformerConfig:
                 self.position_embedding == "relative" or self.attention_dropout_rate):
             raise UserError(f"model.attention_implementation={self.attention_implementation!r} "
                             f"supports neither relative positions nor attention dropout")
+        if self.attention_implementation == "cudnn" and self.attention_logit_soft_cap:
+            raise UserError(f"model.attention_implementation='cudnn' cannot soft-cap attention "
+                            f"logits (model.attention_logit_soft_cap="
+                            f"{self.attention_logit_soft_cap}): use 'auto' or 'xla'")
         if self.attention_implementation == "cudnn" and self.dtype != "bfloat16":
             raise UserError(f"model.attention_implementation='cudnn' needs "
                             f"model.dtype='bfloat16'; got {self.dtype!r}")

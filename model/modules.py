@@ -52,9 +52,6 @@ class MultiHeadLocalAttention(nn.Module):
         as ``qk_norm("query_norm")`` and ``qk_norm("key_norm")`` to make the modules applied to
         queries ``(batch..., seq_len, heads, head_dim)`` and keys ``(..., kv_heads,
         head_dim)``; None: no norm.
-      attention_scale: what query·key is multiplied by (None: ``head_dim ** -0.5``).
-      logit_soft_cap: attention logits ``s`` become ``cap · tanh(s / cap)`` (Gemma 2); None:
-        no cap.
       dtype: computation dtype (default: inferred from inputs and params).
       param_dtype: parameter dtype.
       qkv_features: total query/key/value width (default: the input width).
@@ -88,8 +85,6 @@ class MultiHeadLocalAttention(nn.Module):
     rotary_base: float | None = None
     rope_scaling: RopeScaling = NO_SCALING
     qk_norm: Callable[[str], nn.Module] | None = None
-    attention_scale: float | None = None
-    logit_soft_cap: float | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     qkv_features: int | None = None

@@ -23,6 +23,7 @@ import optax
 
 from model.config import TransformerConfig
 from model.context_parallel import sequence_shards
+from model.kernels.common import soft_cap
 from model.layer_stack import global_layer_mask, layer_stack
 from model.modules import MultiHeadLocalAttention
 
@@ -250,12 +251,6 @@ class _OutputKernel(nn.Module):
                           (self.config.d_model, self.config.vocab_size), jnp.float32)
 
 
-def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
-    """``cap · tanh(x / cap)`` (Gemma 2's logit soft-capping, as transformers computes it:
-    divide, tanh, multiply); ``x`` itself where ``cap`` is None."""
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 def _logits(x: jax.Array, kernel: jax.Array, cap: float | None = None) -> jax.Array:
     """``x (batch, length, d_model) @ kernel (d_model, vocab)`` in x's dtype -> float32,
     soft-capped at ``cap`` (None: not capped)."""
@@ -270,9 +265,9 @@ def chunked_token_losses(x: jax.Array, kernel: jax.Array, targets: jax.Array,
 
     ``x (batch, seq_len, d_model)``: the final hidden states; ``kernel (d_model, vocab)``: the
     output projection; ``targets (batch, seq_len)`` int; ``cap``: the logits' soft cap
-    (`soft_cap`; None: none). The logits are computed ``chunk_size`` tokens at a time (0:
-    about 2**24 logits per chunk) and recomputed in the backward pass, so at most one chunk's
-    float32 ``(chunk, vocab)`` logits exist at once.
+    (`model.kernels.common.soft_cap`, Gemma 2's formula; None: none). The logits are computed
+    ``chunk_size`` tokens at a time (0: about 2**24 logits per chunk) and recomputed in the
+    backward pass, so at most one chunk's float32 ``(chunk, vocab)`` logits exist at once.
     """
     chunk_size = chunk_size or max(1, 2**24 // kernel.shape[-1])
     num_chunks = _num_chunks(x.shape[1], chunk_size)

@@ -56,12 +56,12 @@ def test_another_shape_is_a_one_line_error(source, tmp_path):
     ("{tmp}/nothing", r"neither a workdir with checkpoints nor a Hugging Face model folder"),
     ("{source}@x", r"expected PATH or PATH@STEP"),
     ("{source}@77", r"step=77: no checkpoint for it in .* \(steps there: \[70, 75, 80\]\)"),
-    ("{tmp}/qwen", r"config.json: model_type='qwen2'; expected one of \['mistral', "),
-    ("{tmp}/qwen@3", r"a Hugging Face folder has no steps; drop @3"),
+    ("{tmp}/gpt2", r"config.json: model_type='gpt2'; expected one of \['gemma2', "),
+    ("{tmp}/gpt2@3", r"a Hugging Face folder has no steps; drop @3"),
 ])
 def test_a_bad_source_is_one_line(source, tmp_path, value, message):
-    (tmp_path / "qwen").mkdir()
-    (tmp_path / "qwen" / "config.json").write_text('{"model_type": "qwen2"}')
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     config = tiny_config(tmp_path / "cache",
                          init_from=value.format(tmp=tmp_path, source=source))
     done = script("train.py", "--config=configs/tiny.py", *config_flags(config),
@@ -87,20 +87,22 @@ def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tm
     assert saved.seq_len == 256
 
 
-def test_continue_a_hugging_face_model_at_4x_its_context_then_export_it(tmp_path):
-    """transformers' Mistral (window 16, context 64) continued at 256 tokens with linear RoPE
-    scaling, then exported: transformers loads what was trained with our logits."""
+def test_continue_a_gemma_3_at_4x_its_context_then_export_it(tmp_path):
+    """transformers' Gemma 3 (a sliding layer with its own RoPE base, window 16, and a global
+    one; context 64) continued at 256 tokens with YaRN on the global layer only, then
+    exported: transformers loads what was trained, as Gemma 3, with our logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from data.tokenizers import ByteTokenizer
     from hf.tokenizer import export_tokenizer
 
     torch.manual_seed(0)
-    source = tmp_path / "mistral"
-    transformers.MistralForCausalLM(transformers.MistralConfig(
+    source = tmp_path / "gemma3"
+    transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
         vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
-        rms_norm_eps=1e-5, max_position_embeddings=64, eos_token_id=256, pad_token_id=257,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        rms_norm_eps=1e-6, max_position_embeddings=64, eos_token_id=256, pad_token_id=257,
         bos_token_id=None)).save_pretrained(source)
     export_tokenizer(ByteTokenizer(), str(source), model_max_length=64)
 
@@ -108,19 +110,25 @@ def test_continue_a_hugging_face_model_at_4x_its_context_then_export_it(tmp_path
                          sample_tokens=0, seq_len=256)
     run = tmp_path / "run"
     done = script("train.py", "--config=configs/tiny.py", *config_flags(config),
-                  f"--config.init_from={source}", "--config.model.rope_scaling.rope_type=linear",
-                  "--config.model.rope_scaling.factor=4", f"--workdir={run}")
+                  f"--config.init_from={source}", "--config.model.rope_scaling.rope_type=yarn",
+                  "--config.model.rope_scaling.factor=4",
+                  "--config.model.rope_scaling.original_max_position_embeddings=64",
+                  f"--workdir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     saved = Checkpoints(str(run), read_only=True).restore_config()[1]
     assert (saved.model.d_model, saved.model.num_kv_heads, saved.model.window_size) == (64, 2, 15)
-    assert saved.model.rope_scaling.factor == 4 and not saved.model.scale_embeddings
+    assert (saved.model.hf_model_type, saved.model.rope_local_base) == ("gemma3_text", 10_000.0)
+    assert saved.model.rope_scaling.factor == 4 and saved.model.scale_embeddings
     assert (saved.data.tokenizer, saved.data.hf_tokenizer) == ("hf", str(source))
 
     done = script("export.py", f"--workdir={run}", f"--output={tmp_path / 'out'}")
     assert done.returncode == 0, done.stderr[-2000:]
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert exported.config.rope_parameters["rope_type"] == "linear"
-    assert exported.config.rope_parameters["factor"] == 4.0
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager").eval()
+    assert type(exported).__name__ == "Gemma3ForCausalLM"
+    rope = exported.config.rope_parameters
+    assert rope["full_attention"]["rope_type"] == "yarn" and rope["full_attention"]["factor"] == 4
+    assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": 10_000.0}
     loaded = inference.load_for_inference(str(run))
     tokens = np.random.RandomState(0).randint(0, 256, (1, 256))
     ours = jax.jit(TransformerLM(loaded.model_config).apply)({"params": loaded.params}, tokens)

@@ -131,7 +131,7 @@ def test_gemma2_loss_and_gradients_match_torch_autograd(tmp_path):
     ours, gradients = jax.jit(jax.value_and_grad(loss))(params)
     hf_loss = hf_model(torch.tensor(tokens), labels=torch.tensor(tokens)).loss
     hf_loss.backward()
-    np.testing.assert_allclose(float(ours), float(hf_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(ours), float(hf_loss.detach()), rtol=1e-5)
     hf_gradients = {name: p.grad.numpy() for name, p in hf_model.named_parameters()}
     for name, gradient in export_tensors(gradients, model.config):
         expected = hf_gradients[name]

@@ -31,6 +31,16 @@ from tests.model.inputs import init_params, random_tokens, small_config
     ("rope_local_base", 1.0, "model.rope_local_base=1.0: expected a number > 1"),
     ("rope_local_base", True, "model.rope_local_base=True: expected a number > 1"),
     ("scale_embeddings", "yes", "model.scale_embeddings='yes': expected a bool"),
+    ("qkv_bias", 1, "model.qkv_bias=1: expected a bool"),
+    ("block_norms", "both", "model.block_norms='both': expected one of ['pre', 'sandwich', "
+                            "'post']"),
+    ("qk_norm", "per_head", "model.qk_norm='per_head': expected one of"),
+    ("norm", "gemma", "model.norm='gemma': expected one of"),
+    ("attention_scale", 0.0, "model.attention_scale=0.0: expected a positive number or None"),
+    ("attention_logit_soft_cap", -5.0, "model.attention_logit_soft_cap=-5.0: expected a "
+                                       "positive number"),
+    ("final_logit_soft_cap", "30", "model.final_logit_soft_cap='30': expected a positive "
+                                   "number"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 2.0},
      "model.rope_scaling.rope_type='yarn' needs model.rope_scaling."
      "original_max_position_embeddings"),
@@ -47,6 +57,10 @@ def test_bad_config_values_raise_one_line_errors(field, value, message):
 def test_missing_vocab_size_and_unsupported_combinations():
     with pytest.raises(ValueError, match="model.vocab_size is missing"):
         TransformerConfig.from_config(dict(num_layers=2))
+    with pytest.raises(ValueError, match=r"model.attention_implementation='cudnn' cannot "
+                                         r"soft-cap attention logits"):
+        small_config(attention_implementation="cudnn", dtype="bfloat16",
+                     attention_logit_soft_cap=50.0)
     with pytest.raises(ValueError, match="supports neither relative positions"):
         small_config(attention_implementation="dense", position_embedding="relative")
 
