@@ -24,7 +24,7 @@ import json
 import os
 
 from errors import UserError
-from hf.families import FAMILIES, NOT_YET, OWN_FAMILIES, Family, family_of
+from hf.families import FAMILIES, MULTIMODAL, NOT_YET, OWN_FAMILIES, Family, family_of
 from model.config import TransformerConfig, fields_with_role
 from model.rope import NO_SCALING, RopeScaling
 
@@ -61,6 +61,14 @@ def model_fields(hf: dict, source: str = "config.json") -> dict:
     that class's defaults). ``source`` names it in the one-line `UserError`s for what this
     project cannot represent."""
     model_type = hf.get("model_type")
+    if model_type in MULTIMODAL:  # its language model, exported as the text-only family
+        text = hf.get("text_config")
+        if not isinstance(text, dict) or text.get("model_type") != MULTIMODAL[model_type]:
+            raise UserError(f"{source}: model_type={model_type!r} needs a text_config of "
+                            f"model_type {MULTIMODAL[model_type]!r}")
+        tied = {"tie_word_embeddings": hf["tie_word_embeddings"]} \
+            if hf.get("tie_word_embeddings") is not None else {}
+        return model_fields(text | tied, f"{source} (text_config)")
     if model_type in NOT_YET:
         raise UserError(f"{source}: model_type={model_type!r} is not supported yet: it has "
                         f"{NOT_YET[model_type]}")

@@ -92,6 +92,9 @@ FAMILIES = {family.model_type: family for family in (
     Family("phi3", "Phi3ForCausalLM", _LLAMA, "every_layer", reads_layer_types=False,
            fused_projections=True, defaults={"rms_norm_eps": 1e-5}),
 )}
+# Multimodal families whose language model is one above: its config is ``text_config``, its
+# tensors are named under a prefix (hf/params.py), the vision tower is left out.
+MULTIMODAL = {"gemma3": "gemma3_text"}
 # A model of this project's own (model.hf_model_type '') goes out as Mistral, or Ministral
 # where it mixes local and global layers; Mistral, Ministral and Llama imports come back as one.
 OWN_FAMILIES = ("mistral", "ministral", "llama")
@@ -100,7 +103,6 @@ OWN_FAMILIES = ("mistral", "ministral", "llama")
 NOT_YET = {
     "gpt_oss": "attention sinks, a mixture of experts and MXFP4 weights",
     "cohere2": "global layers without RoPE, a parallel block, interleaved RoPE and logit_scale",
-    "gemma3": "the multimodal Gemma 3 (convert its text part, model_type gemma3_text)",
     "qwen2_moe": "a mixture of experts",
     "qwen3_moe": "a mixture of experts",
     "llama4_text": "chunked attention and a mixture of experts",

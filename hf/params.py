@@ -145,9 +145,33 @@ def export_tensors(params, config: TransformerConfig) -> Iterator[tuple[str, np.
         yield "lm_head.weight", np.ascontiguousarray(leaf(params, ("logits", "kernel")).T)
 
 
+# Where a multimodal checkpoint keeps its language model (Gemma 3): the prefixes of its body
+# and its output head, as saved (transformers writes 4.x names) and as transformers 5 names
+# them in memory. The text-only names are "model." and "lm_head.".
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "language_model.lm_head."),
+                            ("model.language_model.", "lm_head."))
+
+
+def _text_model_names(stored: set[str]) -> dict[str, str]:
+    """Text-only name -> stored name of each language-model tensor among ``stored``: the
+    names themselves, or a multimodal checkpoint's language model under the text-only names
+    (its vision tower and projector left out)."""
+    for body, head in _LANGUAGE_MODEL_PREFIXES:
+        if any(name.startswith(body) for name in stored):
+            names = {}
+            for name in stored:
+                if name.startswith(body):
+                    names["model." + name[len(body):]] = name
+                elif name.startswith(head):
+                    names["lm_head." + name[len(head):]] = name
+            return names
+    return {name: name for name in stored}
+
+
 class TensorFiles:
     """The tensors of a Hugging Face folder's ``model.safetensors`` or of the shards that
-    ``model.safetensors.index.json`` lists, read one at a time.
+    ``model.safetensors.index.json`` lists, read one at a time, by the names of a text-only
+    model (a multimodal checkpoint's language model, `_text_model_names`).
 
     A missing file, a tensor that the index names but its file lacks, or an unreadable file
     is a one-line `UserError` naming it (`transformers` would only warn and initialise the
@@ -169,6 +193,7 @@ class TensorFiles:
         else:
             raise UserError(f"{folder}: neither {_SINGLE} nor {_INDEX} is there (expected a "
                             f"Hugging Face model folder with safetensors)")
+        self.stored = _text_model_names(set(self.file_of))
 
     def _open(self, file: str):
         path = os.path.join(self.folder, file)
@@ -178,28 +203,31 @@ class TensorFiles:
             raise UserError(f"{path}: cannot read it as safetensors ({error})") from None
 
     def names(self) -> set[str]:
-        return set(self.file_of)
+        """The language model's tensors, by their text-only names."""
+        return set(self.stored)
 
     @contextlib.contextmanager
     def _file_holding(self, name: str):
-        """The open file that the index places ``name`` in, checked to hold it: a header or
-        tensor access raises safetensors' own error (a traceback) for a name it lacks."""
+        """``(the open file that the index places name in, its stored name)`` for a text-only
+        ``name``, the file checked to hold it: a header or tensor access raises safetensors'
+        own error (a traceback) for a name it lacks."""
+        name = self.stored[name]
         file = self.file_of[name]
         with self._open(file) as f:
             if name not in f.keys():
                 raise UserError(f"{os.path.join(self.folder, file)} lacks the tensor {name} "
                                 f"that {_INDEX} places there")
-            yield f
+            yield f, name
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with self._file_holding(name) as f:
-            return tuple(f.get_slice(name).get_shape())
+        with self._file_holding(name) as (f, stored):
+            return tuple(f.get_slice(stored).get_shape())
 
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as float32; the file is opened for it alone, so that its pages
         leave memory with it."""
-        with self._file_holding(name) as f:
-            return f.get_tensor(name).astype(np.float32, copy=False)
+        with self._file_holding(name) as (f, stored):
+            return f.get_tensor(stored).astype(np.float32, copy=False)
 
 
 class _Leaf(NamedTuple):

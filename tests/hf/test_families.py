@@ -114,6 +114,32 @@ def test_import_and_export_agree_with_transformers(model_type, tmp_path):
     assert reimported.config == model.config
 
 
+def test_the_language_model_of_a_multimodal_gemma_3(tmp_path):
+    """A ``gemma3`` checkpoint (Gemma3ForConditionalGeneration, what the 4B and larger
+    models ship as): its text_config and its language model's tensors (saved under
+    ``language_model.``) give transformers' logits on text; the vision tower is left out,
+    and the run exports as a text-only Gemma 3."""
+    text = _hf_model("gemma3_text").config
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4, boi_token_index=255,
+                                       eoi_token_index=256, image_token_index=257,
+                                       attn_implementation="eager")
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in hf_model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    hf_model.save_pretrained(str(tmp_path), safe_serialization=True)
+    model, params = _import(str(tmp_path))
+    assert model.config.hf_model_type == "gemma3_text"
+    tokens = _tokens() % 255  # text only: no image tokens
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)))
+    assert _relative_error(ours, _hf_logits(hf_model, tokens)) <= 1e-4
+
+
 def test_gemma2_loss_and_gradients_match_torch_autograd(tmp_path):
     """The chunked loss with the final soft-cap (chunks of 8 tokens) is transformers' loss of
     the capped logits, and its gradient is torch's, tensor by tensor (attention cap
