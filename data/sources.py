@@ -214,9 +214,7 @@ def _separated_documents(path: str, separator: str, start: int, end: int | None)
     as `_read_text` and ``str.splitlines`` see its lines (universal newlines; a form feed or
     a line separator ends a line too; a separator line ends in a newline or the file's end);
     empty documents are dropped. Read a block of whole lines at a time."""
-    if separator.splitlines() != [separator]:
-        raise UserError(f"data.document_separator={separator!r}: expected one line's text (a "
-                        f"line equal to it separates documents)")
+    check_separator(separator)
     line = re.compile(f"(?:\\A|(?<=[{_LINE_ENDS}])){re.escape(separator)}(?:\n|\\Z)")
     current = []  # the pieces of the document being read (it may span blocks)
     try:
@@ -248,6 +246,14 @@ def _separated_documents(path: str, separator: str, start: int, end: int | None)
     document = "".join(current)
     if document.strip():
         yield document
+
+
+def check_separator(separator: str) -> None:
+    """A `UserError` where ``data.document_separator`` is not one line's text (a line end of
+    ``str.splitlines`` in it: no line could equal it)."""
+    if separator and separator.splitlines() != [separator]:
+        raise UserError(f"data.document_separator={separator!r}: expected one line's text (a "
+                        f"line equal to it separates documents)")
 
 
 def separator_cuts(path: str, separator: str, every: int) -> list[int]:

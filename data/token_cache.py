@@ -199,25 +199,29 @@ class Build:
 
     def assemble(self) -> None:
         """Joins the finished shards into the cache (array first, metadata last: a crash in
-        between leaves no metadata, so no stale match) and removes them."""
-        count = self._count()
+        between leaves no metadata, so no stale match), removing each once copied: the disk
+        holds the split's tokens once and a shard (a crash meanwhile costs the removed ones)."""
         checksum = tokens = documents = 0
         unique = f"tmp-{uuid.uuid4().hex}"  # never another writer's file, on any host
-        with open(f"{self.base}.tokens.{unique}", "wb") as out:
-            for index in range(count):
-                with open(self._shard(index) + ".tokens", "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        out.write(chunk)
-                        checksum = zlib.crc32(chunk, checksum)
-                meta = self._finished(index)
-                tokens += meta["num_tokens"]
-                documents += meta["documents"]
+        try:
+            with open(f"{self.base}.tokens.{unique}", "wb") as out:
+                for index in range(self._count()):
+                    meta = self._finished(index)
+                    with open(self._shard(index) + ".tokens", "rb") as f:
+                        while chunk := f.read(_CHUNK):
+                            out.write(chunk)
+                            checksum = zlib.crc32(chunk, checksum)
+                    tokens += meta["num_tokens"]
+                    documents += meta["documents"]
+                    os.remove(self._shard(index) + ".json")  # no longer finished, then gone
+                    os.remove(self._shard(index) + ".tokens")
+        except BaseException:
+            os.remove(f"{self.base}.tokens.{unique}")
+            raise
         os.replace(f"{self.base}.tokens.{unique}", self.base + ".tokens")
         meta = {"num_tokens": tokens, "dtype": self.dtype, "checksum": checksum,
                 "documents": documents}
-        with open(f"{self.base}.json.{unique}", "w") as f:
-            json.dump(meta, f)
-        os.replace(f"{self.base}.json.{unique}", self.base + ".json")
+        self._write_json(self.base + ".json", meta)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _plan(self) -> dict | None:
@@ -335,6 +339,7 @@ class Build:
         return count is not None and all(self._finished(i) is not None for i in range(count))
 
     def _write_json(self, path: str, value) -> None:
+        """Writes ``value`` to ``path`` whole or not at all (renamed into place)."""
         unique = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(unique, "w") as f:
             json.dump(value, f)
