@@ -215,7 +215,9 @@ def _separated_documents(path: str, separator: str, start: int, end: int | None)
     a line separator ends a line too; a separator line ends in a newline or the file's end);
     empty documents are dropped. Read a block of whole lines at a time."""
     check_separator(separator)
-    line = re.compile(f"(?:\\A|(?<=[{_LINE_ENDS}])){re.escape(separator)}(?:\n|\\Z)")
+    # The separator and a newline (or the end): a separator line where a line ends before it
+    # (checked per match: a lookbehind in the pattern would make the search ten times slower).
+    candidate = re.compile(f"{re.escape(separator)}(?:\n|\\Z)")
     current = []  # the pieces of the document being read (it may span blocks)
     try:
         with open(path, "rb") as f:
@@ -234,13 +236,17 @@ def _separated_documents(path: str, separator: str, start: int, end: int | None)
                                     f"{position + error.start})") from None
                 position += len(raw)
                 # Text mode's universal newlines: "\r\n" and a lone "\r" end lines as "\n".
-                first, *documents = line.split(text.replace("\r\n", "\n").replace("\r", "\n"))
-                current.append(first)
-                for piece in documents:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                begin = 0  # of the text not yet in a document
+                for match in candidate.finditer(text):
+                    if match.start() and text[match.start() - 1] not in _LINE_ENDS:
+                        continue  # the separator is the end of a longer line
+                    current.append(text[begin:match.start()])
                     document = "".join(current)
                     if document.strip():
                         yield document
-                    current = [piece]
+                    current, begin = [], match.end()
+                current.append(text[begin:])
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror})") from None
     document = "".join(current)
