@@ -231,8 +231,6 @@ class Build:
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
-        if self.config.max_documents or self.config.source not in ("stdlib", "text"):
-            return None  # read by this process: nothing to plan, no file system walk
         planned = shards.plan(self.config, self.split)
         if planned is None:
             return None
@@ -259,8 +257,8 @@ class Build:
             self._show(index, planned["shards"][index][2], future.result()["documents"])
 
     def _run_documents(self, own_part: bool) -> None:
-        """Reads the split's documents here and hands out the shards to tokenize, at most two
-        per worker at a time (so that memory stays a few shards)."""
+        """Reads the split's documents here and hands out the shards to tokenize, at most one
+        more than there are workers at a time (the memory of as many shards)."""
         if self._all_finished():
             return
         pending = {}
@@ -274,7 +272,7 @@ class Build:
             elif not own_part or index % self.process_count == self.process_index:
                 pending[self._submit(tasks, shards.tokenize_shard, self.tokenizer, self.dtype,
                                      documents, None, self._shard(index))] = index
-            if len(pending) >= 2 * self.workers:
+            if len(pending) > self.workers:
                 self._collect(pending, concurrent.futures.FIRST_COMPLETED)
 
         for count, documents in enumerate(shards.documents_in_shards(
