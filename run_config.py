@@ -14,6 +14,8 @@ import math
 import ml_collections
 
 from configs import data as data_config
+from data import sources
+from data.token_cache import worker_count
 from data.tokenizers import Tokenizer
 from errors import UserError
 from model import TransformerConfig
@@ -102,9 +104,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.data.validation_fraction < 1:
         raise UserError(f"data.validation_fraction={config.data.validation_fraction!r}: "
                         f"expected a number in [0, 1) (the share of the text held out)")
-    if any(end in config.data.document_separator for end in "\r\n"):
-        raise UserError(f"data.document_separator={config.data.document_separator!r}: expected "
-                        f"one line's text (a line equal to it separates documents)")
+    sources.check_separator(config.data.document_separator)
+    worker_count(config.data)
     if config.sample_tokens + len(config.sample_prompt.encode()) >= 2**31:
         raise UserError(f"sample_tokens={config.sample_tokens}: expected fewer than "
                         f"{2**31 - len(config.sample_prompt.encode())} (positions are int32)")

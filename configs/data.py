@@ -38,5 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
     # keys in 2000 steps where 1 does not (bench/passkey.py).
     config.passkey_answer_weight = 1.0
     config.cache_dir = ""  # tokenized splits; empty: ~/.cache/local_attention_lm
+    config.workers = 0  # processes that tokenize a split into the cache; 0: one per core
     config.prefetch = 2  # batches prepared ahead by background threads
     return config

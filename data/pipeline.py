@@ -100,8 +100,10 @@ def tokenizer_source(config, workdir: str | None = None) -> str:
 def split_tokens(config, split: str, tokenizer: Tokenizer) -> np.ndarray:
     """The ``split`` ('train' or 'validation') as one stream of token ids (documents joined by
     the end-of-document id), from the token cache under ``data.cache_dir`` (default
-    `DEFAULT_CACHE_DIR`); see `data.token_cache.tokenized_split`."""
-    return tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR)
+    `DEFAULT_CACHE_DIR`), which the processes of a multi-process run build together; see
+    `data.token_cache.tokenized_split`."""
+    return tokenized_split(config, split, tokenizer, config.cache_dir or DEFAULT_CACHE_DIR,
+                           jax.process_index(), jax.process_count())
 
 
 def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,

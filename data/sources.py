@@ -19,6 +19,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -50,10 +51,10 @@ def source_identity(config, split: str) -> dict:
         if config.validation_paths:  # each split is its own files (data.paths may be empty
             # when only the held-out text is evaluated)
             field = "validation_paths" if split == "validation" else "paths"
-            identity["split_files"] = _files_signature(_text_files(config[field],
+            identity["split_files"] = _files_signature(text_files(config[field],
                                                                    f"data.{field}"))
         else:
-            identity["files"] = _files_signature(_text_files(config.paths, "data.paths"))
+            identity["files"] = _files_signature(text_files(config.paths, "data.paths"))
             identity["split"] = "hash, else the last document's tail"
     elif config.source == "hf":
         identity |= {k: config[k] for k in ("hf_name", "hf_config", "hf_text_field",
@@ -89,7 +90,15 @@ def _files_signature(files: list[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _stdlib_files() -> list[tuple[str, str]]:
+def file_size(path: str) -> int:
+    """Bytes of ``path``; a `UserError` where it cannot be read."""
+    try:
+        return os.path.getsize(path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def stdlib_files() -> list[tuple[str, str]]:
     """(path, path relative to the stdlib) of its ``*.py`` files, tests excluded, sorted."""
     root = sysconfig.get_paths()["stdlib"]
     files = []
@@ -103,12 +112,12 @@ def _stdlib_files() -> list[tuple[str, str]]:
 
 
 def _stdlib_documents(config, split: str) -> Iterator[str]:
-    for path, relative in _stdlib_files():
+    for path, relative in stdlib_files():
         if in_validation(relative, config.validation_fraction) == (split == "validation"):
             yield _read_text(path)
 
 
-def _text_files(paths, field: str) -> list[tuple[str, str]]:
+def text_files(paths, field: str) -> list[tuple[str, str]]:
     """Files named by ``paths`` (a comma-separated string or a list of files, folders, globs)."""
     if isinstance(paths, str):
         paths = [p for p in paths.split(",") if p.strip()]
@@ -150,15 +159,15 @@ def _text_documents(config, split: str) -> Iterator[str]:
     validation = split == "validation"
     if config.validation_paths:
         field = "data.validation_paths" if validation else "data.paths"
-        for path, relative in _text_files(config[field.split(".")[1]], field):
-            for _, document in _keyed_documents(path, relative, config.document_separator):
+        for path, relative in text_files(config[field.split(".")[1]], field):
+            for _, document in keyed_documents(path, relative, config.document_separator):
                 yield document
         return
-    files = _text_files(config.paths, "data.paths")
+    files = text_files(config.paths, "data.paths")
     fraction = config.validation_fraction
-    if fraction == 0 or _hash_holds_out_some(files, config.document_separator, fraction):
+    if fraction == 0 or hash_holds_out_some(files, config.document_separator, fraction):
         for path, relative in files:
-            for key, document in _keyed_documents(path, relative, config.document_separator):
+            for key, document in keyed_documents(path, relative, config.document_separator):
                 if in_validation(key, fraction) == validation:
                     yield document
         return
@@ -167,27 +176,128 @@ def _text_documents(config, split: str) -> Iterator[str]:
     for index, (path, relative) in enumerate(files):
         if validation and index < last_file:
             continue
-        documents = [d for _, d in _keyed_documents(path, relative, config.document_separator)]
-        if index == last_file and documents:
-            *documents, last = documents
+        documents = (d for _, d in keyed_documents(path, relative, config.document_separator))
+        if index < last_file:
+            yield from documents
+            continue
+        last = None  # one document behind, so that the last one is known when the file ends
+        for document in documents:
+            if last is not None and not validation:
+                yield last
+            last = document
+        if last is not None:
             cut = _tail_start(last, fraction)
-            documents = [last[cut:]] if validation else documents + [last[:cut]]
-        yield from documents
+            yield last[cut:] if validation else last[:cut]
 
 
-def _keyed_documents(path: str, relative: str, separator: str) -> list[tuple[str, str]]:
-    """``(key, document)`` of a file: the key (its relative path, ``#i`` for the i-th
-    document after ``separator`` lines) places it in the hash split."""
-    text = _read_text(path)
+def keyed_documents(path: str, relative: str, separator: str, start: int = 0,
+                    end: int | None = None, first_index: int = 0) -> Iterator[tuple[str, str]]:
+    """``(key, document)`` of a text file: the key (its relative path, ``#i`` for the i-th
+    document after ``separator`` lines) places it in the hash split. With a separator the file
+    is read as a stream, one document in memory at a time, from byte ``start`` to ``end``
+    (None: its end; both at the start of a separator line, see `separator_cuts`), its first
+    document numbered ``first_index``."""
     if not separator:
-        return [(relative, text)]
-    return [(f"{relative}#{i}", d) for i, d in enumerate(_split_documents(text, separator))]
+        yield relative, _read_text(path)
+        return
+    for i, document in enumerate(_separated_documents(path, separator, start, end), first_index):
+        yield f"{relative}#{i}", document
 
 
-def _hash_holds_out_some(files: list[tuple[str, str]], separator: str, fraction: float) -> bool:
+# Where str.splitlines ends a line, "\r" aside (text mode has made every "\r" a "\n").
+_LINE_ENDS = "\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_BLOCK = 1 << 20  # bytes of a file decoded and split at a time
+
+
+def _separated_documents(path: str, separator: str, start: int, end: int | None) -> Iterator[str]:
+    """The documents between lines equal to ``separator`` in bytes [start, end) of ``path``,
+    as `_read_text` and ``str.splitlines`` see its lines (universal newlines; a form feed or
+    a line separator ends a line too; a separator line ends in a newline or the file's end);
+    empty documents are dropped. Read a block of whole lines at a time."""
+    check_separator(separator)
+    # The separator and a newline (or the end): a separator line where a line ends before it
+    # (checked per match: a lookbehind in the pattern would make the search ten times slower).
+    candidate = re.compile(f"{re.escape(separator)}(?:\n|\\Z)")
+    current = []  # the pieces of the document being read (it may span blocks)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            position = start
+            while end is None or position < end:
+                raw = f.read(_BLOCK if end is None else min(_BLOCK, end - position))
+                if not raw:
+                    break
+                if not raw.endswith(b"\n"):
+                    raw += f.readline()  # whole lines: a block starts at a line start
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte "
+                                    f"{position + error.start})") from None
+                position += len(raw)
+                # Text mode's universal newlines: "\r\n" and a lone "\r" end lines as "\n".
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                begin = 0  # of the text not yet in a document
+                for match in candidate.finditer(text):
+                    if match.start() and text[match.start() - 1] not in _LINE_ENDS:
+                        continue  # the separator is the end of a longer line
+                    current.append(text[begin:match.start()])
+                    document = "".join(current)
+                    if document.strip():
+                        yield document
+                    current, begin = [], match.end()
+                current.append(text[begin:])
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    document = "".join(current)
+    if document.strip():
+        yield document
+
+
+def check_separator(separator: str) -> None:
+    """A `UserError` where ``data.document_separator`` is not one line's text (a line end of
+    ``str.splitlines`` in it: no line could equal it)."""
+    if separator and separator.splitlines() != [separator]:
+        raise UserError(f"data.document_separator={separator!r}: expected one line's text (a "
+                        f"line equal to it separates documents)")
+
+
+def separator_cuts(path: str, separator: str, every: int) -> list[int]:
+    """Byte offsets (ascending, none 0) of separator lines about ``every`` bytes apart in
+    ``path``, where `keyed_documents` may cut it into parts read on their own: the start of a
+    line that is ``separator`` followed by "\n" or "\r\n" after a "\n". Reads only from
+    each offset aimed at to the next such line."""
+    if not separator:
+        return []
+    lines = (separator.encode() + b"\n", separator.encode() + b"\r\n")
+    cuts = []
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            target = every
+            while target < size:
+                f.seek(target - 1)
+                f.readline()  # to the start of the line after byte target - 1
+                position = f.tell()
+                for raw in f:
+                    if raw in lines:
+                        cuts.append(position)
+                        break
+                    position += len(raw)
+                else:
+                    break
+                target = position + every
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    return cuts
+
+
+def hash_holds_out_some(files: list[tuple[str, str]], separator: str, fraction: float) -> bool:
+    """Whether the hash split of ``files`` ((path, relative) pairs) holds out any document
+    (read as far as the first one held out)."""
     for path, relative in files:
         keys = ([relative] if not separator else
-                [key for key, _ in _keyed_documents(path, relative, separator)])
+                (key for key, _ in keyed_documents(path, relative, separator)))
         if any(in_validation(key, fraction) for key in keys):
             return True
     return False
@@ -201,19 +311,6 @@ def _tail_start(document: str, fraction: float) -> int:
     return line_start if 0 < line_start < len(document) else cut
 
 
-def _split_documents(text: str, separator: str) -> list[str]:
-    """Splits on lines equal to ``separator``; empty documents are dropped."""
-    documents, current = [], []
-    for line in text.splitlines(keepends=True):
-        if line.rstrip("\r\n") == separator:
-            documents.append("".join(current))
-            current = []
-        else:
-            current.append(line)
-    documents.append("".join(current))
-    return [d for d in documents if d.strip()]
-
-
 def _hf_documents(config, split: str) -> Iterator[str]:
     import datasets
     import huggingface_hub
@@ -224,7 +321,7 @@ def _hf_documents(config, split: str) -> Iterator[str]:
     hf_split = config.hf_validation_split if split == "validation" else config.hf_train_split
     data_files = None
     if config.paths:
-        data_files = {hf_split: [path for path, _ in _text_files(config.paths, "data.paths")]}
+        data_files = {hf_split: [path for path, _ in text_files(config.paths, "data.paths")]}
     # Where the Hub does not answer, huggingface_hub would retry it for ~24 s first.
     offline = datasets.config.HF_HUB_OFFLINE or huggingface_hub.is_offline_mode()
     unreachable = None

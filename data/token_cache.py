@@ -15,18 +15,23 @@ systems).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import shutil
+import time
 import uuid
 import zlib
 
 import numpy as np
+import tqdm
 
-from data import sources
+from data import shards, sources
 from data.tokenizers import Tokenizer
 from errors import UserError
 from folders import writable_folder_problem
@@ -34,8 +39,15 @@ from folders import writable_folder_problem
 _FORMAT = 2
 
 
-def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) -> np.ndarray:
-    """All tokens of ``split`` as a read-only memory-mapped array (uint16 where ids fit)."""
+def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str,
+                    process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """All tokens of ``split`` as a read-only memory-mapped array (uint16 where ids fit).
+
+    Built where missing by ``data.workers`` processes (0: one per core), shard by shard
+    (`Build`), and resumed where a build was interrupted; process ``process_index`` of
+    ``process_count`` (of a multi-host run, whose ``data.cache_dir`` they share) builds its
+    part of the shards and waits for the others'. Raises `UserError` for a bad source or
+    ``data.workers`` and for an empty split."""
     identity = sources.source_identity(config, split) | {"tokenizer": tokenizer.name,
                                                          "format": _FORMAT}
     key = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -43,10 +55,18 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str) ->
     tokens = _load(base)
     if tokens is None:
         _check_writable(cache_dir)
+        build = Build(base, config, split, tokenizer, worker_count(config), process_index,
+                      process_count)
+        if process_count > 1:  # each process its part at once; then one joins the shards
+            with _exclusive(f"{base}.part-{process_index}-of-{process_count}.lock"):
+                if not os.path.exists(base + ".json"):
+                    build.run(own_part=True)
+            build.wait()
         with _exclusive(base + ".lock"):
             tokens = _load(base)  # another process may have built it while we waited
             if tokens is None:
-                _build(base, config, split, tokenizer)
+                build.run(own_part=False)  # every shard still missing (all, on one process)
+                build.assemble()
                 tokens = _load(base)
     if tokens.size == 0:
         if split == "validation" and config.source in ("stdlib", "text") \
@@ -81,9 +101,17 @@ def _exclusive(lock_path: str):
         yield
 
 
-def _checksum(tokens: np.ndarray) -> int:
-    """CRC-32 of the array's bytes: catches corruption at ~2 GB/s (a restart's main cost)."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+_CHUNK = 4 << 20  # bytes read at a time: the checksum's and assembly's memory
+
+
+def _checksum(path: str) -> int:
+    """CRC-32 of the file's bytes: catches corruption at ~2 GB/s (a restart's main cost). Read
+    in chunks, not through the memory map, whose pages would stay in this process's memory."""
+    checksum = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            checksum = zlib.crc32(chunk, checksum)
+    return checksum
 
 
 def _load(base: str) -> np.ndarray | None:
@@ -95,10 +123,9 @@ def _load(base: str) -> np.ndarray | None:
             raise ValueError("size mismatch")
         if meta["num_tokens"] == 0:
             return np.zeros((0,), meta["dtype"])
-        tokens = np.memmap(base + ".tokens", dtype=meta["dtype"], mode="r")
-        if _checksum(tokens) != meta["checksum"]:
+        if _checksum(base + ".tokens") != meta["checksum"]:
             raise ValueError("checksum mismatch")
-        return tokens
+        return np.memmap(base + ".tokens", dtype=meta["dtype"], mode="r")
     except (FileNotFoundError, NotADirectoryError):  # none yet, or data.cache_dir is a file
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -106,29 +133,212 @@ def _load(base: str) -> np.ndarray | None:
         return None
 
 
-def _build(base: str, config, split: str, tokenizer: Tokenizer) -> None:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    end = np.array([tokenizer.end_of_document_id], dtype)
-    checksum, count, documents = 0, 0, 0
-    unique = f"tmp-{uuid.uuid4().hex}"  # never another writer's file, on any host
-    temporary = f"{base}.tokens.{unique}"
-    try:
-        with open(temporary, "wb") as out:
-            for document in sources.read_documents(config, split):
-                ids = np.concatenate([tokenizer.encode(document).astype(dtype), end])
-                raw = ids.tobytes()
-                out.write(raw)
-                checksum = zlib.crc32(raw, checksum)
-                count += ids.size
-                documents += 1
-    except BaseException:
-        os.remove(temporary)  # a bad source or an interruption leaves nothing behind
-        raise
-    # Array first, metadata last: a crash in between leaves no metadata, so no stale match.
-    os.replace(temporary, base + ".tokens")
-    meta = {"num_tokens": count, "dtype": np.dtype(dtype).name, "checksum": checksum,
-            "documents": documents}
-    with open(f"{base}.json.{unique}", "w") as f:
-        json.dump(meta, f)
-    os.replace(f"{base}.json.{unique}", base + ".json")
+def _worker_context():
+    """Where the workers come from: a fork server, a process started afresh once (a fork of
+    this one would copy JAX's threads mid-state) with data/shards.py imported, of which
+    each worker is a fork (milliseconds, where a fresh interpreter takes seconds)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data.shards"])
+    return context
+
+
+def worker_count(config) -> int:
+    """``data.workers`` (configs saved before the field: 0), 0 meaning one per core this
+    process may run on. Raises `UserError` for a value that is not an int >= 0."""
+    workers = config.get("workers", 0)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise UserError(f"data.workers={workers!r}: expected 0 (one process per core) or a "
+                        f"number of processes >= 1")
+    return workers or len(os.sched_getaffinity(0))
+
+
+class Build:
+    """Builds a split's cache from shards (data/shards.py) kept in ``<base>.shards-<size>/``:
+    ``plan.json`` (the planned file parts, where the split is planned), ``count.json`` (how
+    many shards, once known) and each finished shard's ``<index>.tokens`` and ``.json``.
+    `run` tokenizes the shards not finished yet, on ``workers`` processes (`_worker_context`)
+    or, for one, in this one; `assemble` joins them into ``<base>.tokens`` and ``<base>.json``."""
+
+    def __init__(self, base: str, config, split: str, tokenizer: Tokenizer, workers: int,
+                 process_index: int, process_count: int):
+        self.base, self.config, self.split, self.tokenizer = base, config, split, tokenizer
+        self.workers, self.process_index, self.process_count = workers, process_index, process_count
+        self.dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32).name
+        self.folder = f"{base}.shards-{shards.SHARD_BYTES}"
+        self._pool = None
+        self._shown: set[int] = set()  # shards counted in the progress bar
+        self._documents = 0
+        self._progress = None
+
+    def run(self, own_part: bool) -> None:
+        """Tokenizes the shards that are not finished (with ``own_part``, only this process's
+        part: shard ``i`` where ``i % process_count == process_index``)."""
+        os.makedirs(self.folder, exist_ok=True)
+        try:
+            planned = self._plan()
+            self._progress = tqdm.tqdm(
+                total=sum(size for *_, size in planned["shards"]) if planned else None,
+                unit="B", unit_scale=True, desc=f"tokenizing {self.config.source} {self.split}",
+                delay=2, disable=self.process_index != 0)  # delay: no bar for a small split
+            if planned is None:
+                self._run_documents(own_part)
+            else:
+                self._run_planned(planned, own_part)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+            if self._progress is not None:
+                self._progress.close()
+
+    def wait(self) -> None:
+        """Returns once every shard is finished (or the cache is built): the other processes'
+        parts too, polled on the shared file system."""
+        while not (os.path.exists(self.base + ".json") or self._all_finished()):
+            time.sleep(0.5)
+
+    def assemble(self) -> None:
+        """Joins the finished shards into the cache (array first, metadata last: a crash in
+        between leaves no metadata, so no stale match), removing each once copied: the disk
+        holds the split's tokens once and a shard (a crash meanwhile costs the removed ones)."""
+        checksum = tokens = documents = 0
+        unique = f"tmp-{uuid.uuid4().hex}"  # never another writer's file, on any host
+        try:
+            with open(f"{self.base}.tokens.{unique}", "wb") as out:
+                for index in range(self._count()):
+                    meta = self._finished(index)
+                    with open(self._shard(index) + ".tokens", "rb") as f:
+                        while chunk := f.read(_CHUNK):
+                            out.write(chunk)
+                            checksum = zlib.crc32(chunk, checksum)
+                    tokens += meta["num_tokens"]
+                    documents += meta["documents"]
+                    os.remove(self._shard(index) + ".json")  # no longer finished, then gone
+                    os.remove(self._shard(index) + ".tokens")
+        except BaseException:
+            os.remove(f"{self.base}.tokens.{unique}")
+            raise
+        os.replace(f"{self.base}.tokens.{unique}", self.base + ".tokens")
+        meta = {"num_tokens": tokens, "dtype": self.dtype, "checksum": checksum,
+                "documents": documents}
+        self._write_json(self.base + ".json", meta)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _plan(self) -> dict | None:
+        """The split's plan (`shards.plan`), made once (its documents counted by the workers)
+        and kept in the folder, so that a resumed build cuts the same shards."""
+        path = os.path.join(self.folder, "plan.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        planned = shards.plan(self.config, self.split)
+        if planned is None:
+            return None
+        parts = planned["parts"]
+        counted = [i - 1 for i in shards.uncounted(planned)]
+        futures = {i: self._submit(len(counted), shards.count_documents, parts[i],
+                                   planned["separator"]) for i in counted}
+        shards.number_parts(planned, {i: future.result() for i, future in futures.items()})
+        self._write_json(path, planned)
+        self._write_json(os.path.join(self.folder, "count.json"), len(planned["shards"]))
+        return planned
+
+    def _run_planned(self, planned: dict, own_part: bool) -> None:
+        todo = []
+        for index, (*_, size) in enumerate(planned["shards"]):
+            if self._finished(index) is not None:
+                self._show(index, size, self._finished(index)["documents"])
+            elif not own_part or index % self.process_count == self.process_index:
+                todo.append(index)
+        futures = {self._submit(len(todo), shards.tokenize_shard, self.tokenizer, self.dtype,
+                                index, planned, self._shard(index)): index for index in todo}
+        for future in concurrent.futures.as_completed(futures):
+            index = futures[future]
+            self._show(index, planned["shards"][index][2], future.result()["documents"])
+
+    def _run_documents(self, own_part: bool) -> None:
+        """Reads the split's documents here and hands out the shards to tokenize, at most one
+        more than there are workers at a time (the memory of as many shards)."""
+        if self._all_finished():
+            return
+        pending = {}
+        count = 0
+        waiting = None  # one shard read ahead: a split of one shard is tokenized here
+
+        def hand_out(index, documents, tasks):
+            finished = self._finished(index)
+            if finished is not None:
+                self._show(index, finished["bytes"], finished["documents"])
+            elif not own_part or index % self.process_count == self.process_index:
+                pending[self._submit(tasks, shards.tokenize_shard, self.tokenizer, self.dtype,
+                                     documents, None, self._shard(index))] = index
+            if len(pending) > self.workers:
+                self._collect(pending, concurrent.futures.FIRST_COMPLETED)
+
+        for count, documents in enumerate(shards.documents_in_shards(
+                sources.read_documents(self.config, self.split)), 1):
+            if waiting is not None:
+                hand_out(count - 2, waiting, 2)
+            waiting = documents
+        if waiting is not None:
+            hand_out(count - 1, waiting, count)
+        self._collect(pending, concurrent.futures.ALL_COMPLETED)
+        self._write_json(os.path.join(self.folder, "count.json"), count)
+
+    def _collect(self, pending: dict, return_when: str) -> None:
+        done, _ = concurrent.futures.wait(pending, return_when=return_when)
+        for future in done:
+            meta = future.result()
+            self._show(pending.pop(future), meta["bytes"], meta["documents"])
+
+    def _submit(self, tasks: int, function, *args) -> concurrent.futures.Future:
+        """``function(*args)`` on the workers, or here, at once, where there is one worker or
+        one task."""
+        if self.workers == 1 or tasks == 1:
+            future = concurrent.futures.Future()
+            future.set_result(function(*args))
+            return future
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers,
+                                                                mp_context=_worker_context())
+        return self._pool.submit(function, *args)
+
+    def _show(self, index: int, size: int, documents: int) -> None:
+        if index not in self._shown and self._progress is not None:
+            self._shown.add(index)
+            self._documents += documents
+            self._progress.set_postfix(documents=self._documents, refresh=False)
+            self._progress.update(size)
+
+    def _shard(self, index: int) -> str:
+        return os.path.join(self.folder, f"{index:06d}")
+
+    def _finished(self, index: int) -> dict | None:
+        """A finished shard's metadata (see data/shards.py), else None."""
+        try:
+            with open(self._shard(index) + ".json") as f:
+                meta = json.load(f)
+            if os.path.getsize(self._shard(index) + ".tokens") == \
+                    meta["num_tokens"] * np.dtype(self.dtype).itemsize:
+                return meta
+        except FileNotFoundError:
+            pass
+        return None
+
+    def _count(self) -> int | None:
+        try:
+            with open(os.path.join(self.folder, "count.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def _all_finished(self) -> bool:
+        count = self._count()
+        return count is not None and all(self._finished(i) is not None for i in range(count))
+
+    def _write_json(self, path: str, value) -> None:
+        """Writes ``value`` to ``path`` whole or not at all (renamed into place)."""
+        unique = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(unique, "w") as f:
+            json.dump(value, f)
+        os.replace(unique, path)

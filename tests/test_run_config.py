@@ -92,6 +92,10 @@ def test_nan_and_inf_in_every_float_field_are_one_line_errors_naming_it():
                                       r"\[0, 1\)"),
     ("data.document_separator", "<|end|>\n", r"^data.document_separator='<\|end\|>\\n': "
                                              r"expected one line's text"),
+    ("data.document_separator", "page\x0c", r"^data.document_separator='page\\x0c': "
+                                            r"expected one line's text"),
+    ("data.workers", -1, r"^data.workers=-1: expected 0 \(one process per core\) or a "
+                         r"number of processes >= 1"),
     ("min_learning_rate_ratio", 5.0, r"^min_learning_rate_ratio=5.0: expected a number in "
                                      r"\[0, 1\]"),
     ("model.num_heads", 3, r"^model.d_model=32 is not divisible by model.num_heads=3"),

@@ -17,7 +17,7 @@ from errors import UserError
 
 
 def test_stdlib_source_is_offline_deterministic_and_split_by_path(data_config):
-    files = sources._stdlib_files()
+    files = sources.stdlib_files()
     relative = [r for _, r in files]
     assert relative == sorted(relative, key=lambda r: relative.index(r))  # a fixed order
     assert not any(part in ("test", "tests", "idle_test") for r in relative
