@@ -26,31 +26,32 @@ from model import TransformerConfig, TransformerLM  # noqa: E402
 
 WINDOW = 8  # transformers' sliding_window
 SEQ_LEN = 4 * WINDOW
-_SHAPE = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+_SHAPE = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
               max_position_embeddings=SEQ_LEN, rms_norm_eps=1e-5)
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}
 
-# Each family's tiny model: its config class, and what differs from the defaults.
+# Each family's tiny model (two layers, a local and a global one where the family has
+# kinds): its config class, and what differs from the defaults.
 FAMILIES = {
-    # Layers 1 and 3 global (every 2nd); caps small enough that random weights reach them;
+    # Layer 1 global (every 2nd); caps small enough that random weights reach them;
     # a query scale other than 1/sqrt(head_dim).
     "gemma2": (transformers.Gemma2Config, dict(query_pre_attn_scalar=24,
                                                attn_logit_softcapping=5.0,
                                                final_logit_softcapping=2.0)),
-    # Local layers with their own base, linear scaling on the global one (layer 3), tied.
+    # A local layer with its own base, linear scaling on the global one, tied.
     "gemma3_text": (transformers.Gemma3TextConfig, dict(
         query_pre_attn_scalar=24, final_logit_softcapping=None,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "linear", "factor": 2.0,
                                             "rope_theta": 1000.0}})),
     # Layers from max_window_layers on slide; q/k/v biases.
     "qwen2": (transformers.Qwen2Config, dict(use_sliding_window=True, max_window_layers=1,
                                              tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, dict(use_sliding_window=True, max_window_layers=2)),
+    "qwen3": (transformers.Qwen3Config, dict(use_sliding_window=True, max_window_layers=1)),
     # 3 sliding to 1 full, YaRN on the full layer only, post-norms, q/k norms over all heads.
-    "olmo3": (transformers.Olmo3Config, dict(rope_parameters={
+    "olmo3": (transformers.Olmo3Config, dict(num_hidden_layers=4, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
         "full_attention": YARN | {"rope_theta": 500.0}})),
     # The window on every layer; fused qkv and gate/up tensors.
