@@ -6,11 +6,13 @@ The cache key hashes the source's identity (which files, their sizes and times, 
 dataset), the split and the tokenizer; the metadata beside the array records its length and a
 checksum, and an array that does not match (stale, truncated, corrupt) is rebuilt.
 
-Several processes (of one multi-process run, or runs side by side) may ask for the same split
-at once: the first builds it under a file lock while the others wait and then read its array;
-files are written under names unique to their writer and renamed into place, so a reader
-never sees a half-written one, even where the lock is not available (some network file
-systems).
+A split is built in ordered shards by worker processes and resumed shard by shard (`Build`).
+Several processes may ask for the same split at once: those of one multi-process run each
+build their part of the shards, then one joins them under a file lock; runs side by side
+share one build (the first builds it under the lock while the others wait and then read its
+array). Files are written under names unique to their writer and renamed into place, so a
+reader never sees a half-written one, even where the lock is not available (some network
+file systems).
 """
 
 from __future__ import annotations
