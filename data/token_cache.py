@@ -228,7 +228,7 @@ class Build:
 
     def _joined(self) -> dict:
         """How far ``joined.tokens`` goes: ``shards`` (the first that many), ``num_tokens``,
-        ``checksum`` (CRC-32 of its bytes), ``documents`` and ``bytes`` of text."""
+        ``checksum`` (CRC-32 of its bytes), ``documents`` and ``bytes`` (characters of text)."""
         try:
             with open(os.path.join(self.folder, "joined.json")) as f:
                 return json.load(f)
