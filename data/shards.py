@@ -9,8 +9,8 @@ in order and handed out as lists of documents (`documents_in_shards`).
 
 A worker writes its shard as ``<index>.tokens`` (the ids, each document's followed by the
 end-of-document id) and ``<index>.json`` (``num_tokens``, ``checksum``, ``documents``,
-``bytes`` of text), each renamed into place when whole, so a shard with its ``.json`` is
-finished, whatever happened to the process since.
+``bytes``: characters of text, for the progress bar), each renamed into place when whole, so
+a shard with its ``.json`` is finished, whatever happened to the process since.
 """
 
 from __future__ import annotations

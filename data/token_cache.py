@@ -6,11 +6,13 @@ The cache key hashes the source's identity (which files, their sizes and times, 
 dataset), the split and the tokenizer; the metadata beside the array records its length and a
 checksum, and an array that does not match (stale, truncated, corrupt) is rebuilt.
 
-Several processes (of one multi-process run, or runs side by side) may ask for the same split
-at once: the first builds it under a file lock while the others wait and then read its array;
-files are written under names unique to their writer and renamed into place, so a reader
-never sees a half-written one, even where the lock is not available (some network file
-systems).
+A split is built in ordered shards by worker processes and resumed shard by shard (`Build`).
+Several processes may ask for the same split at once: those of one multi-process run each
+build their part of the shards, then one joins them under a file lock; runs side by side
+share one build (the first builds it under the lock while the others wait and then read its
+array). Files are written under names unique to their writer and renamed into place, so a
+reader never sees a half-written one, even where the lock is not available (some network
+file systems).
 """
 
 from __future__ import annotations
@@ -155,9 +157,13 @@ def worker_count(config) -> int:
 class Build:
     """Builds a split's cache from shards (data/shards.py) kept in ``<base>.shards-<size>/``:
     ``plan.json`` (the planned file parts, where the split is planned), ``count.json`` (how
-    many shards, once known) and each finished shard's ``<index>.tokens`` and ``.json``.
+    many shards, once known), each finished shard's ``<index>.tokens`` and ``.json``, and
+    ``joined.tokens``, the first finished shards joined in order, as ``joined.json`` records.
     `run` tokenizes the shards not finished yet, on ``workers`` processes (`_worker_context`)
-    or, for one, in this one; `assemble` joins them into ``<base>.tokens`` and ``<base>.json``."""
+    or, for one, in this one, and (the process that builds it all) joins each in order as it
+    finishes and removes it: the tokens are written while hot in the page cache and then
+    dropped, so the disk holds the split's tokens about once; `assemble` joins the rest and
+    renames the whole into ``<base>.tokens`` beside its ``<base>.json``."""
 
     def __init__(self, base: str, config, split: str, tokenizer: Tokenizer, workers: int,
                  process_index: int, process_count: int):
@@ -169,21 +175,31 @@ class Build:
         self._shown: set[int] = set()  # shards counted in the progress bar
         self._documents = 0
         self._progress = None
+        self._joining = False
 
     def run(self, own_part: bool) -> None:
         """Tokenizes the shards that are not finished (with ``own_part``, only this process's
         part: shard ``i`` where ``i % process_count == process_index``)."""
         os.makedirs(self.folder, exist_ok=True)
+        self._joining = not own_part
         try:
             planned = self._plan()
             self._progress = tqdm.tqdm(
                 total=sum(size for *_, size in planned["shards"]) if planned else None,
                 unit="B", unit_scale=True, desc=f"tokenizing {self.config.source} {self.split}",
                 delay=2, disable=self.process_index != 0)  # delay: no bar for a small split
+            joined = self._joined()
+            self._documents = joined["documents"]
+            self._progress.update(joined["bytes"] if planned is None else
+                                  sum(size for *_, size in planned["shards"][:joined["shards"]]))
+            self._shown.update(range(joined["shards"]))
+            # Read before any joining, which removes them.
+            finished = {i: meta for i in self._shard_indices()
+                        if (meta := self._finished(i)) is not None}
             if planned is None:
-                self._run_documents(own_part)
+                self._run_documents(own_part, finished)
             else:
-                self._run_planned(planned, own_part)
+                self._run_planned(planned, own_part, finished)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
@@ -198,31 +214,48 @@ class Build:
             time.sleep(0.5)
 
     def assemble(self) -> None:
-        """Joins the finished shards into the cache (array first, metadata last: a crash in
-        between leaves no metadata, so no stale match), removing each once copied: the disk
-        holds the split's tokens once and a shard (a crash meanwhile costs the removed ones)."""
-        checksum = tokens = documents = 0
-        unique = f"tmp-{uuid.uuid4().hex}"  # never another writer's file, on any host
-        try:
-            with open(f"{self.base}.tokens.{unique}", "wb") as out:
-                for index in range(self._count()):
-                    meta = self._finished(index)
-                    with open(self._shard(index) + ".tokens", "rb") as f:
-                        while chunk := f.read(_CHUNK):
-                            out.write(chunk)
-                            checksum = zlib.crc32(chunk, checksum)
-                    tokens += meta["num_tokens"]
-                    documents += meta["documents"]
-                    os.remove(self._shard(index) + ".json")  # no longer finished, then gone
-                    os.remove(self._shard(index) + ".tokens")
-        except BaseException:
-            os.remove(f"{self.base}.tokens.{unique}")
-            raise
-        os.replace(f"{self.base}.tokens.{unique}", self.base + ".tokens")
-        meta = {"num_tokens": tokens, "dtype": self.dtype, "checksum": checksum,
-                "documents": documents}
-        self._write_json(self.base + ".json", meta)
+        """Joins the shards not joined yet and renames the whole into the cache (array first,
+        metadata last: a crash in between leaves no metadata, so no stale match)."""
+        joined = self._join()
+        if joined["shards"] != self._count():
+            raise RuntimeError(f"{self.folder}: {joined['shards']} shards joined of "
+                               f"{self._count()}")
+        os.replace(os.path.join(self.folder, "joined.tokens"), self.base + ".tokens")
+        self._write_json(self.base + ".json", {
+            "num_tokens": joined["num_tokens"], "dtype": self.dtype,
+            "checksum": joined["checksum"], "documents": joined["documents"]})
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _joined(self) -> dict:
+        """How far ``joined.tokens`` goes: ``shards`` (the first that many), ``num_tokens``,
+        ``checksum`` (CRC-32 of its bytes), ``documents`` and ``bytes`` (characters of text)."""
+        try:
+            with open(os.path.join(self.folder, "joined.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {"shards": 0, "num_tokens": 0, "checksum": 0, "documents": 0, "bytes": 0}
+
+    def _join(self) -> dict:
+        """Appends the finished shards that come next in order to ``joined.tokens``, recording
+        each in ``joined.json`` before removing it; returns the record. A crash leaves at most
+        one shard's bytes past the record, cut off on the next call."""
+        joined = self._joined()
+        with open(os.path.join(self.folder, "joined.tokens"), "ab") as out:
+            out.truncate(joined["num_tokens"] * np.dtype(self.dtype).itemsize)
+            while (meta := self._finished(joined["shards"])) is not None:
+                shard = self._shard(joined["shards"])
+                with open(shard + ".tokens", "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        out.write(chunk)
+                        joined["checksum"] = zlib.crc32(chunk, joined["checksum"])
+                out.flush()
+                for key in ("num_tokens", "documents", "bytes"):
+                    joined[key] += meta[key]
+                joined["shards"] += 1
+                self._write_json(os.path.join(self.folder, "joined.json"), joined)
+                os.remove(shard + ".json")
+                os.remove(shard + ".tokens")
+        return joined
 
     def _plan(self) -> dict | None:
         """The split's plan (`shards.plan`), made once (its documents counted by the workers)
@@ -243,22 +276,32 @@ class Build:
         self._write_json(os.path.join(self.folder, "count.json"), len(planned["shards"]))
         return planned
 
-    def _run_planned(self, planned: dict, own_part: bool) -> None:
+    def _run_planned(self, planned: dict, own_part: bool, finished: dict) -> None:
+        """Tokenizes the planned shards that are neither joined (`_shown` from the start) nor
+        ``finished`` (index -> metadata)."""
         todo = []
         for index, (*_, size) in enumerate(planned["shards"]):
-            if self._finished(index) is not None:
-                self._show(index, size, self._finished(index)["documents"])
-            elif not own_part or index % self.process_count == self.process_index:
+            if index in finished:
+                self._completed(index, size, finished[index]["documents"])
+            elif index not in self._shown and (
+                    not own_part or index % self.process_count == self.process_index):
                 todo.append(index)
-        futures = {self._submit(len(todo), shards.tokenize_shard, self.tokenizer, self.dtype,
-                                index, planned, self._shard(index)): index for index in todo}
+        futures = {}
+        for index in todo:
+            future = self._submit(len(todo), shards.tokenize_shard, self.tokenizer, self.dtype,
+                                  index, planned, self._shard(index))
+            if future.done():  # tokenized here: joined at once, as the workers' are
+                self._completed(index, planned["shards"][index][2], future.result()["documents"])
+            else:
+                futures[future] = index
         for future in concurrent.futures.as_completed(futures):
             index = futures[future]
-            self._show(index, planned["shards"][index][2], future.result()["documents"])
+            self._completed(index, planned["shards"][index][2], future.result()["documents"])
 
-    def _run_documents(self, own_part: bool) -> None:
-        """Reads the split's documents here and hands out the shards to tokenize, at most one
-        more than there are workers at a time (the memory of as many shards)."""
+    def _run_documents(self, own_part: bool, finished: dict) -> None:
+        """Reads the split's documents here and hands out the shards to tokenize that are
+        neither joined nor ``finished``, at most one more than there are workers at a time
+        (the memory of as many shards)."""
         if self._all_finished():
             return
         pending = {}
@@ -266,9 +309,10 @@ class Build:
         waiting = None  # one shard read ahead: a split of one shard is tokenized here
 
         def hand_out(index, documents, tasks):
-            finished = self._finished(index)
-            if finished is not None:
-                self._show(index, finished["bytes"], finished["documents"])
+            if index in finished:
+                self._completed(index, finished[index]["bytes"], finished[index]["documents"])
+            elif index in self._shown:
+                pass  # joined already
             elif not own_part or index % self.process_count == self.process_index:
                 pending[self._submit(tasks, shards.tokenize_shard, self.tokenizer, self.dtype,
                                      documents, None, self._shard(index))] = index
@@ -289,7 +333,7 @@ class Build:
         done, _ = concurrent.futures.wait(pending, return_when=return_when)
         for future in done:
             meta = future.result()
-            self._show(pending.pop(future), meta["bytes"], meta["documents"])
+            self._completed(pending.pop(future), meta["bytes"], meta["documents"])
 
     def _submit(self, tasks: int, function, *args) -> concurrent.futures.Future:
         """``function(*args)`` on the workers, or here, at once, where there is one worker or
@@ -303,15 +347,24 @@ class Build:
                                                                 mp_context=_worker_context())
         return self._pool.submit(function, *args)
 
-    def _show(self, index: int, size: int, documents: int) -> None:
-        if index not in self._shown and self._progress is not None:
+    def _completed(self, index: int, size: int, documents: int) -> None:
+        """Counts finished shard ``index`` (``size`` bytes of text) in the progress bar, and
+        joins it and the finished ones after it where this process joins."""
+        if index not in self._shown:
             self._shown.add(index)
             self._documents += documents
             self._progress.set_postfix(documents=self._documents, refresh=False)
             self._progress.update(size)
+        if self._joining:
+            self._join()
 
     def _shard(self, index: int) -> str:
         return os.path.join(self.folder, f"{index:06d}")
+
+    def _shard_indices(self) -> list[int]:
+        """The indices of the shards with metadata in the folder (finished, or being joined)."""
+        return sorted(int(name[:-5]) for name in os.listdir(self.folder)
+                      if name.endswith(".json") and name[:-5].isdigit())
 
     def _finished(self, index: int) -> dict | None:
         """A finished shard's metadata (see data/shards.py), else None."""
@@ -333,8 +386,9 @@ class Build:
             return None
 
     def _all_finished(self) -> bool:
-        count = self._count()
-        return count is not None and all(self._finished(i) is not None for i in range(count))
+        count, joined = self._count(), self._joined()["shards"]
+        return count is not None and all(self._finished(i) is not None
+                                         for i in range(joined, count))
 
     def _write_json(self, path: str, value) -> None:
         """Writes ``value`` to ``path`` whole or not at all (renamed into place)."""
