@@ -31,8 +31,8 @@ own and the document starts its segment at position 0 (``data.packing='stream'``
 as lm-eval's ``hf`` backend reads ``[EOD, tokens...]``). docs/evaluation.md states what this
 changes against evaluate_run.py's bits per byte, exactly.
 
-Several processes (launch.py): process 0 runs the harness and broadcasts each step's inputs;
-the others run the same steps (`RunLM.follow`) until it says stop.
+Several processes (launch.py): process 0 runs the harness and announces each step with its
+inputs; the others run the same steps (`RunLM.follow`) until it says stop.
 
 RULER's synthetic tasks size their text with a Hugging Face tokenizer: the run's own, written
 by hf/tokenizer.py into a temporary folder, is ``metadata["tokenizer"]`` unless ``--metadata``
@@ -42,6 +42,7 @@ names another.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import sys
@@ -52,8 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 import cli
 import inference
@@ -78,8 +77,9 @@ except ModuleNotFoundError as missing:
 FLAGS = flags.FLAGS
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default where a task sets no max_gen_toks
 
-# What process 0 broadcasts before each step (`RunLM.follow`): the command and the shape.
+# What process 0 announces before each step (`RunLM.follow`), with the shape.
 _STOP, _SCORE, _SCORE_GREEDY, _GENERATE = range(4)
+_WAIT_MS = 24 * 3600 * 1000  # how long the others wait for the next step: a day
 
 
 class Piece(NamedTuple):
@@ -142,8 +142,9 @@ def pack_rows(pieces: list[Piece], length: int, pad_id: int, prefix_alone: bool,
 
 
 def make_score_step(run: inference.LoadedRun, greedy: bool):
-    """The jitted ``(params, batch) -> scores`` over packed rows (`pack_rows`), rows sharded
-    over the mesh's data axes, results replicated: ``logprob`` ``(rows, length)`` float32 (the
+    """The jitted ``(params, batch) -> scores`` over packed rows (`pack_rows`), rows and
+    results sharded over the mesh's data axes (no collective: under jax 0.12.1 a replicated
+    result's all-gather between CPU processes hung): ``logprob`` ``(rows, length)`` float32 (the
     log-probability of each target, 0 off ``loss_mask``) and, with ``greedy``, ``greedy``
     ``(rows, length)`` bool (the target is the argmax). Without ``greedy`` the model's chunked
     cross-entropy (`steps.token_losses`) scores, so no ``(length, vocabulary)`` logits exist;
@@ -162,8 +163,14 @@ def make_score_step(run: inference.LoadedRun, greedy: bool):
 
     jitted = jax.jit(score, in_shardings=(jax.tree.map(lambda x: x.sharding, run.params),
                                           sharding.batch_sharding(run.mesh)),
-                     out_shardings=NamedSharding(run.mesh, PartitionSpec()))
+                     out_shardings=sharding.batch_sharding(run.mesh))
     return sharding.with_rules(jitted, run.mesh, sharding.axis_rules(run.config))
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded array that this process holds, in order."""
+    shards = {shard.index[0].indices(x.shape[0])[:2]: shard.data for shard in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[key]) for key in sorted(shards)])
 
 
 class RunLM(TemplateLM):
@@ -190,6 +197,7 @@ class RunLM(TemplateLM):
                        _SCORE_GREEDY: make_score_step(run, greedy=True)}
         self._batch_sharding = sharding.batch_sharding(run.mesh)
         self._process_rows = sharding.process_rows(self._batch_sharding, self.rows)
+        self._announced = 0  # steps announced to the other processes (`follow`)
 
     # --- the tokenizer, as lm-eval's TemplateLM asks ------------------------------------------
 
@@ -297,14 +305,10 @@ class RunLM(TemplateLM):
                 for row, a, b in spans]
 
     def _step(self, command: int, arrays: dict[str, np.ndarray], new_tokens: int = 0):
-        """Runs one step on every process: process 0 broadcasts ``command``, the shape of
-        ``arrays`` and ``new_tokens`` (a generation's), then the arrays (`follow` receives
-        them). Returns the step's results as numpy."""
+        """Runs one step on every process: process 0 announces it (`_announce`) and `follow`
+        runs it elsewhere. Returns the step's results as numpy."""
         if jax.process_count() > 1 and jax.process_index() == 0:
-            shape = next(iter(arrays.values())).shape
-            multihost_utils.broadcast_one_to_all(np.array([command, *shape, new_tokens],
-                                                          np.int32))
-            arrays = multihost_utils.broadcast_one_to_all(arrays)
+            self._announce(command, arrays, new_tokens)
         if command == _GENERATE:
             tokens, lengths = generate(self.run.params, jnp.asarray(arrays["prompts"]),
                                        jax.random.PRNGKey(0), config=self.run.model_config,
@@ -312,27 +316,68 @@ class RunLM(TemplateLM):
                                        end_token=self.eot_token_id)
             return np.asarray(tokens), np.asarray(lengths)
         batch = sharding.to_global_batch(arrays, self._batch_sharding, self._process_rows)
-        return jax.tree.map(np.asarray, self._steps[command](self.run.params, batch))
+        scores = {name: _local_rows(x)
+                  for name, x in self._steps[command](self.run.params, batch).items()}
+        if jax.process_count() == 1:
+            return scores
+        # Each process's rows of the results to process 0, through the key-value store too.
+        client, key = _coordination_client(), f"harness/scores/{self._announced - 1}"
+        start = self._process_rows.start
+        if jax.process_index():
+            data = io.BytesIO()
+            np.savez(data, _start=np.array(start), **scores)
+            client.key_value_set_bytes(f"{key}/{jax.process_index()}", data.getvalue())
+            return None
+        whole = {name: np.zeros((self.rows, *x.shape[1:]), x.dtype) for name, x in scores.items()}
+        for process in range(jax.process_count()):
+            if process:
+                with np.load(io.BytesIO(client.blocking_key_value_get_bytes(
+                        f"{key}/{process}", _WAIT_MS))) as stored:
+                    start, scores = int(stored["_start"]), {n: stored[n] for n in whole}
+                client.key_value_delete(f"{key}/{process}")
+            for name, rows in scores.items():
+                whole[name][start:start + len(rows)] = rows
+        return whole
 
     def follow(self) -> None:
-        """A process other than 0: runs the steps process 0 broadcasts until it says stop."""
+        """A process other than 0: runs the steps process 0 announces until it says stop."""
         while True:
-            command, *shape, new_tokens = (int(x) for x in multihost_utils.broadcast_one_to_all(
-                np.zeros(4, np.int32)))
+            data = _coordination_client().blocking_key_value_get_bytes(
+                f"harness/step/{self._announced}", _WAIT_MS)
+            self._announced += 1
+            with np.load(io.BytesIO(data)) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+            command, new_tokens = (int(x) for x in arrays.pop("_header"))
             if command == _STOP:
                 return
-            if command == _GENERATE:
-                arrays = {"prompts": np.zeros(shape, np.int32)}
-            else:
-                arrays = {name: np.zeros(shape, np.float32 if name == "loss_mask" else np.int32)
-                          for name in ("inputs", "targets", "segment_ids", "positions",
-                                       "loss_mask")}
-            self._step(command, multihost_utils.broadcast_one_to_all(arrays), new_tokens)
+            self._step(command, arrays, new_tokens)
 
     def stop_followers(self) -> None:
         """Process 0, after the harness: the other processes' `follow` returns."""
         if jax.process_count() > 1:
-            multihost_utils.broadcast_one_to_all(np.array([_STOP, 0, 0, 0], np.int32))
+            self._announce(_STOP, {})
+
+    def _announce(self, command: int, arrays: dict[str, np.ndarray], new_tokens: int = 0) -> None:
+        """Process 0: the next step (``command``, its inputs ``arrays`` and a generation's
+        ``new_tokens``) for `follow`, through the coordination service's key-value store, not
+        a collective: the others wait for it while the harness builds its tasks, minutes at
+        times, and gloo gives up on a collective that a peer joins 30 s late (a broadcast of
+        the inputs hung besides, under jax 0.12.1). The previous step's key goes: every
+        process has read it, since that step's collectives needed them all."""
+        client = _coordination_client()
+        if self._announced:
+            client.key_value_delete(f"harness/step/{self._announced - 1}")
+        data = io.BytesIO()
+        np.savez_compressed(data, _header=np.array([command, new_tokens]), **arrays)
+        client.key_value_set_bytes(f"harness/step/{self._announced}", data.getvalue())
+        self._announced += 1
+
+
+def _coordination_client():
+    """JAX's coordination service client (launch.py's key-value store; no public API)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
 
 
 def evaluate_tasks(lm: RunLM, tasks: list[str], include_path: str | None = None,
