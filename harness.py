@@ -77,7 +77,7 @@ except ModuleNotFoundError as missing:
 FLAGS = flags.FLAGS
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default where a task sets no max_gen_toks
 
-# What process 0 announces before each step (`RunLM.follow`), with the shape.
+# What process 0 announces before each step (`RunLM.follow`), with its inputs.
 _STOP, _SCORE, _SCORE_GREEDY, _GENERATE = range(4)
 _WAIT_MS = 24 * 3600 * 1000  # how long the others wait for the next step: a day
 
