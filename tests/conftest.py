@@ -47,7 +47,7 @@ def pytest_configure(config):
 # --no-loadscope-reorder, so modules run in the order below): their fixtures and launches are
 # the longest single pieces of work, and started last they would end the session on one worker
 # while the other idles. The rest follow in pytest-xdist's own order, most tests first.
-START_FIRST = ("tests/test_multiprocess.py", "tests/test_evaluate_run.py")
+START_FIRST = ("tests/test_multiprocess.py", "tests/test_evaluate_run.py", "tests/test_harness.py")
 
 
 def pytest_collection_modifyitems(config, items):
