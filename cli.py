@@ -1,4 +1,4 @@
-"""The command line of train.py, evaluate.py, generate.py, export.py and bench/: flags and
+"""The command line of train.py, evaluate_run.py, generate.py, export.py and bench/: flags and
 config files in, one-line errors out (the process launch itself is launch.py's).
 
 A user's mistake (a missing config file, an unknown ``--config.*`` field at any depth, a value
@@ -51,7 +51,7 @@ def exit_with_error(error: Exception | str) -> NoReturn:
     os._exit(1)
 
 
-# --- absl flags (train.py, evaluate.py, generate.py, bench/train.py, bench/step.py) -----------
+# --- absl flags (train.py, evaluate_run.py, generate.py, bench/train.py, bench/step.py) -----------
 
 def define_config_file(default_path: str, help_string: str) -> None:
     """``--config=FILE[:ARG]`` (default ``default_path``) with ``--config.KEY=VALUE``

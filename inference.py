@@ -1,5 +1,5 @@
 """A trained run put to use: its parameters restored for inference, evaluation over batches,
-and sampled text. evaluate.py, generate.py and bench/passkey.py use it; so does train.py's
+and sampled text. evaluate_run.py, generate.py and bench/passkey.py use it; so does train.py's
 periodic evaluation.
 """
 
@@ -40,7 +40,7 @@ class LoadedRun(NamedTuple):
 
 def load_for_inference(workdir: str, overrides: dict | None = None,
                        step: int | None = None) -> LoadedRun:
-    """What evaluate.py and generate.py need from a run's checkpoint (``step``; default the
+    """What evaluate_run.py and generate.py need from a run's checkpoint (``step``; default the
     latest).
 
     ``overrides``: flat ``{"data.source": ..., ...}`` applied to the saved config; the mesh is

@@ -1,4 +1,4 @@
-"""The PNGs of evaluate.py (loss against position in the context) and of the passkey probe
+"""The PNGs of evaluate_run.py (loss against position in the context) and of the passkey probe
 (ranking accuracy and exact copies against the key's distance), drawn with matplotlib's Agg backend (no display)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _figure(path: str, title: str, xlabel: str, ylabel: str):
 
 def plot_loss_by_position(result: dict, path: str, buckets: int = 32) -> None:
     """Mean loss against position in the context (log-spaced buckets) as a PNG. ``result``:
-    evaluate.py's, with ``loss_by_position`` and ``tokens_by_position`` ((seq_len,) sums),
+    evaluate_run.py's, with ``loss_by_position`` and ``tokens_by_position`` ((seq_len,) sums),
     ``step``, ``split``, ``seq_len`` and ``loss``."""
     losses, counts = result["loss_by_position"], result["tokens_by_position"]
     # Positions [0, 1), [1, 2), ... growing geometrically up to [.., len).

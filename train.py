@@ -61,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if latest > config.num_train_steps:
                     raise UserError(f"num_train_steps={config.num_train_steps}, but the "
                                     f"checkpoints in {checkpoints.directory} are at step "
-                                    f"{latest}: raise it to train on (evaluate.py evaluates "
+                                    f"{latest}: raise it to train on (evaluate_run.py evaluates "
                                     f"the run as it is)")
             return _train(config, workdir, checkpoints, stop)
         finally:

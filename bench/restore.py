@@ -4,7 +4,7 @@
 
 Saves a checkpoint of a model of about 170M float32 parameters with its AdamW state (the
 moments: twice the parameters), as train.py does, then loads it in a fresh process per method,
-as evaluate.py, generate.py and export.py do before their work, and reports the seconds and
+as evaluate_run.py, generate.py and export.py do before their work, and reports the seconds and
 what the load added to the process's peak resident memory (VmHWM, reset just before), as a
 multiple of the parameters' bytes:
 

@@ -8,7 +8,7 @@ The shape is that of a small model whose step on this CPU was slower than PyTorc
 config's other fields: 4 heads, SwiGLU of 768, window 256, float32, AdamW with clipping). Each point
 runs in its own process, once with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` (glibc maps
 XLA's temporaries in 4 KiB pages, faulted in afresh each step) and once with ``=1`` (what
-`launch.restart_with_huge_pages` gives train.py, evaluate.py and generate.py):
+`launch.restart_with_huge_pages` gives train.py, evaluate_run.py and generate.py):
 
 * the jitted step alone: train.py's step (``steps.setup_training``) on a fixed batch, the median of
   ``--steps`` calls, with the page faults and system time per step;

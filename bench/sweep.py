@@ -9,7 +9,7 @@ learning rate, schedule) runs as ``python train.py`` would:
 1. a probe: a few steps, for the seconds per step of the point on this machine;
 2. the run: as many steps as fit ``--budget_seconds`` of training (the schedule's length, so
    every run decays fully), evaluating about 6 times on 8 validation batches;
-3. ``evaluate.py`` on the whole validation split: the bits per byte of the table.
+3. ``evaluate_run.py`` on the whole validation split: the bits per byte of the table.
 
 Setup (SentencePiece training, tokenization, compilation) is reported apart from the budget.
 It prints a markdown table (docs/benchmarks.md's) and writes ``<out>/sweep.json`` and
@@ -119,7 +119,7 @@ def run_point(name: str, fields: dict, budget_seconds: float, out: str) -> dict:
             curve.append((row["step"], elapsed, row["eval/bits_per_byte"]))
     training_seconds = elapsed
     result_path = os.path.join(workdir, "evaluation.json")
-    _run(["evaluate.py", f"--workdir={workdir}", f"--output={result_path}"])
+    _run(["evaluate_run.py", f"--workdir={workdir}", f"--output={result_path}"])
     with open(result_path) as f:
         final = json.load(f)
     return {"name": name, "fields": fields, "steps": steps,

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.hf_tokenizer = ""
     config.packing = "documents"  # documents: attention stays in each document; stream: not
     # Training rows that get a random pass key planted and asked for later (data/passkey.py;
-    # needs packing "stream"): teaches the retrieval that `evaluate.py --probe=passkey` tests.
+    # needs packing "stream"): teaches the retrieval that `evaluate_run.py --probe=passkey` tests.
     config.passkey_fraction = 0.0
     config.passkey_questions = 1  # per planted key: more copies to learn from in each row
     # The loss weight of the answers' digits (other tokens: 1); 16 teaches a tiny model to copy

@@ -5,7 +5,7 @@ the best validation bits per byte for that time among the configs it tried (docs
 has its table and the measured run).
 
 Every other config starts from this one and changes what it needs, so this file lists every
-field that train.py, evaluate.py and generate.py read.
+field that train.py, evaluate_run.py and generate.py read.
 """
 
 import ml_collections

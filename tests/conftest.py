@@ -23,7 +23,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     + [flag for flag in _XLA_FLAGS
        if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# What cli.run restarts train.py, evaluate.py and generate.py with (huge pages for XLA's
+# What cli.run restarts train.py, evaluate_run.py and generate.py with (huge pages for XLA's
 # temporaries): the scripts the tests start, and pytest-xdist's workers, start with it.
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
@@ -47,7 +47,7 @@ def pytest_configure(config):
 # --no-loadscope-reorder, so modules run in the order below): their fixtures and launches are
 # the longest single pieces of work, and started last they would end the session on one worker
 # while the other idles. The rest follow in pytest-xdist's own order, most tests first.
-START_FIRST = ("tests/test_multiprocess.py", "tests/test_evaluate.py")
+START_FIRST = ("tests/test_multiprocess.py", "tests/test_evaluate_run.py", "tests/test_harness.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""A fork server for the scripts the tests run (train.py, evaluate.py, generate.py, export.py,
+"""A fork server for the scripts the tests run (train.py, evaluate_run.py, generate.py, export.py,
 bench/*.py): each run is a real process of its own (its own pid, exit status, stdout,
 stderr, signal handlers and interpreter shutdown), forked from a server that has already
 imported JAX and the project's libraries, so it starts in milliseconds instead of the 2-3 s
@@ -27,7 +27,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What the scripts import, less the scripts themselves (evaluate.py and generate.py define
+# What the scripts import, less the scripts themselves (evaluate_run.py and generate.py define
 # their flags when imported) and what starts a JAX backend or threads.
 PRELOADED = ["numpy", "jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "grain",
              "ml_collections", "absl.app", "absl.flags", "absl.logging", "tensorboardX", "tqdm",

@@ -1,4 +1,4 @@
-"""cli.py: every command-line mistake in train.py, evaluate.py, generate.py and bench/ is one
+"""cli.py: every command-line mistake in train.py, evaluate_run.py, generate.py and bench/ is one
 line naming the culprit, exit status 1, no traceback; found before any work (no compile)."""
 
 import ml_collections
@@ -28,13 +28,13 @@ TRAIN = ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]
     ("train.py", TRAIN + ["--no_such_flag=1"], "error: Unknown command line flag 'no_such_flag'"),
     ("train.py", TRAIN + ["configs/tiny.py"],
      "error: unexpected arguments ['configs/tiny.py']: flags are --NAME=VALUE"),
-    ("evaluate.py", ["--workdir=/nonexistent", "--config.data.no_such_field=1"],
+    ("evaluate_run.py", ["--workdir=/nonexistent", "--config.data.no_such_field=1"],
      "error: --config.data.no_such_field: unknown config field 'data.no_such_field' "),
-    ("evaluate.py", ["--workdir=/nonexistent", "--config.data.max_documents=many"],
+    ("evaluate_run.py", ["--workdir=/nonexistent", "--config.data.max_documents=many"],
      "error: flag --config.data.max_documents=many: invalid literal for int()"),
-    ("evaluate.py", ["--workdir=/nonexistent", "--seq_len=long"],
+    ("evaluate_run.py", ["--workdir=/nonexistent", "--seq_len=long"],
      "error: flag --seq_len=long: invalid literal for int()"),
-    ("evaluate.py", [], "error: flag --workdir=None: Flag --workdir must have a value"),
+    ("evaluate_run.py", [], "error: flag --workdir=None: Flag --workdir must have a value"),
     ("generate.py", ["--workdir=/nonexistent", "--temperature=hot"],
      "error: flag --temperature=hot: could not convert string to float"),
     ("generate.py", ["--workdir=/nonexistent", "--promt=x"],

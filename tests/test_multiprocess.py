@@ -1,4 +1,4 @@
-"""train.py and evaluate.py in two processes on this machine, as a multi-host launch runs them:
+"""train.py and evaluate_run.py in two processes on this machine, as a multi-host launch runs them:
 a loopback coordinator (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID``), gloo collectives between the CPU processes, 4 simulated devices each,
 so the same 8-device data-parallel mesh as a 1-process run on 8 devices, the reference.
@@ -155,7 +155,7 @@ def runs(tmp_path_factory):
     2. ``killed``: the reference's checkpoint of step 4 resumed in 2 processes, process 1
        SIGKILLed once a checkpoint of their own is complete. While process 0 finds out:
        ``two_to_one``, the 2-process checkpoint of step 12 resumed in 1 process.
-    3. The killed run's command again, and evaluate.py on ``two`` in 2 processes.
+    3. The killed run's command again, and evaluate_run.py on ``two`` in 2 processes.
     """
     root = tmp_path_factory.mktemp("multiprocess")
     config = tiny_config(root / "cache", num_train_steps=STEPS, keep_checkpoints=STEPS,
@@ -209,7 +209,7 @@ def runs(tmp_path_factory):
 
     # 3.
     outputs = finish(launch(command, 2) + launch(
-        ["evaluate.py", f"--workdir={run['two']}", f"--output={root / 'evaluated.json'}"], 2))
+        ["evaluate_run.py", f"--workdir={run['two']}", f"--output={root / 'evaluated.json'}"], 2))
     run["rerun_output"], run["evaluate_outputs"] = outputs[0], outputs[2:]
     run["reference_params"] = restore_params(run["reference"])
     return run
@@ -249,12 +249,12 @@ def test_two_processes_train_as_one_and_each_feeds_only_its_rows(runs):
 
 
 def test_evaluate_in_two_processes_matches_one(runs):
-    import evaluate
+    import evaluate_run
 
     assert '"loss"' in runs["evaluate_outputs"][0]  # process 0 reports; process 1 does not
     assert '"loss"' not in runs["evaluate_outputs"][1]
     two = json.loads((runs["root"] / "evaluated.json").read_text())
-    one = evaluate.evaluate(str(runs["two"]))
+    one = evaluate_run.evaluate(str(runs["two"]))
     assert two["num_tokens"] == one["num_tokens"] > 0
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
 

@@ -237,7 +237,7 @@ def test_resuming_past_num_train_steps_is_a_one_line_error(trained):
     assert done.returncode == 1
     assert done.stderr.strip() == (
         f"error: num_train_steps=6, but the checkpoints in {trained['run']}/checkpoints are at "
-        f"step {SHARED_STEPS}: raise it to train on (evaluate.py evaluates the run as it is)")
+        f"step {SHARED_STEPS}: raise it to train on (evaluate_run.py evaluates the run as it is)")
     assert _snapshot(trained["run"]) == before
 
 
@@ -264,7 +264,7 @@ def test_a_corrupt_checkpoint_is_a_one_line_error_and_is_left_alone(trained, tmp
     with open(victims[0], "r+b") as f:
         f.write(b"\0" * 100)
     before = _snapshot(workdir / "checkpoints")
-    for name in ("train.py", "evaluate.py"):
+    for name in ("train.py", "evaluate_run.py"):
         args = _shared_run_flags(trained)[:-1] if name == "train.py" else []
         done = script(name, *args, f"--workdir={workdir}",
                       f"--config.data.cache_dir={trained['cache']}")
@@ -391,7 +391,7 @@ def test_a_tokenizer_replaced_under_the_same_path_is_refused_in_one_line(kind, t
     assert now.name != trained_with["name"]
     before = _snapshot(run)
     for name, args in (("train.py", train_flags + ["--config.num_train_steps=4"]),
-                       ("evaluate.py", [f"--workdir={run}", cache]),
+                       ("evaluate_run.py", [f"--workdir={run}", cache]),
                        ("generate.py", [f"--workdir={run}"]),
                        ("export.py", [f"--workdir={run}", f"--output={tmp_path}/hf"]),
                        ("train.py", ["--config=configs/tiny.py", f"--config.init_from={run}",

@@ -1,4 +1,4 @@
-"""Helpers for the tests of train.py, evaluate.py and generate.py."""
+"""Helpers for the tests of train.py, evaluate_run.py and generate.py."""
 
 from __future__ import annotations
 

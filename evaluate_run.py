@@ -1,6 +1,6 @@
 """Evaluate a trained run: loss, perplexity and bits per byte over every token of a split.
 
-    python evaluate.py --workdir=runs/default [--seq_len=8192] [--split=validation]
+    python evaluate_run.py --workdir=runs/default [--seq_len=8192] [--split=validation]
         [--max_tokens=N] [--output=eval.json] [--plot=loss_by_position.png]
         [--config.data.KEY=VALUE ...]
 
@@ -15,6 +15,10 @@ against the position in the context. ``--probe=passkey`` adds the retrieval prob
 ranking accuracy, exact greedy copies and per-digit accuracy against the distance of a planted
 key and by band (within W, W to L·W, beyond L·W), printed as tables, in the JSON (``passkey``,
 ``passkey_bands``) and drawn by ``--probe_plot``.
+
+Named evaluate_run.py, not evaluate.py: a module ``evaluate`` at the repository root, which every
+script and pytest run from here puts first on ``sys.path``, would shadow Hugging Face's
+``evaluate`` package, which lm-evaluation-harness's tasks import (harness.py).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ _OVERRIDABLE = ("data.", "mesh.", "batch_size")
 def _check_overrides(overrides: dict) -> None:
     for key in overrides:
         if not key.startswith(_OVERRIDABLE):
-            raise UserError(f"--config.{key}: evaluate.py takes only --config.data.*, "
+            raise UserError(f"--config.{key}: evaluate_run.py takes only --config.data.*, "
                             f"--config.mesh.* and --config.batch_size")
 
 
@@ -147,6 +151,6 @@ def main(argv) -> None:
 if __name__ == "__main__":
     cli.define_config_dict(default.get_config(), "Overrides of the run's config: "
                            "--config.data.*, --config.mesh.*, --config.batch_size.",
-                           whole="evaluate.py evaluates with the run's saved config; it takes "
+                           whole="evaluate_run.py evaluates with the run's saved config; it takes "
                                  "only --config.data.*, --config.mesh.* and --config.batch_size")
     cli.run(main)

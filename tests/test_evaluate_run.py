@@ -1,4 +1,4 @@
-"""evaluate.py and generate.py on a tiny trained run: the reported loss equals a direct
+"""evaluate_run.py and generate.py on a tiny trained run: the reported loss equals a direct
 computation with dense attention; every token counts once at any context; the CLIs work."""
 
 import glob
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-import evaluate
+import evaluate_run
 import train
 from data import make_tokenizer, packed_examples
 from data.pipeline import split_tokens
@@ -51,7 +51,7 @@ def _direct_loss(config, workdir, seq_len):
 
 
 def test_a_run_loads_for_inference_with_its_parameters_alone(run, monkeypatch):
-    """evaluate.py, generate.py and export.py (inference.load_for_inference) read the
+    """evaluate_run.py, generate.py and export.py (inference.load_for_inference) read the
     parameters, not the optimizer's moments (twice their size) nor anything else."""
     import inference
 
@@ -63,7 +63,7 @@ def test_a_run_loads_for_inference_with_its_parameters_alone(run, monkeypatch):
 
 def test_evaluate_matches_a_direct_computation(run):
     config, workdir = run
-    result = evaluate.evaluate(workdir)
+    result = evaluate_run.evaluate(workdir)
     loss, tokens, num_bytes = _direct_loss(config, workdir, config.seq_len)
     assert result["num_tokens"] == tokens
     assert result["loss"] == pytest.approx(loss / tokens, rel=1e-5)
@@ -73,12 +73,12 @@ def test_evaluate_matches_a_direct_computation(run):
 
 def test_longer_contexts_count_every_token_once_and_do_not_hurt(run):
     config, workdir = run
-    short = evaluate.evaluate(workdir)
-    longer = evaluate.evaluate(workdir, seq_len=4 * config.seq_len)
+    short = evaluate_run.evaluate(workdir)
+    longer = evaluate_run.evaluate(workdir, seq_len=4 * config.seq_len)
     assert longer["num_tokens"] == short["num_tokens"]
     # Fewer cuts, so fewer tokens start without context; the window keeps the cost linear.
     assert longer["loss"] <= short["loss"] + 1e-3
-    limited = evaluate.evaluate(workdir, max_tokens=1000)
+    limited = evaluate_run.evaluate(workdir, max_tokens=1000)
     assert 1000 <= limited["num_tokens"] < short["num_tokens"]
     # It stops at the batch that reaches the limit.
     assert limited["num_tokens"] - config.batch_size * config.seq_len < 1000
@@ -88,7 +88,7 @@ def test_context_parallel_evaluation_matches_a_direct_computation(run):
     # 4x the training context split over 8 devices (32 positions each, window 16): no device
     # holds a whole sequence.
     config, workdir = run
-    result = evaluate.evaluate(workdir, seq_len=256, overrides={"mesh.context": 8})
+    result = evaluate_run.evaluate(workdir, seq_len=256, overrides={"mesh.context": 8})
     loss, tokens, _ = _direct_loss(config, workdir, 256)
     assert result["num_tokens"] == tokens
     assert result["loss"] == pytest.approx(loss / tokens, rel=1e-5)
@@ -97,7 +97,7 @@ def test_context_parallel_evaluation_matches_a_direct_computation(run):
 def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     config, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "loss.png"
-    done = script("evaluate.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
+    done = script("evaluate_run.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
                   f"--plot={plot}")
     assert done.returncode == 0, done.stderr[-2000:]
     written = json.loads(output.read_text())
@@ -109,7 +109,7 @@ def test_the_cli_prints_and_writes_json_and_a_plot(run, tmp_path):
     # alone: data.paths, the training text, is not needed).
     text = tmp_path / "other.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 50)
-    done = script("evaluate.py", f"--workdir={workdir}", "--config.data.source=text",
+    done = script("evaluate_run.py", f"--workdir={workdir}", "--config.data.source=text",
                   f"--config.data.validation_paths={text}",
                   f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -123,7 +123,7 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={tmp_path}"], f"error: --workdir='{tmp_path}' has no checkpoints"),
             ([f"--workdir={workdir}", "--step=7"], "error: step=7: no checkpoint for it"),
             ([f"--workdir={workdir}", "--config.seq_len=4"], "error: --config.seq_len: "
-                                                             "evaluate.py takes only"),
+                                                             "evaluate_run.py takes only"),
             ([f"--workdir={workdir}", "--config.mesh.context=8", "--seq_len=100"],
              "error: seq_len=100 is not divisible by mesh.context=8"),
             # Paths to write are checked before the work, not after it.
@@ -132,7 +132,7 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
             ([f"--workdir={workdir}", "--plot=/proc/none/loss.png"],
              "error: --plot='/proc/none/loss.png': the folder /proc/none does not exist"),
             ([f"--workdir={workdir}", "--config=configs/tiny.py"],
-             "error: --config=configs/tiny.py: evaluate.py evaluates with the run's saved "
+             "error: --config=configs/tiny.py: evaluate_run.py evaluates with the run's saved "
              "config"),
             ([f"--workdir={workdir}", "--probe_plot=pk.png"],
              "error: --probe_plot='pk.png' needs --probe=passkey"),
@@ -144,7 +144,7 @@ def test_evaluate_errors_are_one_line(run, tmp_path):
              "error: batch_size=0: expected an int >= 1"),
             ([f"--workdir={workdir}", "--config.data.validation_fraction=nan"],
              "error: --config.data.validation_fraction=nan: expected a finite number")):
-        done = script("evaluate.py", *args)
+        done = script("evaluate_run.py", *args)
         assert done.returncode == 1 and "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
 
@@ -176,7 +176,7 @@ def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
     and a PNG."""
     _, workdir = run
     output, plot = tmp_path / "eval.json", tmp_path / "passkey.png"
-    done = script("evaluate.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
+    done = script("evaluate_run.py", f"--workdir={workdir}", "--seq_len=128", f"--output={output}",
                   "--probe=passkey", "--probe_trials=3", "--probe_distances=4,40",
                   f"--probe_plot={plot}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -198,7 +198,7 @@ def test_loss_bands_and_the_passkey_probe_end_to_end(run, tmp_path):
         [("beyond L·W", [58, 94], 6)]
     assert "distance  key distance  band        ranking  exact copies  digits" in done.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = script("evaluate.py", f"--workdir={workdir}", "--probe=passkey",
+    done = script("evaluate_run.py", f"--workdir={workdir}", "--probe=passkey",
                   "--probe_distances=4,x")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: --probe_distances=4,x")
@@ -214,13 +214,13 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
     text = tmp_path / "some_file.py"  # one file: its last 2% is the validation split
     text.write_text("".join(open(p).read() for p in sorted(glob.glob(f"{ROOT}/data/*.py"))))
-    done = script("evaluate.py", f"--workdir={tmp_path / 'run'}", "--config.data.source=text",
+    done = script("evaluate_run.py", f"--workdir={tmp_path / 'run'}", "--config.data.source=text",
                   f"--config.data.paths={text}", f"--config.data.cache_dir={tmp_path}/cache")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["num_tokens"] > 0
     # Its SentencePiece model gone, the run is not re-tokenized with a new one: one line.
     os.remove(tmp_path / "run" / "sentencepiece.model")
-    done = script("evaluate.py", f"--workdir={tmp_path / 'run'}")
+    done = script("evaluate_run.py", f"--workdir={tmp_path / 'run'}")
     assert done.returncode == 1 and done.stderr.strip() == (
         f"error: {tmp_path / 'run' / 'sentencepiece.model'} is missing: the tokenizer this run "
         f"trained with (put it back; the checkpoints' ids mean its pieces)")
@@ -230,7 +230,7 @@ def test_a_sentencepiece_run_scores_any_text_with_its_own_tokenizer(tmp_path):
 def test_evaluate_the_train_split_and_generate_with_its_flags(run):
     config, workdir = run
     # Rows of 512 tokens, 32 a batch: the split's million tokens in 64 batches, not 2,000.
-    done = script("evaluate.py", f"--workdir={workdir}", "--split=train", "--seq_len=512",
+    done = script("evaluate_run.py", f"--workdir={workdir}", "--split=train", "--seq_len=512",
                   "--config.batch_size=32")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -266,5 +266,5 @@ def test_a_run_saved_before_newer_fields_still_evaluates(run, tmp_path):
             del saved["data"][name]
         with open(path, "w") as f:
             json.dump(saved, f)
-    result = evaluate.evaluate(str(old), max_tokens=256)
+    result = evaluate_run.evaluate(str(old), max_tokens=256)
     assert result["num_tokens"] >= 256 and math.isfinite(result["loss"])
