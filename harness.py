@@ -59,6 +59,7 @@ import inference
 import launch
 import sharding
 import steps
+from data.tokenizers import encode_document
 from errors import UserError
 from hf.tokenizer import export_tokenizer
 from model import TransformerLM, generate
@@ -192,7 +193,10 @@ class RunLM(TemplateLM):
         devices = run.mesh.devices.size
         self.rows = devices * max(1, batch_tokens // (self.max_length * devices))
         self.batch_tokens = batch_tokens
-        self.prefix_alone = run.config.data.packing == "documents"
+        # Trained with isolated documents, a model saw the end-of-document token close the
+        # document before; a BOS starts its own (data/packing.py).
+        self.prefix_alone = (run.config.data.packing == "documents"
+                             and run.tokenizer.begin_of_document_id is None)
         self._steps = {_SCORE: make_score_step(run, greedy=False),
                        _SCORE_GREEDY: make_score_step(run, greedy=True)}
         self._batch_sharding = sharding.batch_sharding(run.mesh)
@@ -205,10 +209,22 @@ class RunLM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.run.tokenizer.end_of_document_id
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is (and rolling windows start from), as lm-eval's ``hf``
+        backend: the tokenizer's BOS where it has one, else the end of document."""
+        bos = self.run.tokenizer.begin_of_document_id
+        return self.eot_token_id if bos is None else bos
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs) -> list[int]:
-        del add_special_tokens, kwargs  # our tokenizers add no special tokens
-        return [int(i) for i in self.run.tokenizer.encode(string)]
+        """``string``'s ids, by default as a document begins (after the tokenizer's BOS where
+        it has one: `data.tokenizers.encode_document`, as transformers' tokenizer for the
+        ``hf`` backend); ``add_special_tokens=False``: the text's ids alone."""
+        del kwargs
+        if add_special_tokens is False:
+            return [int(i) for i in self.run.tokenizer.encode(string)]
+        return [int(i) for i in encode_document(self.run.tokenizer, string)]
 
     # --- the three request types ----------------------------------------------------------
 
@@ -234,8 +250,11 @@ class RunLM(TemplateLM):
         rolling windows of ``max_length`` tokens (each token predicted once)."""
         pieces, owners = [], []
         for owner, request in enumerate(requests):
-            windows = get_rolling_token_windows(self.tok_encode(request.args[0]),
-                                                self.prefix_token_id, self.max_length, 1)
+            # The text's ids alone: the prefix token is the BOS where there is one (lm-eval's
+            # hf backend encodes a BOS here as well, and so scores a BOS after the BOS).
+            windows = get_rolling_token_windows(
+                self.tok_encode(request.args[0], add_special_tokens=False),
+                self.prefix_token_id, self.max_length, 1)
             for index, window in enumerate(windows):
                 context, predicted = make_disjoint_window(window)
                 pieces.append(Piece(context + predicted, len(predicted), index == 0))

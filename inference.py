@@ -21,7 +21,7 @@ import sharding
 from checkpoints import Checkpoints
 from data import make_tokenizer, tokenizer_source, validation_batches
 from data.packing import check_documents_per_row
-from data.tokenizers import Tokenizer
+from data.tokenizers import Tokenizer, encode_document
 from errors import UserError
 from model import TransformerConfig, TransformerLM, generate
 from steps import create_train_state, make_eval_step, make_optimizer
@@ -139,9 +139,11 @@ def make_evaluator(config: ml_collections.ConfigDict, model: TransformerLM, mesh
 def sample_text(params, model_cfg: TransformerConfig, tokenizer: Tokenizer, prompt: str,
                 num_tokens: int, seed: int, temperature: float = 0.8, top_k: int = 0,
                 top_p: float = 0.95) -> str:
-    """``prompt`` continued by up to ``num_tokens`` sampled tokens (one row), as text; an empty
-    prompt starts from the end-of-document token. Sampling: model/sampling.py's `generate`."""
-    prompt_ids = tokenizer.encode(prompt)
+    """``prompt`` continued by up to ``num_tokens`` sampled tokens (one row), as text. The
+    prompt begins a document (`data.tokenizers.encode_document`: after the tokenizer's BOS
+    where it has one); an empty one without a BOS starts from the end-of-document token.
+    Sampling: model/sampling.py's `generate`."""
+    prompt_ids = encode_document(tokenizer, prompt)
     if not len(prompt_ids):
         prompt_ids = np.array([tokenizer.end_of_document_id], np.int32)
     tokens, lengths = generate(params, jnp.asarray(prompt_ids)[None], jax.random.PRNGKey(seed),

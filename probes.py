@@ -25,6 +25,7 @@ from typing import NamedTuple
 from data.passkey import (KEY_DIGITS, key_distance, key_tokens, passkey_parts, prompt_length,
                           random_keys)
 from data.pipeline import split_tokens
+from data.tokenizers import encode_document
 from errors import UserError
 from model import TransformerConfig, TransformerLM, generate
 
@@ -56,12 +57,14 @@ def passkey_prompt(tokenizer, key: int, filler: np.ndarray, distance: int, lengt
     text between the planted sentence (with ``key``) and the question, and text before the
     sentence to fill the length, so that every trial asks at the same position and the probe
     compiles once. Both stretches of text are cut from ``filler`` at offsets drawn from
-    ``rng`` (the one between first)."""
+    ``rng`` (the one between first). The prompt begins a document: with the tokenizer's BOS
+    where it has one (`data.tokenizers.encode_document`)."""
     planted, question, _ = passkey_parts(tokenizer, key)
-    lead = length - len(planted) - distance - len(question)
+    begin = encode_document(tokenizer, "")
+    lead = length - len(begin) - len(planted) - distance - len(question)
     start = rng.integers(0, len(filler) - distance + 1)
     lead_start = rng.integers(0, len(filler) - lead + 1)
-    return np.concatenate([filler[lead_start:lead_start + lead], planted,
+    return np.concatenate([begin, filler[lead_start:lead_start + lead], planted,
                            filler[start:start + distance], question]).astype(np.int32)
 
 

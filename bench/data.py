@@ -43,7 +43,7 @@ from bench.common import cap_memory, measure_in_subprocess, resident_bytes  # no
 from configs.data import get_config  # noqa: E402
 from data import ByteTokenizer, SentencePieceTokenizer, shards, sources  # noqa: E402
 from data.token_cache import tokenized_split  # noqa: E402
-from data.tokenizers import train_sentencepiece  # noqa: E402
+from data.tokenizers import encode_document, train_sentencepiece  # noqa: E402
 
 SEPARATOR = "<|end|>"
 FILE_MB = 16  # a generated corpus file
@@ -92,7 +92,7 @@ def _map_seconds(dataset, tokenizer, folder: str) -> float:
     end = tokenizer.end_of_document_id
 
     def tokenize(batch):
-        return {"ids": [np.append(tokenizer.encode(text), end) for text in batch["text"]]}
+        return {"ids": [np.append(encode_document(tokenizer, text), end) for text in batch["text"]]}
 
     start = time.perf_counter()
     dataset.map(tokenize, batched=True, num_proc=2, remove_columns=["text"],

@@ -3,7 +3,9 @@
 Documents are already joined by end-of-document ids (see `data.token_cache`). Example ``i`` is
 the window ``tokens[i * seq_len : i * seq_len + seq_len + 1]``: inputs are its first
 ``seq_len`` ids, targets the next ``seq_len``. Long documents therefore span many examples.
-The last example is padded; its loss mask is 0 on padding.
+The last example is padded; its loss mask is 0 on padding. Where documents begin with a BOS
+(`data.tokenizers.encode_document`), it is never a target: the loss mask is 0 there too, as a
+model trained with one never predicts it (it is given at the start of every sequence).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ class PackedExamples:
     """Random-access examples over a token array (a grain data source).
 
     Each example is a dict of ``(seq_len,)`` arrays: ``inputs``, ``targets`` (int32),
-    ``loss_mask`` (float32: 1 where the target is a real token), and, with
+    ``loss_mask`` (float32: 1 where the target is a real token, not padding or the
+    ``begin_of_document_id``), and, with
     ``isolate_documents``, ``segment_ids`` (int32, from 1 per document within the example,
     0 on padding) and ``positions`` (int32, restarting at 0 after each end of document), so that
     attention never crosses a document.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, end_of_document_id: int, pad_id: int,
-                 isolate_documents: bool):
+                 isolate_documents: bool, begin_of_document_id: int | None = None):
         if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
             raise UserError(f"seq_len={seq_len!r}: expected a positive int")
         if tokens.size < seq_len + 1:
@@ -36,6 +39,7 @@ class PackedExamples:
         self.seq_len = int(seq_len)
         self.end_of_document_id = end_of_document_id
         self.pad_id = pad_id
+        self.begin_of_document_id = begin_of_document_id
         self.isolate_documents = isolate_documents
 
     def __len__(self) -> int:
@@ -50,8 +54,8 @@ class PackedExamples:
         real = window.size - 1  # predictable positions in this example
         window = np.pad(window, (0, self.seq_len + 1 - window.size), constant_values=self.pad_id)
         inputs, targets = window[:-1], window[1:]
-        example = {"inputs": inputs, "targets": targets,
-                   "loss_mask": (np.arange(self.seq_len) < real).astype(np.float32)}
+        loss_mask = (np.arange(self.seq_len) < real) & (targets != self.begin_of_document_id)
+        example = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask.astype(np.float32)}
         if self.isolate_documents:
             # A document's end-of-document token belongs to it; the next id starts a new one.
             ends_before = np.concatenate([[0], np.cumsum(inputs[:-1] == self.end_of_document_id)])

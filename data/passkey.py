@@ -56,9 +56,10 @@ def key_tokens(tokenizer) -> int:
 
 def prompt_length(tokenizer, distance: int) -> int:
     """The most tokens that a planted sentence, ``distance`` tokens of text and the question
-    take (the key's tokens: `key_tokens`)."""
+    take (the key's tokens: `key_tokens`), after the tokenizer's BOS where it has one."""
     before, _, _ = _fixed_ids(tokenizer)
-    return len(before) + key_tokens(tokenizer) + key_distance(tokenizer, distance)
+    bos = tokenizer.begin_of_document_id is not None
+    return bos + len(before) + key_tokens(tokenizer) + key_distance(tokenizer, distance)
 
 
 def check_passkey_settings(fraction, questions, packing: str, answer_weight=1.0) -> None:

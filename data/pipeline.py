@@ -117,8 +117,10 @@ def packed_examples(config, split: str, tokenizer: Tokenizer, seq_len: int,
     questions = config.get("passkey_questions", 1)
     answer_weight = config.get("passkey_answer_weight", 1.0)
     check_passkey_settings(fraction, questions, config.packing, answer_weight)
-    examples = PackedExamples(split_tokens(config, split, tokenizer), seq_len, tokenizer.end_of_document_id, tokenizer.pad_id,
-                              isolate_documents=config.packing == "documents")
+    examples = PackedExamples(split_tokens(config, split, tokenizer), seq_len,
+                              tokenizer.end_of_document_id, tokenizer.pad_id,
+                              isolate_documents=config.packing == "documents",
+                              begin_of_document_id=tokenizer.begin_of_document_id)
     if split == "train" and fraction:
         return PasskeyRows(examples, tokenizer, fraction, seed, questions, answer_weight)
     return examples

@@ -7,8 +7,8 @@ reads itself, so the parent reads nothing. Other sources (``hf``, ``tfds``, ``ma
 and the text split whose validation text is the last document's tail) are read by the parent
 in order and handed out as lists of documents (`documents_in_shards`).
 
-A worker writes its shard as ``<index>.tokens`` (the ids, each document's followed by the
-end-of-document id) and ``<index>.json`` (``num_tokens``, ``checksum``, ``documents``,
+A worker writes its shard as ``<index>.tokens`` (the ids, each document's as
+`tokenizers.encode_document` gives them, followed by the end-of-document id) and ``<index>.json`` (``num_tokens``, ``checksum``, ``documents``,
 ``bytes``: characters of text, for the progress bar), each renamed into place when whole, so
 a shard with its ``.json`` is finished, whatever happened to the process since.
 """
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data import sources
-from data.tokenizers import Tokenizer
+from data.tokenizers import Tokenizer, encode_document
 
 # Text per shard (bytes of files, or characters of documents): enough that a worker's start
 # and a shard's files cost little beside its tokenizing, few enough that a split of a few
@@ -136,7 +136,7 @@ def tokenize_shard(tokenizer: Tokenizer, dtype: str, documents, planned: dict | 
     try:
         with open(f"{base}.tokens.{unique}", "wb") as out:
             for document in documents:
-                raw = np.concatenate([tokenizer.encode(document).astype(dtype), end]).tobytes()
+                raw = np.concatenate([encode_document(tokenizer, document).astype(dtype), end]).tobytes()
                 out.write(raw)
                 checksum = zlib.crc32(raw, checksum)
                 count += len(raw) // end.itemsize

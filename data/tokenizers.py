@@ -1,7 +1,10 @@
 """Tokenizers: UTF-8 bytes (the default) and SentencePiece.
 
 Both map text to int32 ids and back and reserve an end-of-document id (between packed
-documents) and a padding id (never predicted; the loss mask drops it).
+documents) and a padding id (never predicted; the loss mask drops it). Neither has a
+beginning-of-document id: the models trained here never see one. A pretrained model's
+tokenizer may (hf/tokenizer.py: Gemma's and Llama's BOS); `encode_document` puts it where that
+model saw it in training, at the start of every document.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from errors import UserError, first_line
 class Tokenizer(Protocol):
     vocab_size: int  # model vocabulary: every id is below it
     end_of_document_id: int
+    begin_of_document_id: int | None  # a BOS that starts every document, or None
     pad_id: int
     name: str  # identifies the tokenizer in cache keys
 
@@ -29,6 +33,16 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def byte_lengths(self) -> np.ndarray: ...  # int32 (vocab_size,): UTF-8 bytes of each id
+
+
+def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """int32 (n,): ``text``'s ids as a document (or a prompt) begins in training: after the
+    tokenizer's ``begin_of_document_id`` where it has one (transformers' tokenizer adds it
+    as its post-processor's template says, e.g. Gemma's ``<bos>``), else ``encode(text)``."""
+    ids = tokenizer.encode(text).astype(np.int32)
+    if tokenizer.begin_of_document_id is None:
+        return ids
+    return np.concatenate([np.array([tokenizer.begin_of_document_id], np.int32), ids])
 
 
 def padded_vocab_size(num_ids: int) -> int:
@@ -42,6 +56,7 @@ class ByteTokenizer:
     padded to a multiple of 128 (384) so that the embedding and logits matmuls tile well."""
 
     end_of_document_id = 256
+    begin_of_document_id = None
     pad_id = 257
     vocab_size = padded_vocab_size(258)
     name = "bytes"
@@ -73,6 +88,9 @@ class SentencePieceTokenizer:
                             f"SentencePiece model ({error})") from None
         self.model_path = model_path
         self.end_of_document_id = self._processor.eos_id()
+        # Documents start without a BOS, as trained here, even where the model has one
+        # (data.tokenizer="hf" keeps a pretrained model's).
+        self.begin_of_document_id = None
         self.pad_id = self._processor.pad_id()
         self.vocab_size = padded_vocab_size(self._processor.get_piece_size())
         self.name = "sentencepiece-" + hashlib.sha1(proto).hexdigest()[:12]

@@ -240,7 +240,7 @@ def _rope_per_kind(hf: dict, family: Family, source: str) -> tuple[float, float,
 
 
 def hf_config(config: TransformerConfig, max_position_embeddings: int, end_of_document_id: int,
-              pad_id: int) -> dict:
+              pad_id: int, begin_of_document_id: int | None = None) -> dict:
     """The ``config.json`` (4.x layout, which transformers 5 reads too) of ``config``'s model
     in float32: the family ``model.hf_model_type`` names (`hf.families`), or for a model of
     this project's own Mistral, Ministral where it mixes local and global layers. Anything
@@ -248,6 +248,8 @@ def hf_config(config: TransformerConfig, max_position_embeddings: int, end_of_do
 
     ``max_position_embeddings``: the context the model was trained at (with YaRN, the
     extended one: ``factor * original_max_position_embeddings``, as transformers expects).
+    The token ids are the tokenizer's (`data.tokenizers.Tokenizer`; a BOS only where it has
+    one).
     """
     family = family_of(config.hf_model_type)
     global_layers = config.global_layer_indices
@@ -274,7 +276,7 @@ def hf_config(config: TransformerConfig, max_position_embeddings: int, end_of_do
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": 0.0,
-        "bos_token_id": None,
+        "bos_token_id": begin_of_document_id,
         "eos_token_id": end_of_document_id,
         "pad_token_id": pad_id,
         "torch_dtype": "float32",

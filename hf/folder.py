@@ -1,7 +1,8 @@
 """A whole Hugging Face model folder written from a trained run: what export.py writes.
 
     config.json                     hf.config.hf_config (4.x layout, float32)
-    generation_config.json          the end-of-document id as EOS, no BOS
+    generation_config.json          the end-of-document id as EOS; the BOS of an imported
+                                    model that has one (our models have none)
     model.safetensors               or model-0000K-of-0000N.safetensors with
                                     model.safetensors.index.json above max_shard_bytes
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   hf.tokenizer
@@ -50,7 +51,7 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
     if os.path.exists(output):
         raise UserError(f"--output={output}: it exists; name a new folder")
     values = hf_config(config, max_position_embeddings, tokenizer.end_of_document_id,
-                       tokenizer.pad_id)
+                       tokenizer.pad_id, tokenizer.begin_of_document_id)
     partial = output.rstrip(os.sep) + ".partial"
     marker = os.path.join(partial, _IN_PROGRESS)
     if os.path.exists(partial):
@@ -65,7 +66,8 @@ def write_model_folder(output: str, params, config: TransformerConfig, tokenizer
         raise UserError(f"--output={output}: cannot create it ({error.strerror})") from None
     _write_json(os.path.join(partial, "config.json"), values)
     _write_json(os.path.join(partial, "generation_config.json"), {
-        "bos_token_id": None, "eos_token_id": tokenizer.end_of_document_id,
+        "bos_token_id": tokenizer.begin_of_document_id,
+        "eos_token_id": tokenizer.end_of_document_id,
         "pad_token_id": tokenizer.pad_id})
     _write_tensors(partial, export_tensors(params, config), max_shard_bytes)
     export_tokenizer(tokenizer, partial, model_max_length=values["max_position_embeddings"])

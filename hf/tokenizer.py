@@ -3,7 +3,7 @@
 ``export_tokenizer`` writes one of this project's tokenizers (data/tokenizers.py: UTF-8 bytes,
 SentencePiece) as ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``,
 with which ``transformers.AutoTokenizer.from_pretrained(folder)`` gives exactly our ids: no BOS
-(our models never saw one), our end-of-document id as its EOS. ``tokenizer.json`` is built with
+(our models never saw one) but an imported model's, our end-of-document id as its EOS. ``tokenizer.json`` is built with
 the ``tokenizers`` library alone: exporting needs neither transformers nor torch.
 
 ``HuggingFaceTokenizer`` reads a Hugging Face model folder's tokenizer (``tokenizer.json``,
@@ -26,7 +26,8 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors)
 
 from data.tokenizers import ByteTokenizer, SentencePieceTokenizer, padded_vocab_size
 from errors import UserError, first_line
@@ -45,8 +46,10 @@ def export_tokenizer(tokenizer, directory: str, model_max_length: int) -> None:
     """Writes ``tokenizer`` (a `ByteTokenizer`, `SentencePieceTokenizer` or
     `HuggingFaceTokenizer`) into ``directory`` (which exists) as `TOKENIZER_FILES`, the files
     of transformers' ``PreTrainedTokenizerFast``: ``AutoTokenizer.from_pretrained(directory)``
-    encodes text to exactly ``tokenizer.encode``'s ids and adds no BOS; its ``eos_token_id`` is
-    our ``end_of_document_id``, its ``pad_token_id`` our ``pad_id``.
+    encodes text to exactly `data.tokenizers.encode_document`'s ids: ``tokenizer.encode``'s,
+    after its ``begin_of_document_id`` where it has one (a pretrained model's BOS), with no
+    BOS otherwise; its ``eos_token_id`` is our ``end_of_document_id``, its ``pad_token_id``
+    our ``pad_id``.
 
     The vocabulary is the tokenizer's real pieces; the model's (padded) ``vocab_size`` belongs
     to config.json. A SentencePiece model whose encoding the ``tokenizers`` library cannot
@@ -64,8 +67,12 @@ def export_tokenizer(tokenizer, directory: str, model_max_length: int) -> None:
         raise UserError(f"cannot export a {type(tokenizer).__name__} tokenizer (expected bytes, "
                         f"sentencepiece or hf)")
     specials = {}
-    for key, what, i in (("eos_token", "end-of-document", tokenizer.end_of_document_id),
-                         ("pad_token", "padding", tokenizer.pad_id)):
+    bos = tokenizer.begin_of_document_id
+    named = [("eos_token", "end-of-document", tokenizer.end_of_document_id),
+             ("pad_token", "padding", tokenizer.pad_id)]
+    if bos is not None:
+        named.append(("bos_token", "beginning-of-document", bos))
+    for key, what, i in named:
         specials[key] = backend.id_to_token(i) if i >= 0 else None
         if specials[key] is None:
             source = getattr(tokenizer, "path", None) or getattr(tokenizer, "model_path", "")
@@ -73,14 +80,19 @@ def export_tokenizer(tokenizer, directory: str, model_max_length: int) -> None:
                             f"tokenizer's tokens, so it cannot be exported")
     if unk is not None:
         specials["unk_token"] = unk
+    if bos is not None:  # as transformers' own template for add_bos_token
+        token = specials["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{token}:0 $A:0", pair=f"{token}:0 $A:0 {token}:1 $B:1",
+            special_tokens=[(token, bos)])
     backend.save(os.path.join(directory, "tokenizer.json"))
-    # transformers' PreTrainedTokenizerFast reads tokenizer.json as it is; these settings keep
-    # it from adding anything: no BOS or EOS around the text (add_bos_token, add_eos_token: it
-    # would rebuild the post-processor from them), special tokens' text kept as text
-    # (split_special_tokens, as our tokenizers do), decode not respacing punctuation
-    # (clean_up_tokenization_spaces). No bos_token: our models never saw one.
+    # transformers' PreTrainedTokenizerFast rebuilds the post-processor from add_bos_token and
+    # add_eos_token: only the BOS of a model that has one (our models never saw one), no EOS
+    # after the text; special tokens' text kept as text (split_special_tokens, as our
+    # tokenizers do), decode not respacing punctuation (clean_up_tokenization_spaces).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-              "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
+              "add_bos_token": bos is not None, "add_eos_token": False,
+              "split_special_tokens": True,
               "clean_up_tokenization_spaces": False, "model_max_length": int(model_max_length)}
     _write_json(os.path.join(directory, "tokenizer_config.json"), config)
     _write_json(os.path.join(directory, "special_tokens_map.json"), specials)
@@ -243,15 +255,20 @@ def _token_string(value) -> str | None:
 class HuggingFaceTokenizer:
     """The tokenizer of a Hugging Face model folder, as a `data.tokenizers.Tokenizer`:
     ``tokenizer.json`` through the ``tokenizers`` library, else ``tokenizer.model`` through
-    sentencepiece. No BOS and no other special token is added to a text, and special tokens'
-    strings in it are text (see the module docstring).
+    sentencepiece. ``encode`` adds no special token to a text, and special tokens' strings in
+    it are text (see the module docstring); the BOS that transformers' tokenizer puts before
+    a text is ``begin_of_document_id``, which `data.tokenizers.encode_document` puts at the
+    start of every document (Gemma and Llama were trained so).
 
     Hugging Face's conventions (transformers' ``PretrainedConfig`` and
     ``GenerationConfig``): ``vocab_size`` is config.json's, the model's, which may exceed the
     tokenizer's; the end of document is config.json's ``eos_token_id`` (an int or a list, whose
     first is taken), else generation_config.json's, else tokenizer_config.json's
     ``eos_token``; padding is the tokenizer's pad token, else the end of document (padding is
-    never scored: the loss mask drops it).
+    never scored: the loss mask drops it). The BOS as transformers 5 decides it: what
+    tokenizer.json's post-processor puts before a text (its template; tokenizer_config.json's
+    ``add_bos_token`` is then ignored); with tokenizer.model alone, tokenizer_config.json's
+    ``bos_token`` where its ``add_bos_token`` is true.
     """
 
     def __init__(self, directory: str):
@@ -306,13 +323,17 @@ class HuggingFaceTokenizer:
                             f"{self._largest_encoded_id()})")
         self.end_of_document_id = self._end_of_document_id(setting("eos_token_id"))
         self.pad_id = self._pad_id()
-        for name in ("end_of_document_id", "pad_id"):
+        self.begin_of_document_id = self._begin_of_document_id()
+        for name in ("end_of_document_id", "pad_id", "begin_of_document_id"):
             value = getattr(self, name)
-            if not 0 <= value < self.vocab_size:
+            if value is not None and not 0 <= value < self.vocab_size:
                 raise UserError(f"{directory}: {name} {value} is not below vocab_size "
                                 f"{self.vocab_size}")
-        # The token cache is keyed by the name; the end-of-document id is in the cached tokens.
+        # The token cache is keyed by the name; the end-of-document id and the BOS are in the
+        # cached tokens.
         digest = hashlib.sha1(raw + f"\0eos={self.end_of_document_id}".encode())
+        if self.begin_of_document_id is not None:
+            digest.update(f"\0bos={self.begin_of_document_id}".encode())
         self.name = "hf-" + digest.hexdigest()[:12]
 
     def _largest_encoded_id(self) -> int:
@@ -357,6 +378,28 @@ class HuggingFaceTokenizer:
         raise UserError(f"{self.directory}: no end-of-document id (expected eos_token_id in "
                         f"config.json or generation_config.json, or eos_token in "
                         f"tokenizer_config.json)")
+
+    def _begin_of_document_id(self) -> int | None:
+        if self._backend is None:
+            settings = _read_json(os.path.join(self.directory, "tokenizer_config.json")) or {}
+            if not settings.get("add_bos_token"):
+                return None
+            token = self._tokenizer_config("bos_token")
+            i = None if token is None else self._token_id(token)
+            if i is None:
+                raise UserError(f"{self.directory}/tokenizer_config.json: add_bos_token is set "
+                                f"but its bos_token {token!r} is not a token of {self.path}")
+            return i
+        # What the post-processor puts before a text ("<bos> $A": one id); transformers 5
+        # ignores tokenizer_config.json's add_bos_token beside a tokenizer.json.
+        text = self._backend.encode("a", add_special_tokens=False).ids
+        full = self._backend.encode("a", add_special_tokens=True).ids
+        before = next(full[:k] for k in range(len(full) - len(text) + 1)
+                      if full[k:k + len(text)] == text)
+        if len(before) > 1:
+            raise UserError(f"{self.path}: its post-processor puts {len(before)} tokens "
+                            f"{before} before a text; expected at most one, a BOS")
+        return before[0] if before else None
 
     def _pad_id(self) -> int:
         token = self._tokenizer_config("pad_token")

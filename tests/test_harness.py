@@ -218,3 +218,29 @@ def test_two_processes_score_as_one(trained, lm, documents, tmp_path):
     for metric in ("bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"):
         assert got[metric] == pytest.approx(expected["results"]["short_validation"][metric],
                                             rel=1e-6)
+
+
+def test_a_tokenizer_with_a_bos_begins_every_request_with_it(lm):
+    """An imported model's BOS (Gemma's, data/tokenizers.py's ``begin_of_document_id``), as
+    lm-eval's ``hf`` backend with transformers' tokenizer: before a context, as the empty
+    context and as the rolling windows' prefix (the document's own first token: its segment),
+    never scored itself."""
+
+    from data.tokenizers import ByteTokenizer
+
+    class WithBos(ByteTokenizer):
+        begin_of_document_id = 300  # an id of the model's vocabulary that is no byte
+
+    bos_lm = harness.RunLM(lm.run._replace(tokenizer=WithBos()), MAX_LENGTH)
+    assert bos_lm.prefix_token_id == 300 and not bos_lm.prefix_alone
+    assert bos_lm.tok_encode("ab") == [300, 97, 98]
+    assert bos_lm.tok_encode("ab", add_special_tokens=False) == [97, 98]
+    text = "def f(x):\n    return x\n"
+    log_probs = _forward(lm.run, [300, *map(ord, text[:-1])], length=MAX_LENGTH)
+    expected = log_probs[np.arange(len(text)), [ord(c) for c in text]]
+    (empty, _), (context, _) = bos_lm.loglikelihood(_requests(
+        "loglikelihood", [("", text), (text[:9], text[9:])]))
+    assert empty == pytest.approx(expected.sum(), rel=1e-5)
+    assert context == pytest.approx(expected[9:].sum(), rel=1e-5)
+    [rolling] = bos_lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))
+    assert rolling == pytest.approx(expected.sum(), rel=1e-5)

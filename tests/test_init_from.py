@@ -87,14 +87,18 @@ def test_init_from_at_4x_context_trains_and_a_sigkill_resumes_exactly(source, tm
     assert saved.seq_len == 256
 
 
-def test_continue_a_gemma_3_at_4x_its_context_then_export_it(tmp_path):
+def test_continue_a_gemma_3_at_4x_its_context_then_export_it(tmp_path, monkeypatch):
     """transformers' Gemma 3 (a sliding layer with its own RoPE base, window 16, and a global
-    one; context 64) continued at 256 tokens with YaRN on the global layer only, then
-    exported: transformers loads what was trained, as Gemma 3, with our logits."""
+    one; context 64; a tokenizer that adds a BOS) continued at 256 tokens with YaRN on the
+    global layer only, then exported: transformers loads what was trained, as Gemma 3, with
+    our logits. Its BOS begins every document of training and evaluation, and generation's
+    prompt; the export keeps it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from data.pipeline import split_tokens
     from data.tokenizers import ByteTokenizer
     from hf.tokenizer import export_tokenizer
+    from tests.hf.test_tokenizer import BOS, add_bos
 
     torch.manual_seed(0)
     source = tmp_path / "gemma3"
@@ -103,8 +107,9 @@ def test_continue_a_gemma_3_at_4x_its_context_then_export_it(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
         rms_norm_eps=1e-6, max_position_embeddings=64, eos_token_id=256, pad_token_id=257,
-        bos_token_id=None)).save_pretrained(source)
+        bos_token_id=BOS)).save_pretrained(source)
     export_tokenizer(ByteTokenizer(), str(source), model_max_length=64)
+    add_bos(str(source))
 
     config = tiny_config(tmp_path / "cache", num_train_steps=3, eval_every_steps=0,
                          sample_tokens=0, seq_len=256)
@@ -135,3 +140,23 @@ def test_continue_a_gemma_3_at_4x_its_context_then_export_it(tmp_path):
     with torch.no_grad():
         theirs = exported(torch.tensor(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+    # The BOS: every document of both splits begins with it, ...
+    for split in ("train", "validation"):
+        stream = np.asarray(split_tokens(loaded.config.data, split, loaded.tokenizer))
+        starts = np.flatnonzero(stream[:-1] == 256) + 1
+        assert stream[0] == BOS and (stream[starts] == BOS).all() and (stream == BOS).sum() == len(
+            starts) + 1
+    # ... generation's prompt (what sampling is given), ...
+    prompts = []
+    sample = inference.generate
+    monkeypatch.setattr(inference, "generate", lambda params, prompt, *args, **kwargs: (
+        prompts.append(np.asarray(prompt).tolist()) or sample(params, prompt, *args, **kwargs)))
+    for text in ("ab", ""):
+        inference.sample_text(loaded.params, loaded.model_config, loaded.tokenizer, text,
+                              num_tokens=2, seed=0)
+    assert prompts == [[[BOS, 97, 98]], [[BOS]]]
+    # ... and the exported tokenizer and configs.
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert reference("ab")["input_ids"] == [BOS, 97, 98]
+    assert exported.config.bos_token_id == BOS and exported.generation_config.bos_token_id == BOS

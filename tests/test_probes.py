@@ -148,3 +148,23 @@ def test_passkey_accuracy_is_the_share_of_trials_where_the_true_key_scores_highe
         right_digits += right.sum()
     assert 0 < sum(row["accuracy"] for row in rows) < len(rows)
     assert 0 < right_digits < 5 * trials * len(rows)
+
+
+def test_a_passkey_prompt_begins_with_the_tokenizers_bos():
+    """With a pretrained model's BOS (data/tokenizers.py's ``begin_of_document_id``) the
+    prompt begins a document as that model saw them: the BOS first, the length unchanged."""
+    from data.passkey import QUESTION, prompt_length
+    from data.tokenizers import ByteTokenizer
+    from probes import passkey_prompt
+
+    class WithBos(ByteTokenizer):
+        begin_of_document_id = 300
+
+    filler = np.random.default_rng(1).integers(32, 127, 400).astype(np.int32)
+    for tokenizer in (ByteTokenizer(), WithBos()):
+        length = prompt_length(tokenizer, 60)
+        prompt = passkey_prompt(tokenizer, 12345, filler, 60, length, np.random.default_rng(0))
+        assert len(prompt) == length and tokenizer.decode(prompt).endswith(QUESTION)
+        assert (prompt[0] == 300) == (tokenizer.begin_of_document_id is not None)
+        assert (prompt == 300).sum() <= 1
+    assert prompt_length(WithBos(), 60) == prompt_length(ByteTokenizer(), 60) + 1

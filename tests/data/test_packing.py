@@ -40,6 +40,19 @@ def test_document_isolation_segments_and_positions():
     np.testing.assert_array_equal(second["loss_mask"], [1, 1, 1, 1, 0, 0, 0, 0])
 
 
+def test_documents_that_begin_with_a_bos_start_there_and_never_predict_it():
+    """A pretrained model's BOS (Gemma's): each document's segment and positions start at its
+    BOS, as in transformers' forward over one document, and no target is the BOS."""
+    bos = 5
+    tokens = np.array([bos, 1, 2, END, bos, 3, END, bos, 4])
+    example = PackedExamples(tokens, seq_len=8, end_of_document_id=END, pad_id=PAD,
+                             isolate_documents=True, begin_of_document_id=bos)[0]
+    np.testing.assert_array_equal(example["targets"], [1, 2, END, bos, 3, END, bos, 4])
+    np.testing.assert_array_equal(example["loss_mask"], [1, 1, 1, 0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(example["segment_ids"], [1, 1, 1, 1, 2, 2, 2, 3])
+    np.testing.assert_array_equal(example["positions"], [0, 1, 2, 3, 0, 1, 2, 0])
+
+
 def test_corpus_smaller_than_one_example_and_bad_seq_len():
     with pytest.raises(ValueError, match="fewer than one example of seq_len \\+ 1 = 11"):
         PackedExamples(np.arange(10), 10, END, PAD, True)

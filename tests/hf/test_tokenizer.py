@@ -198,6 +198,16 @@ def test_a_folder_with_only_tokenizer_model(sentencepiece_path, validation_texts
     # Exported, through the same conversion as data.sentencepiece_model.
     reference = AutoTokenizer.from_pretrained(exported(tokenizer, tmp_path / "out"))
     check_same_ids(ours, ours.encode(TRICKY), reference(TRICKY)["input_ids"])
+    # No tokenizer.json: tokenizer_config.json's add_bos_token says whether there is a BOS.
+    assert tokenizer.begin_of_document_id is None
+    for token, message in (("<unk>", None), ("<nope>", r"its bos_token '<nope>' is not a token")):
+        with open(tmp_path / "tokenizer_config.json", "w") as f:
+            json.dump({"add_bos_token": True, "bos_token": token}, f)
+        if message is None:
+            assert HuggingFaceTokenizer(str(tmp_path)).begin_of_document_id == 2
+        else:
+            with pytest.raises(ValueError, match=message):
+                HuggingFaceTokenizer(str(tmp_path))
 
 
 def test_data_tokenizer_hf(tmp_path):
@@ -301,3 +311,55 @@ def test_sentencepiece_models_that_cannot_be_exported_exactly(settings, message,
                                          r"be exported exactly .*" + message) as error:
         export_tokenizer(ours, str(tmp_path), 128)
     assert "\n" not in str(error.value)
+
+
+BOS = 258  # the byte tokenizer's next id: after the bytes, end of document (256) and pad (257)
+
+
+def add_bos(directory, how: str = "template") -> None:
+    """Gives the byte tokenizer exported in ``directory`` a ``<bos>`` (id `BOS`) that
+    transformers adds before every text, as Gemma's and Llama's tokenizers do, through
+    tokenizer.json's post-processor (``how="template"``, Gemma's tokenizer.json). Beside a
+    tokenizer.json, transformers 5 ignores tokenizer_config.json's ``add_bos_token``:
+    ``"flag"`` sets it without the template (no BOS), ``"flag_off"`` unsets it beside the
+    template (a BOS)."""
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    path = os.path.join(directory, "tokenizer.json")
+    backend = Tokenizer.from_file(path)
+    backend.add_special_tokens([AddedToken("<bos>", special=True, normalized=False)])
+    assert backend.token_to_id("<bos>") == BOS
+    if how != "flag":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)])
+    backend.save(path)
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.pop("add_bos_token")
+    if how != "template":
+        config |= {"add_bos_token": how == "flag", "bos_token": "<bos>"}
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("how", ["template", "flag", "flag_off"])
+def test_a_tokenizer_that_adds_a_bos_begins_documents_with_it(how, tmp_path):
+    from data.tokenizers import encode_document
+
+    directory = exported(ByteTokenizer(), tmp_path / "source")
+    add_bos(directory, how)
+    tokenizer = HuggingFaceTokenizer(directory)
+    reference = AutoTokenizer.from_pretrained(directory)
+    expected = None if how == "flag" else BOS
+    assert tokenizer.begin_of_document_id == expected
+    for text in (TRICKY, "", "<bos>"):  # "<bos>" in text is text
+        assert encode_document(tokenizer, text).tolist() == reference(text)["input_ids"]
+        assert tokenizer.encode(text).tolist() == reference(text, add_special_tokens=False)[
+            "input_ids"]
+
+    # A run of this tokenizer exported: transformers still adds the BOS, and reads it back.
+    again = exported(tokenizer, tmp_path / "again")
+    assert AutoTokenizer.from_pretrained(again)(TRICKY)["input_ids"] == reference(TRICKY)[
+        "input_ids"]
+    assert HuggingFaceTokenizer(again).begin_of_document_id == expected
