@@ -311,9 +311,8 @@ class Build:
         def hand_out(index, documents, tasks):
             if index in finished:
                 self._completed(index, finished[index]["bytes"], finished[index]["documents"])
-            elif index in self._shown:
-                pass  # joined already
-            elif not own_part or index % self.process_count == self.process_index:
+            elif index not in self._shown and (  # not joined already
+                    not own_part or index % self.process_count == self.process_index):
                 pending[self._submit(tasks, shards.tokenize_shard, self.tokenizer, self.dtype,
                                      documents, None, self._shard(index))] = index
             if len(pending) > self.workers:
