@@ -111,3 +111,16 @@ def test_processes_asking_at_once_share_one_build(data_config, tmp_path):
     assert decoded == [expected] * 4
     assert len(log_path.read_text().split()) == len(texts)  # one process tokenized, once
     assert not glob.glob(os.path.join(config.cache_dir, "*tmp*"))
+
+
+def test_crc32_combine_is_the_crc32_of_the_concatenation():
+    """The joined cache's checksum comes from its shards' (data/token_cache.py's
+    `crc32_combine`): zlib's own CRC-32 of the joined bytes, for lengths 0 to 1 MB."""
+    import zlib
+
+    from data.token_cache import crc32_combine
+
+    rng = np.random.default_rng(0)
+    for first, second in ((0, 5), (5, 0), (1, 1), (3, 1000), (1 << 20, 12345), (777, 1 << 20)):
+        a, b = rng.bytes(first), rng.bytes(second)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
