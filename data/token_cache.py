@@ -52,6 +52,8 @@ def tokenized_split(config, split: str, tokenizer: Tokenizer, cache_dir: str,
     ``data.workers`` and for an empty split."""
     identity = sources.source_identity(config, split) | {"tokenizer": tokenizer.name,
                                                          "format": _FORMAT}
+    if tokenizer.begin_of_document_id is not None:  # in the tokens (absent: the keys of before)
+        identity["begin_of_document_id"] = tokenizer.begin_of_document_id
     key = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     base = os.path.join(cache_dir, f"{config.source}-{split}-{key}")
     tokens = _load(base)

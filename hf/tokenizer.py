@@ -329,11 +329,9 @@ class HuggingFaceTokenizer:
             if value is not None and not 0 <= value < self.vocab_size:
                 raise UserError(f"{directory}: {name} {value} is not below vocab_size "
                                 f"{self.vocab_size}")
-        # The token cache is keyed by the name; the end-of-document id and the BOS are in the
-        # cached tokens.
+        # The token cache is keyed by the name; the end-of-document id is in the cached tokens
+        # (the BOS too, which data/token_cache.py keys by itself).
         digest = hashlib.sha1(raw + f"\0eos={self.end_of_document_id}".encode())
-        if self.begin_of_document_id is not None:
-            digest.update(f"\0bos={self.begin_of_document_id}".encode())
         self.name = "hf-" + digest.hexdigest()[:12]
 
     def _largest_encoded_id(self) -> int:

@@ -33,6 +33,24 @@ def test_documents_joined_with_end_of_document_and_cached(data_config, tmp_path,
     np.testing.assert_array_equal(tokenized_split(config, "train", tokenizer, config.cache_dir), tokens)
 
 
+def test_a_tokenizers_bos_begins_each_cached_document_under_a_key_of_its_own(data_config,
+                                                                            tmp_path):
+    """A pretrained tokenizer's BOS (data/tokenizers.py's ``encode_document``) before each
+    document; the same tokenizer name without it (the vocabulary is the same) reads another
+    cache."""
+
+    class WithBos(ByteTokenizer):
+        begin_of_document_id = 300
+
+    config = _text_config(data_config, tmp_path, ["ab", "cde"])
+    plain = tokenized_split(config, "train", ByteTokenizer(), config.cache_dir)
+    tokens = tokenized_split(config, "train", WithBos(), config.cache_dir)
+    np.testing.assert_array_equal(tokens, [300, 97, 98, 256, 300, 99, 100, 101, 256])
+    np.testing.assert_array_equal(tokenized_split(config, "train", ByteTokenizer(),
+                                                  config.cache_dir), plain)
+    assert len(glob.glob(os.path.join(config.cache_dir, "*.tokens"))) == 2
+
+
 def test_stale_and_corrupt_caches_are_rebuilt(data_config, tmp_path):
     config = _text_config(data_config, tmp_path, ["hello"])
     tokenizer = ByteTokenizer()
