@@ -28,7 +28,8 @@ def training_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
     attention_width = config.num_heads * head_dim
     kv_width = config.resolved_num_kv_heads * head_dim
     per_layer = 2 * config.d_model * (attention_width + kv_width)  # q, out; k, v projections
-    per_layer += (3 if config.activation == "swiglu" else 2) * config.d_model * config.mlp_dim
+    # Gated MLPs (swiglu, geglu) have three matrices: gate, up, down.
+    per_layer += (2 if config.activation == "gelu" else 3) * config.d_model * config.mlp_dim
     matmul_weights = config.num_layers * per_layer + config.d_model * config.vocab_size
     num_global = len(config.global_layer_indices)
     keys_seen = ((config.num_layers - num_global) * min(config.window_size + 1, seq_len)

@@ -37,6 +37,16 @@ def test_flops_count_global_layers_and_fewer_key_value_heads():
         == pytest.approx(12 * 128 * (1025 / 2 - 64))
 
 
+def test_flops_count_three_matrices_in_either_gated_mlp():
+    """GeGLU (Gemma's) is gated as SwiGLU is: gate, up and down; GELU has up and down."""
+    flops = {activation: training_flops_per_token(small_config(activation=activation), 1024)
+             for activation in ("swiglu", "geglu", "gelu")}
+    config = small_config()
+    assert flops["geglu"] == flops["swiglu"]
+    assert flops["swiglu"] - flops["gelu"] == 6 * config.num_layers * config.d_model * \
+        config.mlp_dim
+
+
 def _xla_training_flops(config, length):
     """XLA's count of one forward+backward pass over ``length`` tokens."""
     tokens = random_tokens(batch=1, length=length) % config.vocab_size
