@@ -54,7 +54,9 @@ class PackedExamples:
         real = window.size - 1  # predictable positions in this example
         window = np.pad(window, (0, self.seq_len + 1 - window.size), constant_values=self.pad_id)
         inputs, targets = window[:-1], window[1:]
-        loss_mask = (np.arange(self.seq_len) < real) & (targets != self.begin_of_document_id)
+        loss_mask = np.arange(self.seq_len) < real
+        if self.begin_of_document_id is not None:
+            loss_mask &= targets != self.begin_of_document_id
         example = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask.astype(np.float32)}
         if self.isolate_documents:
             # A document's end-of-document token belongs to it; the next id starts a new one.

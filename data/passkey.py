@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.tokenizers import encode_document
 from errors import UserError
 
 PLANTED = "the pass key is {key}. remember it. "
@@ -58,8 +59,8 @@ def prompt_length(tokenizer, distance: int) -> int:
     """The most tokens that a planted sentence, ``distance`` tokens of text and the question
     take (the key's tokens: `key_tokens`), after the tokenizer's BOS where it has one."""
     before, _, _ = _fixed_ids(tokenizer)
-    bos = tokenizer.begin_of_document_id is not None
-    return bos + len(before) + key_tokens(tokenizer) + key_distance(tokenizer, distance)
+    begin = encode_document(tokenizer, "")  # the BOS, or nothing
+    return len(begin) + len(before) + key_tokens(tokenizer) + key_distance(tokenizer, distance)
 
 
 def check_passkey_settings(fraction, questions, packing: str, answer_weight=1.0) -> None:

@@ -8,7 +8,8 @@ and the text split whose validation text is the last document's tail) are read b
 in order and handed out as lists of documents (`documents_in_shards`).
 
 A worker writes its shard as ``<index>.tokens`` (the ids, each document's as
-`tokenizers.encode_document` gives them, followed by the end-of-document id) and ``<index>.json`` (``num_tokens``, ``checksum``, ``documents``,
+`tokenizers.encode_document` gives them, followed by the end-of-document id) and
+``<index>.json`` (``num_tokens``, ``checksum``, ``documents``,
 ``bytes``: characters of text, for the progress bar), each renamed into place when whole, so
 a shard with its ``.json`` is finished, whatever happened to the process since.
 """
@@ -136,7 +137,8 @@ def tokenize_shard(tokenizer: Tokenizer, dtype: str, documents, planned: dict | 
     try:
         with open(f"{base}.tokens.{unique}", "wb") as out:
             for document in documents:
-                raw = np.concatenate([encode_document(tokenizer, document).astype(dtype), end]).tobytes()
+                ids = encode_document(tokenizer, document).astype(dtype)
+                raw = np.concatenate([ids, end]).tobytes()
                 out.write(raw)
                 checksum = zlib.crc32(raw, checksum)
                 count += len(raw) // end.itemsize

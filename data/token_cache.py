@@ -121,7 +121,7 @@ def _checksum(path: str) -> int:
 def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     """CRC-32 of ``a + b`` from ``crc1`` (of ``a``), ``crc2`` (of ``b``) and ``length2`` (bytes of
     ``b``), without reading either: zlib's ``crc32_combine`` (Mark Adler's GF(2) operator
-    squaring, zlib 1.2's crc32.c), which Python's zlib does not expose. Raises nothing."""
+    squaring, as zlib 1.2's crc32.c), which Python's zlib does not expose. Raises nothing."""
 
     def times(matrix, vector):
         total, row = 0, 0
@@ -134,24 +134,14 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
     def square(matrix):
         return [times(matrix, matrix[row]) for row in range(32)]
 
-    if length2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << row for row in range(31)]  # one zero bit (reflected polynomial)
-    even = square(odd)  # two zero bits
-    odd = square(even)  # four
-    while True:  # one zero byte, then doubling: apply length2's bits
-        even = square(odd)
+    operator = [0xEDB88320] + [1 << row for row in range(31)]  # one zero bit (reflected)
+    for _ in range(3):  # two, four, eight zero bits: one zero byte
+        operator = square(operator)
+    while length2 > 0:  # length2's bits: 1, 2, 4, ... zero bytes
         if length2 & 1:
-            crc1 = times(even, crc1)
+            crc1 = times(operator, crc1)
         length2 >>= 1
-        if not length2:
-            break
-        odd = square(even)
-        if length2 & 1:
-            crc1 = times(odd, crc1)
-        length2 >>= 1
-        if not length2:
-            break
+        operator = square(operator)
     return crc1 ^ crc2
 
 

@@ -39,7 +39,7 @@ def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """int32 (n,): ``text``'s ids as a document (or a prompt) begins in training: after the
     tokenizer's ``begin_of_document_id`` where it has one (transformers' tokenizer adds it
     as its post-processor's template says, e.g. Gemma's ``<bos>``), else ``encode(text)``."""
-    ids = tokenizer.encode(text).astype(np.int32)
+    ids = tokenizer.encode(text)
     if tokenizer.begin_of_document_id is None:
         return ids
     return np.concatenate([np.array([tokenizer.begin_of_document_id], np.int32), ids])

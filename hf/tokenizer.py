@@ -3,8 +3,8 @@
 ``export_tokenizer`` writes one of this project's tokenizers (data/tokenizers.py: UTF-8 bytes,
 SentencePiece) as ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``,
 with which ``transformers.AutoTokenizer.from_pretrained(folder)`` gives exactly our ids: no BOS
-(our models never saw one) but an imported model's, our end-of-document id as its EOS. ``tokenizer.json`` is built with
-the ``tokenizers`` library alone: exporting needs neither transformers nor torch.
+(our models never saw one) but an imported model's, our end-of-document id as its EOS.
+``tokenizer.json`` is built with the ``tokenizers`` library alone: exporting needs neither transformers nor torch.
 
 ``HuggingFaceTokenizer`` reads a Hugging Face model folder's tokenizer (``tokenizer.json``,
 else SentencePiece's ``tokenizer.model``) as a `data.tokenizers.Tokenizer`, for
